@@ -1,0 +1,123 @@
+"""`python -m server`: the processing server under waitress, with graceful drain."""
+
+from __future__ import annotations
+
+import _thread
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import MISSING
+
+from server.app import create_app, get_state
+from server.config import ENV_PREFIX, ServerConfig
+
+log = logging.getLogger("imagefleet.server")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServerConfig.__dataclass_fields__
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="ImageFleet processing server. Every flag can also be set with the "
+                    "environment variable IMAGEFLEET_<FLAG>, e.g. IMAGEFLEET_STORAGE.",
+    )
+
+    def add(flag: str, kind=str, help_text: str = "", default=None):
+        name = flag.replace("-", "_")
+        fallback = default if default is not None else d[name].default
+        if fallback is MISSING:  # computed at start-up (instance id, process slots)
+            fallback = None
+        value = _env(flag, None if fallback is None else str(fallback))
+        parser.add_argument(f"--{flag}", type=kind, default=value, help=help_text)
+
+    add("host", help_text="address to listen on (default 127.0.0.1)")
+    add("port", int, "port to listen on; 0 picks a free one (default 8080)")
+    add("storage", help_text="folder path or s3://bucket[/prefix] (default ./storage)")
+    add("s3-endpoint-url", help_text="S3-compatible endpoint, e.g. a local test server")
+    add("token", help_text="require 'Authorization: Bearer TOKEN' (prefer IMAGEFLEET_TOKEN: "
+                           "flags are visible to other local users)")
+    add("peers", help_text="load balancer URL that tiles of large images are sent to")
+    add("tile-mp", float, "split images above this many megapixels into tiles (default 40)")
+    add("threads", int, "waitress threads (default 16)")
+    add("instance-id", help_text="name reported in /health and responses "
+                                 "(default hostname-pid)")
+    add("link-ttl", int, "lifetime of result links in seconds, at most 604800 (default 86400)")
+    add("max-bytes", int, "largest request body in bytes (default 50 MiB)")
+    add("max-pixels", int, "largest image in pixels, checked before decoding (default 100 MP)")
+    add("process-slots", int, "images processed at once (default: CPU count)")
+    add("drain-timeout", float, "seconds SIGTERM waits for in-flight requests (default 30)")
+    parser.add_argument("--log-level", default=_env("log-level", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    values = {k: v for k, v in vars(args).items() if k != "log_level" and v is not None}
+    for optional in ("token", "peers", "s3_endpoint_url"):
+        if values.get(optional) == "":
+            values.pop(optional)
+    return ServerConfig.from_mapping(values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        config = config_from_args(args)
+        app = create_app(config)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    from waitress import create_server
+
+    server = create_server(
+        app, host=config.host, port=config.port, threads=config.threads,
+        ident="imagefleet", max_request_body_size=config.max_bytes + 1024 * 1024,
+        channel_timeout=120, connection_limit=1000,
+    )
+    state = get_state(app)
+    log.info("listening on http://%s:%s storage=%s instance=%s", config.host,
+             server.effective_port, state.storage.describe(), config.instance_id)
+
+    drained = threading.Event()
+
+    def drain() -> None:
+        idle = state.wait_idle(config.drain_timeout)
+        log.info("drained (%s); exiting", "idle" if idle else "timeout")
+        drained.set()
+        # Runs on_signal in the main thread, which then stops waitress's loop.
+        _thread.interrupt_main(signal.SIGINT)
+
+    def on_signal(signum: int, _frame) -> None:
+        if drained.is_set():
+            raise KeyboardInterrupt
+        if state.draining.is_set():
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        log.info("signal %s: draining", signal.Signals(signum).name)
+        state.draining.set()
+        threading.Thread(target=drain, name="drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""The Flask app factory and its routes. Routes only decode, validate, call, encode, store."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from server import codecs
+from server.config import ServerConfig
+from server.errors import ApiError, bad_request
+from server.operations import Registry, default_registry
+from server.pipeline import Pipeline, check_output_pixels, parse_pipeline
+from server.storage import MAX_LINK_SECONDS, Storage, StorageError, open_storage
+from server.version import __version__
+
+log = logging.getLogger("imagefleet.server")
+access_log = logging.getLogger("imagefleet.access")
+
+STATE_KEY = "imagefleet"
+RESULT_NAME = re.compile(r"[0-9a-f]{64}\.(png|jpg|webp)")
+KEY_SCHEME = b"imagefleet-result-v1"
+ORIGINAL_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "bmp": "bmp",
+                       "tiff": "tif", "gif": "gif"}
+ORIGINAL_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp",
+                  "bmp": "image/bmp", "tiff": "image/tiff", "gif": "image/gif"}
+
+
+@dataclass
+class ServerState:
+    """Everything a request needs, owned by one app (no module-level state)."""
+
+    config: ServerConfig
+    storage: Storage
+    registry: Registry
+    started: float = field(default_factory=time.monotonic)
+    draining: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Condition = field(default_factory=threading.Condition)
+    inflight: int = 0
+    processed: int = 0
+    slots: threading.BoundedSemaphore | None = None
+    operations_json: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.slots = threading.BoundedSemaphore(self.config.process_slots)
+        self.operations_json = json.dumps(
+            {"operations": [op.to_json() for op in self.registry.values()]}).encode()
+
+    def enter(self) -> None:
+        with self.lock:
+            self.inflight += 1
+
+    def leave(self, processed: bool) -> None:
+        with self.lock:
+            self.inflight -= 1
+            if processed:
+                self.processed += 1
+            self.lock.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no request is in flight; False if `timeout` passed first."""
+        with self.lock:
+            return self.lock.wait_for(lambda: self.inflight == 0, timeout)
+
+    def health(self) -> dict[str, Any]:
+        with self.lock:
+            inflight, processed = self.inflight, self.processed
+        return {
+            "status": "draining" if self.draining.is_set() else "ok",
+            "instance_id": self.config.instance_id,
+            "inflight": inflight,
+            "processed": processed,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "version": __version__,
+        }
+
+
+def get_state(app: Flask) -> ServerState:
+    return app.extensions[STATE_KEY]
+
+
+def create_app(config: ServerConfig | Mapping[str, Any] | None = None, *,
+               storage: Storage | None = None, registry: Registry | None = None) -> Flask:
+    """Build the app. Tests pass their own config and storage (a folder, a moto bucket,
+    or MemoryStorage)."""
+    if config is None:
+        config = ServerConfig()
+    elif not isinstance(config, ServerConfig):
+        config = ServerConfig.from_mapping(dict(config))
+    if storage is None:
+        storage = open_storage(config.storage, s3_endpoint_url=config.s3_endpoint_url)
+    state = ServerState(config, storage, registry or default_registry())
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_bytes
+    # Behind the ALB or the local gateway: trust one hop for the client address and
+    # scheme, so signed links use the address and scheme the client used.
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1)  # type: ignore[method-assign]
+    app.extensions[STATE_KEY] = state
+    _register_error_handlers(app)
+    _register_routes(app, state)
+    return app
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError):
+        return jsonify(exc.to_json()), exc.status
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(exc: RequestEntityTooLarge):
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        err = ApiError(413, "too_many_bytes",
+                       f"the request is larger than {limit / 1024 / 1024:.0f} MiB, the limit")
+        return jsonify(err.to_json()), 413
+
+    @app.errorhandler(StorageError)
+    def storage_error(exc: StorageError):
+        log.error("storage failed: %s", exc)
+        err = ApiError(503, "storage_unavailable", f"storage is unavailable: {exc}")
+        return jsonify(err.to_json()), 503
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "_")
+        err = ApiError(exc.code or 500, code, exc.description or exc.name)
+        return jsonify(err.to_json()), exc.code or 500
+
+
+def _check_token(state: ServerState) -> None:
+    expected = state.config.token
+    if expected is None:
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, supplied = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.encode(),
+                                                             expected.encode()):
+        raise ApiError(401, "unauthorized",
+                       "missing or wrong token; send 'Authorization: Bearer <token>'")
+
+
+def _int_field(name: str, lo: int, hi: int) -> int | None:
+    raw = request.form.get(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise bad_request("invalid_parameter",
+                          f"'{name}' got {raw[:20]!r}; allowed: an integer from {lo} to {hi}")
+    return int(raw)
+
+
+def result_key(input_digest: str, pipeline: Pipeline, fmt: str, quality: int | None) -> str:
+    """Content address of a result: same input, pipeline and encoding, same key."""
+    effective_quality = quality or codecs.DEFAULT_QUALITY.get(fmt, 0)
+    if fmt == "png":
+        effective_quality = 0
+    material = b"\n".join([KEY_SCHEME, input_digest.encode(), pipeline.canonical().encode(),
+                           fmt.encode(), str(effective_quality).encode()])
+    return f"{hashlib.sha256(material).hexdigest()}.{codecs.EXTENSIONS[fmt]}"
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _register_routes(app: Flask, state: ServerState) -> None:
+    config = state.config
+
+    @app.before_request
+    def start_request():
+        g.request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+        g.started = time.perf_counter()
+        g.log = {}
+        if request.path != "/health":
+            state.enter()
+            g.counted = True
+
+    @app.teardown_request
+    def end_request(_exc):
+        if g.pop("counted", False):
+            state.leave(processed=g.pop("processed", False))
+
+    @app.after_request
+    def log_request(response: Response):
+        if request.path != "/health":
+            ms = (time.perf_counter() - g.started) * 1000
+            access_log.info(json.dumps({
+                "request_id": g.request_id, "method": request.method, "path": request.path,
+                "status": response.status_code, "ms": round(ms, 1),
+                "bytes_in": request.content_length or 0, **g.log,
+            }))
+        response.headers["X-Request-Id"] = g.request_id
+        return response
+
+    @app.get("/health")
+    def health():
+        body = state.health()
+        return jsonify(body), (503 if state.draining.is_set() else 200)
+
+    @app.get("/operations")
+    def operations():
+        _check_token(state)
+        return Response(state.operations_json, mimetype="application/json")
+
+    @app.post("/process")
+    def process():
+        _check_token(state)
+        if state.draining.is_set():
+            raise ApiError(503, "draining", "this instance is shutting down; retry the request")
+        t0 = time.perf_counter()
+        if not (request.mimetype or "").startswith("multipart/form-data"):
+            raise ApiError(415, "unsupported_media_type",
+                           "send multipart/form-data with an 'image' file field")
+        upload = request.files.get("image")
+        if upload is None:
+            raise bad_request("missing_field", "the 'image' file field is required")
+        pipeline = parse_pipeline(state.registry, request.form.get("operation"),
+                                  request.form.get("params"), request.form.get("steps"))
+        fmt = request.form.get("format") or None
+        if fmt is not None and fmt not in codecs.OUTPUT_FORMATS:
+            raise bad_request("invalid_parameter",
+                              f"'format' got {fmt[:20]!r}; allowed: png, jpeg, webp")
+        quality = _int_field("quality", 1, 100)
+        expires_in = _int_field("expires_in", 1, MAX_LINK_SECONDS) or config.link_ttl
+        data = upload.read()
+        g.log.update(operation="+".join(pipeline.names), bytes=len(data))
+        t_read = time.perf_counter()
+
+        info = codecs.probe(data, config.max_pixels)
+        check_output_pixels(pipeline, info.width, info.height, config.max_pixels)
+        out_format = fmt or codecs.output_format_for(info)
+        input_digest = hashlib.sha256(data).hexdigest()
+        key = result_key(input_digest, pipeline, out_format, quality)
+        storage_key = f"results/{key}"
+        timings = {"read": (t_read - t0) * 1000}
+
+        stored = state.storage.head(storage_key)
+        cached = stored is not None and {"width", "height"} <= set(stored.metadata)
+        result_bytes: bytes | None = None
+        if cached:
+            width, height = int(stored.metadata["width"]), int(stored.metadata["height"])
+            size = stored.size
+        else:
+            with state.slots:
+                t1 = time.perf_counter()
+                image = codecs.decode(data, info)
+                t2 = time.perf_counter()
+                out = pipeline.run(image)
+                t3 = time.perf_counter()
+                result_bytes = codecs.encode(out, out_format, quality)
+                t4 = time.perf_counter()
+            timings.update(decode=(t2 - t1) * 1000, process=(t3 - t2) * 1000,
+                           encode=(t4 - t3) * 1000)
+            height, width = out.shape[:2]
+            size = len(result_bytes)
+            t5 = time.perf_counter()
+            original_key = f"originals/{input_digest}.{ORIGINAL_EXTENSIONS[info.format]}"
+            if state.storage.head(original_key) is None:
+                state.storage.put(original_key, data, ORIGINAL_TYPES[info.format])
+            state.storage.put(storage_key, result_bytes, codecs.CONTENT_TYPES[out_format],
+                              {"width": str(width), "height": str(height),
+                               "pipeline": pipeline.canonical()[:1500]})
+            timings["store"] = (time.perf_counter() - t5) * 1000
+        g.processed = True
+        timings["total"] = (time.perf_counter() - t0) * 1000
+        g.log.update(cached=cached, key=key[:16])
+
+        if request.args.get("response") == "image":
+            if result_bytes is None:
+                result_bytes = state.storage.get(storage_key)
+                if result_bytes is None:
+                    raise StorageError(f"{key} vanished from storage")
+            return Response(result_bytes, mimetype=codecs.CONTENT_TYPES[out_format], headers={
+                "X-Instance-Id": config.instance_id,
+                "X-Result-Key": key,
+                "X-Cached": "true" if cached else "false",
+            })
+        link = state.storage.link(storage_key, expires_in, request.host_url)
+        return jsonify({
+            "key": key,
+            "url": link.url,
+            "expires_at": _iso(link.expires_at),
+            "instance_id": config.instance_id,
+            "width": width,
+            "height": height,
+            "format": out_format,
+            "bytes": size,
+            "cached": cached,
+            "tiles": 1,
+            "timings_ms": {k: round(v, 2) for k, v in timings.items()},
+        })
+
+    @app.get("/results/<path:name>")
+    def results(name: str):
+        if not RESULT_NAME.fullmatch(name):
+            raise ApiError(404, "not_found", "no such result")
+        if not state.storage.serves_links:
+            raise ApiError(404, "not_found", "results are served from S3 links, not here")
+        expires = request.args.get("expires", "")
+        signature = request.args.get("signature", "")
+        if not state.storage.verify_link(f"results/{name}", expires, signature):
+            raise ApiError(403, "invalid_link",
+                           "the link has expired or its signature does not match")
+        stored = state.storage.head(f"results/{name}")
+        data = state.storage.get(f"results/{name}") if stored else None
+        if stored is None or data is None:
+            raise ApiError(404, "not_found", f"no result {name}")
+        return Response(data, mimetype=stored.content_type, headers={
+            "Cache-Control": "private, max-age=300",
+        })

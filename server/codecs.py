@@ -1,0 +1,194 @@
+"""Image decoding and encoding.
+
+The header is read first (Pillow parses it without decoding pixels) so that size
+limits are enforced before a single pixel buffer is allocated.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
+
+from server.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("png", "jpeg", "webp")
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+# Pillow format name -> our name. Anything else is refused with 415.
+INPUT_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "BMP": "bmp",
+                 "TIFF": "tiff", "GIF": "gif"}
+ALLOWED_INPUTS = "PNG, JPEG, WebP, BMP, TIFF, GIF"
+
+DEFAULT_QUALITY = {"jpeg": 90, "webp": 90}
+# zlib level 1 is several times faster than OpenCV's default 3 for a few % more bytes;
+# results are stored once and downloaded many times, so 3 would pay off only rarely.
+PNG_COMPRESSION = 1
+
+ORIENTATION_TAG = 0x0112
+
+# Pillow's own bomb check uses one fixed, process-wide limit; ours is configurable and
+# runs in probe() from the header, before decoding. Pillow's would refuse images that
+# our configuration allows (tiling is meant for 300 MP), so it is switched off here.
+PILImage.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str  # one of INPUT_FORMATS' values
+    width: int   # as displayed, i.e. after EXIF orientation
+    height: int
+    orientation: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def _unsupported(detail: str) -> ApiError:
+    return ApiError(415, "unsupported_image",
+                    f"{detail}; send a PNG, JPEG, WebP, BMP, TIFF or GIF image")
+
+
+def probe(data: bytes, max_pixels: int) -> ImageInfo:
+    """Read format, size and orientation from the header; enforce the pixel limit."""
+    if not data:
+        raise _unsupported("the image file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with PILImage.open(io.BytesIO(data)) as img:
+                fmt = img.format or ""
+                width, height = img.size
+                try:
+                    orientation = int(img.getexif().get(ORIENTATION_TAG, 1))
+                except Exception:
+                    orientation = 1
+    except PILImage.DecompressionBombError as exc:
+        raise ApiError(413, "too_many_pixels",
+                       f"the image is too large to open; at most {max_pixels / 1e6:.1f} MP "
+                       "allowed") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise _unsupported("the file is not a decodable image") from exc
+    if fmt not in INPUT_FORMATS:
+        raise _unsupported(f"{fmt or 'this'} images are not supported")
+    if width <= 0 or height <= 0:
+        raise _unsupported(f"the image has zero width or height ({width}x{height})")
+    if orientation not in range(1, 9):
+        orientation = 1
+    if orientation >= 5:  # 5..8 swap the axes
+        width, height = height, width
+    if width * height > max_pixels:
+        raise ApiError(
+            413, "too_many_pixels",
+            f"the image is {width}x{height} ({width * height / 1e6:.1f} MP); "
+            f"at most {max_pixels / 1e6:.1f} MP allowed",
+        )
+    return ImageInfo(INPUT_FORMATS[fmt], width, height, orientation)
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:
+        return (image >> 8).astype(np.uint8)
+    if image.dtype.kind == "f":
+        return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    info = np.iinfo(image.dtype)
+    scaled = (image.astype(np.float64) - info.min) * 255.0 / (info.max - info.min)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _normalise_channels(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 3 and image.shape[2] == 1:
+        return image[:, :, 0]
+    if image.ndim == 3 and image.shape[2] == 2:  # gray + alpha
+        return np.dstack((cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2BGR), image[:, :, 1]))
+    return image
+
+
+def _decode_with_pillow(data: bytes) -> np.ndarray:
+    with PILImage.open(io.BytesIO(data)) as img:
+        img.seek(0)  # GIF and multi-page TIFF: the first frame
+        has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+        if img.mode in ("L", "I;16", "I") and not has_alpha:
+            gray = np.asarray(img.convert("L"))
+            return gray
+        rgb = np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
+    code = cv2.COLOR_RGBA2BGRA if has_alpha else cv2.COLOR_RGB2BGR
+    return cv2.cvtColor(rgb, code)
+
+
+def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn the stored pixels upright per the EXIF orientation tag (1..8)."""
+    if orientation == 2:
+        return cv2.flip(image, 1)
+    if orientation == 3:
+        return cv2.rotate(image, cv2.ROTATE_180)
+    if orientation == 4:
+        return cv2.flip(image, 0)
+    if orientation == 5:
+        return cv2.transpose(image)
+    if orientation == 6:
+        return cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)
+    if orientation == 7:
+        return cv2.rotate(cv2.transpose(image), cv2.ROTATE_180)
+    if orientation == 8:
+        return cv2.rotate(image, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return image
+
+
+def decode(data: bytes, info: ImageInfo) -> np.ndarray:
+    """Decode to uint8 gray, BGR or BGRA, upright."""
+    image = None
+    if info.format != "gif":
+        # IMREAD_UNCHANGED keeps alpha and 16 bits and ignores EXIF orientation,
+        # which is applied below from the tag read in probe().
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        try:
+            image = _decode_with_pillow(data)
+        except Exception as exc:
+            raise _unsupported("the image data is damaged or truncated") from exc
+    image = _normalise_channels(_to_uint8(image))
+    return apply_orientation(image, info.orientation)
+
+
+def output_format_for(info: ImageInfo) -> OutputFormat:
+    """The input's format when we can write it, else PNG (lossless, keeps alpha)."""
+    return info.format if info.format in OUTPUT_FORMATS else "png"  # type: ignore[return-value]
+
+
+def _flatten_alpha(image: np.ndarray) -> np.ndarray:
+    """JPEG has no alpha: composite over white, as browsers and viewers show it."""
+    colour = image[:, :, :3].astype(np.float32)
+    alpha = image[:, :, 3:4].astype(np.float32) / 255.0
+    return np.clip(np.rint(colour * alpha + 255.0 * (1.0 - alpha)), 0, 255).astype(np.uint8)
+
+
+def encode(image: np.ndarray, fmt: OutputFormat, quality: int | None) -> bytes:
+    if fmt == "jpeg":
+        if image.ndim == 3 and image.shape[2] == 4:
+            image = _flatten_alpha(image)
+        q = quality or DEFAULT_QUALITY["jpeg"]
+        params = [cv2.IMWRITE_JPEG_QUALITY, q]
+        ok, buf = cv2.imencode(".jpg", image, params)
+    elif fmt == "webp":
+        q = quality or DEFAULT_QUALITY["webp"]
+        ok, buf = cv2.imencode(".webp", image, [cv2.IMWRITE_WEBP_QUALITY, q])
+    else:
+        ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+    if not ok:
+        raise ApiError(500, "encode_failed", f"could not encode the result as {fmt}")
+    return buf.tobytes()

@@ -1,0 +1,67 @@
+"""Server configuration: one validated dataclass, filled from flags or environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from server.storage import MAX_LINK_SECONDS
+
+ENV_PREFIX = "IMAGEFLEET_"
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    storage: str = "./storage"
+    s3_endpoint_url: str | None = None
+    token: str | None = None
+    peers: str | None = None
+    tile_mp: float = 40.0
+    threads: int = 16
+    instance_id: str = field(default_factory=default_instance_id)
+    link_ttl: int = 24 * 3600
+    max_bytes: int = 50 * 1024 * 1024
+    max_pixels: int = 100_000_000
+    # CPU-bound work admitted at once; the other waitress threads stay free for
+    # /health and uploads, so a saturated server still answers its health checks.
+    process_slots: int = field(default_factory=lambda: os.cpu_count() or 2)
+    drain_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port {self.port} is not 0..65535")
+        if not 1 <= self.threads <= 512:
+            problems.append(f"threads {self.threads} is not 1..512")
+        if not 1 <= self.link_ttl <= MAX_LINK_SECONDS:
+            problems.append(f"link_ttl {self.link_ttl} is not 1..{MAX_LINK_SECONDS} seconds "
+                            "(links live at most 7 days)")
+        if self.max_bytes < 1024:
+            problems.append("max_bytes must be at least 1024")
+        if self.max_pixels < 1:
+            problems.append("max_pixels must be positive")
+        if self.tile_mp <= 0:
+            problems.append("tile_mp must be positive")
+        if not 1 <= self.process_slots <= 256:
+            problems.append(f"process_slots {self.process_slots} is not 1..256")
+        if self.token is not None and len(self.token) < 8:
+            problems.append("token must be at least 8 characters")
+        if problems:
+            raise ValueError("invalid server configuration: " + "; ".join(problems))
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> ServerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
+        return replace(cls(), **values)

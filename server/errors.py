@@ -1,0 +1,28 @@
+"""The one error type routes raise; a single Flask handler turns it into JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ApiError(Exception):
+    """An error with an HTTP status, a stable machine-readable code and a human message.
+
+    The message must say what was wrong and what is allowed, because it is shown to
+    users as-is (desktop app, command line).
+    """
+
+    status: int
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+    def to_json(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+def bad_request(code: str, message: str) -> ApiError:
+    return ApiError(400, code, message)

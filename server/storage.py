@@ -1,0 +1,289 @@
+"""Where originals and results live: one small interface, three implementations.
+
+- `FolderStorage`: a local folder; atomic writes; links are HMAC-signed and served by
+  the server's own `GET /results/<key>`.
+- `S3Storage`: an S3 bucket (or an S3-compatible endpoint); SSE; SigV4 presigned GETs.
+- `MemoryStorage`: the null implementation, for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlencode
+
+from server.signing import LinkSigner, load_or_create_secret
+
+log = logging.getLogger(__name__)
+
+MAX_LINK_SECONDS = 7 * 24 * 3600  # SigV4 presigned URLs cannot outlive 7 days either
+SAFE_KEY = re.compile(r"^[a-z]+/[0-9a-f]{16,128}\.[a-z0-9]{2,5}$")
+
+
+class StorageError(RuntimeError):
+    """Storage failed for a reason outside the request (disk full, S3 down)."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    content_type: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Link:
+    url: str
+    expires_at: float  # epoch seconds
+
+
+def check_key(key: str) -> str:
+    if not SAFE_KEY.match(key):
+        raise ValueError(f"invalid storage key {key!r}")
+    return key
+
+
+class Storage(ABC):
+    """Objects addressed by keys such as `results/<sha256>.png`."""
+
+    #: True when links point at this server's `GET /results/<key>` route.
+    serves_links: bool = False
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, content_type: str,
+            metadata: dict[str, str] | None = None) -> None: ...
+
+    @abstractmethod
+    def head(self, key: str) -> StoredObject | None: ...
+
+    @abstractmethod
+    def get(self, key: str) -> bytes | None: ...
+
+    @abstractmethod
+    def link(self, key: str, expires_in: int, base_url: str) -> Link: ...
+
+    def verify_link(self, key: str, expires: str, signature: str) -> bool:
+        return False
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class SignedLinks:
+    """Links to this server's `/results/<name>` route, signed with a shared secret."""
+
+    def __init__(self, signer: LinkSigner, clock=time.time):
+        self._signer = signer
+        self._clock = clock
+
+    def link(self, key: str, expires_in: int, base_url: str) -> Link:
+        expires = int(self._clock()) + min(expires_in, MAX_LINK_SECONDS)
+        name = key.split("/", 1)[1]
+        query = urlencode({"expires": expires, "signature": self._signer.signature(key, expires)})
+        return Link(f"{base_url.rstrip('/')}/results/{name}?{query}", float(expires))
+
+    def verify(self, key: str, expires: str, signature: str) -> bool:
+        return self._signer.verify(key, expires, signature, self._clock())
+
+
+class FolderStorage(Storage):
+    serves_links = True
+    META_SUFFIX = ".meta.json"
+
+    def __init__(self, root: Path, signer: LinkSigner | None = None, clock=time.time):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._links = SignedLinks(signer or LinkSigner(load_or_create_secret(self.root)), clock)
+
+    def describe(self) -> str:
+        return f"folder {self.root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise StorageError(f"could not write {path.name}: {exc.strerror or exc}") from exc
+
+    def put(self, key: str, data: bytes, content_type: str,
+            metadata: dict[str, str] | None = None) -> None:
+        path = self._path(key)
+        meta = {"content_type": content_type, "size": len(data), "metadata": metadata or {}}
+        # Data first, metadata last: head() only reports objects whose metadata exists,
+        # so a crash in between leaves an object that is simply recomputed.
+        self._write_atomic(path, data)
+        self._write_atomic(path.with_name(path.name + self.META_SUFFIX),
+                           json.dumps(meta).encode())
+
+    def head(self, key: str) -> StoredObject | None:
+        path = self._path(key)
+        try:
+            meta = json.loads(path.with_name(path.name + self.META_SUFFIX).read_bytes())
+            size = path.stat().st_size
+        except (FileNotFoundError, ValueError):
+            return None
+        if size != meta.get("size"):
+            return None
+        return StoredObject(key, size, meta["content_type"], dict(meta.get("metadata", {})))
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def link(self, key: str, expires_in: int, base_url: str) -> Link:
+        return self._links.link(key, expires_in, base_url)
+
+    def verify_link(self, key: str, expires: str, signature: str) -> bool:
+        return self._links.verify(key, expires, signature)
+
+
+class MemoryStorage(Storage):
+    """Keeps objects in a dict. For tests and as the null implementation."""
+
+    serves_links = True
+
+    def __init__(self, secret: bytes = b"memory-storage-secret-for-tests-only", clock=time.time):
+        self._objects: dict[str, tuple[bytes, StoredObject]] = {}
+        self._lock = threading.Lock()
+        self._links = SignedLinks(LinkSigner(secret), clock)
+
+    def put(self, key: str, data: bytes, content_type: str,
+            metadata: dict[str, str] | None = None) -> None:
+        obj = StoredObject(check_key(key), len(data), content_type, dict(metadata or {}))
+        with self._lock:
+            self._objects[key] = (bytes(data), obj)
+
+    def head(self, key: str) -> StoredObject | None:
+        with self._lock:
+            entry = self._objects.get(key)
+        return entry[1] if entry else None
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            entry = self._objects.get(key)
+        return entry[0] if entry else None
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return sorted(self._objects)
+
+    def link(self, key: str, expires_in: int, base_url: str) -> Link:
+        return self._links.link(key, expires_in, base_url)
+
+    def verify_link(self, key: str, expires: str, signature: str) -> bool:
+        return self._links.verify(key, expires, signature)
+
+
+class S3Storage(Storage):
+    """An S3 bucket, optionally under a prefix. Credentials come from the standard AWS
+    chain (environment, profile, instance role) — never from our configuration."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, client=None,
+                 endpoint_url: str | None = None, region: str | None = None, clock=time.time):
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            client = boto3.client(
+                "s3",
+                endpoint_url=endpoint_url,
+                region_name=region,
+                config=Config(
+                    retries={"mode": "standard", "max_attempts": 5},
+                    signature_version="s3v4",
+                    connect_timeout=5,
+                    read_timeout=60,
+                    max_pool_connections=32,
+                ),
+            )
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = client
+        self._clock = clock
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def _object_key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key: str, data: bytes, content_type: str,
+            metadata: dict[str, str] | None = None) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._object_key(key), Body=data,
+                ContentType=content_type, Metadata=metadata or {},
+                ServerSideEncryption="AES256",
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not store {key} in s3://{self.bucket}: {exc}") from exc
+
+    def head(self, key: str) -> StoredObject | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            answer = self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise StorageError(f"could not look up {key} in s3://{self.bucket}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"could not look up {key} in s3://{self.bucket}: {exc}") from exc
+        return StoredObject(key, int(answer["ContentLength"]),
+                            answer.get("ContentType", "application/octet-stream"),
+                            dict(answer.get("Metadata", {})))
+
+    def get(self, key: str) -> bytes | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))
+            return answer["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise StorageError(f"could not read {key} from s3://{self.bucket}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"could not read {key} from s3://{self.bucket}: {exc}") from exc
+
+    def link(self, key: str, expires_in: int, base_url: str) -> Link:
+        seconds = min(expires_in, MAX_LINK_SECONDS)
+        url = self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._object_key(key)},
+            ExpiresIn=seconds,
+        )
+        return Link(url, self._clock() + seconds)
+
+
+def open_storage(location: str, *, s3_endpoint_url: str | None = None) -> Storage:
+    """`s3://bucket[/prefix]` or a folder path."""
+    if location.startswith("s3://"):
+        rest = location[len("s3://"):]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"storage {location!r} names no bucket; use s3://bucket[/prefix]")
+        return S3Storage(bucket, prefix, endpoint_url=s3_endpoint_url)
+    if "://" in location:
+        raise ValueError(f"storage {location!r}: use a folder path or s3://bucket[/prefix]")
+    return FolderStorage(Path(location))

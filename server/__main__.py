@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "flags are visible to other local users)")
     add("peers", help_text="load balancer URL that tiles of large images are sent to")
     add("tile-mp", float, "split images above this many megapixels into tiles (default 40)")
+    add("tile-size", int, "side of a tile's core in pixels (default 2048)")
     add("threads", int, "waitress threads (default 16)")
     add("instance-id", help_text="name reported in /health and responses "
                                  "(default hostname-pid)")

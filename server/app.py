@@ -23,8 +23,10 @@ from server import codecs
 from server.config import ServerConfig
 from server.errors import ApiError, bad_request
 from server.operations import Registry, default_registry
+from server.peers import PeerClient
 from server.pipeline import Pipeline, check_output_pixels, parse_pipeline
 from server.storage import MAX_LINK_SECONDS, Storage, StorageError, open_storage
+from server.tiling import TILE_HEADER, Step, pipeline_is_tileable, run_local, run_tiled
 from server.version import __version__
 
 log = logging.getLogger("imagefleet.server")
@@ -53,9 +55,12 @@ class ServerState:
     processed: int = 0
     slots: threading.BoundedSemaphore | None = None
     operations_json: bytes = b""
+    peers: PeerClient | None = None
 
     def __post_init__(self) -> None:
         self.slots = threading.BoundedSemaphore(self.config.process_slots)
+        if self.config.peers:
+            self.peers = PeerClient(self.config.peers, self.config.token)
         self.operations_json = json.dumps(
             {"operations": [op.to_json() for op in self.registry.values()]}).encode()
 
@@ -172,6 +177,22 @@ def result_key(input_digest: str, pipeline: Pipeline, fmt: str, quality: int | N
     return f"{hashlib.sha256(material).hexdigest()}.{codecs.EXTENSIONS[fmt]}"
 
 
+def _run_in_slot(state: ServerState, steps: tuple[Step, ...], window):
+    with state.slots:
+        return run_local(steps, window)
+
+
+def _store(state: ServerState, info: codecs.ImageInfo, data: bytes, input_digest: str,
+           storage_key: str, result: bytes, out_format: str, width: int, height: int,
+           pipeline: Pipeline) -> None:
+    original_key = f"originals/{input_digest}.{ORIGINAL_EXTENSIONS[info.format]}"
+    if state.storage.head(original_key) is None:
+        state.storage.put(original_key, data, ORIGINAL_TYPES[info.format])
+    state.storage.put(storage_key, result, codecs.CONTENT_TYPES[out_format],
+                      {"width": str(width), "height": str(height),
+                       "pipeline": pipeline.canonical()[:1500]})
+
+
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
 
@@ -247,33 +268,48 @@ def _register_routes(app: Flask, state: ServerState) -> None:
         storage_key = f"results/{key}"
         timings = {"read": (t_read - t0) * 1000}
 
-        stored = state.storage.head(storage_key)
+        is_tile = request.headers.get(TILE_HEADER) == "1"
+        stored = None if is_tile else state.storage.head(storage_key)
         cached = stored is not None and {"width", "height"} <= set(stored.metadata)
         result_bytes: bytes | None = None
+        tiles = 1
         if cached:
             width, height = int(stored.metadata["width"]), int(stored.metadata["height"])
             size = stored.size
         else:
+            tiled = (not is_tile and state.peers is not None
+                     and info.pixels > config.tile_mp * 1e6 and pipeline_is_tileable(pipeline))
+            t1 = time.perf_counter()
             with state.slots:
-                t1 = time.perf_counter()
                 image = codecs.decode(data, info)
-                t2 = time.perf_counter()
-                out = pipeline.run(image)
-                t3 = time.perf_counter()
+            t2 = time.perf_counter()
+            if tiled:
+                # No slot is held while tiles are out: they may come back to this very
+                # instance through the load balancer and need its slots.
+                out, stats = run_tiled(pipeline, image, state.registry,
+                                       tile_size=config.tile_size, remote=state.peers,
+                                       local=lambda steps, window: _run_in_slot(state, steps,
+                                                                                window))
+                del image
+                tiles = stats.tiles
+                timings.update(tiles_dispatch=stats.dispatch_ms, tiles_stitch=stats.stitch_ms)
+                g.log.update(tiles=tiles, tiles_local=stats.local, tile_retries=stats.retries)
+            else:
+                with state.slots:
+                    out = pipeline.run(image)
+            t3 = time.perf_counter()
+            with state.slots:
                 result_bytes = codecs.encode(out, out_format, quality)
-                t4 = time.perf_counter()
+            t4 = time.perf_counter()
             timings.update(decode=(t2 - t1) * 1000, process=(t3 - t2) * 1000,
                            encode=(t4 - t3) * 1000)
             height, width = out.shape[:2]
             size = len(result_bytes)
-            t5 = time.perf_counter()
-            original_key = f"originals/{input_digest}.{ORIGINAL_EXTENSIONS[info.format]}"
-            if state.storage.head(original_key) is None:
-                state.storage.put(original_key, data, ORIGINAL_TYPES[info.format])
-            state.storage.put(storage_key, result_bytes, codecs.CONTENT_TYPES[out_format],
-                              {"width": str(width), "height": str(height),
-                               "pipeline": pipeline.canonical()[:1500]})
-            timings["store"] = (time.perf_counter() - t5) * 1000
+            if not is_tile:  # tiles are intermediate: nothing to keep
+                t5 = time.perf_counter()
+                _store(state, info, data, input_digest, storage_key, result_bytes, out_format,
+                       width, height, pipeline)
+                timings["store"] = (time.perf_counter() - t5) * 1000
         g.processed = True
         timings["total"] = (time.perf_counter() - t0) * 1000
         g.log.update(cached=cached, key=key[:16])
@@ -299,7 +335,7 @@ def _register_routes(app: Flask, state: ServerState) -> None:
             "format": out_format,
             "bytes": size,
             "cached": cached,
-            "tiles": 1,
+            "tiles": tiles,
             "timings_ms": {k: round(v, 2) for k, v in timings.items()},
         })
 

@@ -73,7 +73,7 @@ def probe(data: bytes, max_pixels: int) -> ImageInfo:
                 width, height = img.size
                 try:
                     orientation = int(img.getexif().get(ORIENTATION_TAG, 1))
-                except Exception:
+                except Exception:  # noqa: BLE001 - broken EXIF must not refuse the image
                     orientation = 1
     except PILImage.DecompressionBombError as exc:
         raise ApiError(413, "too_many_pixels",

@@ -25,6 +25,7 @@ class ServerConfig:
     token: str | None = None
     peers: str | None = None
     tile_mp: float = 40.0
+    tile_size: int = 2048
     threads: int = 16
     instance_id: str = field(default_factory=default_instance_id)
     link_ttl: int = 24 * 3600
@@ -50,6 +51,8 @@ class ServerConfig:
             problems.append("max_pixels must be positive")
         if self.tile_mp <= 0:
             problems.append("tile_mp must be positive")
+        if not 128 <= self.tile_size <= 16384:
+            problems.append(f"tile_size {self.tile_size} is not 128..16384 pixels")
         if not 1 <= self.process_slots <= 256:
             problems.append(f"process_slots {self.process_slots} is not 1..256")
         if self.token is not None and len(self.token) < 8:

@@ -33,16 +33,14 @@ def sharpen_sigma_ksize(sigma: float) -> int:
 
 
 def sharpen(image: Image, p: Params) -> Image:
-    """Unsharp mask: original + amount * (original - blurred), where the difference
-    exceeds `threshold` (so flat, noisy areas are left alone)."""
+    """Unsharp mask: (1 + amount) x original - amount x blurred, where the difference
+    reaches `threshold` (so flat, noisy areas are left alone)."""
     k = sharpen_sigma_ksize(p["radius"])
     blurred = cv2.GaussianBlur(image, (k, k), p["radius"])
-    src = image.astype(np.float32)
-    detail = src - blurred.astype(np.float32)
-    sharp = src + p["amount"] * detail
+    sharp = cv2.addWeighted(image, 1.0 + p["amount"], blurred, -p["amount"], 0)
     if p["threshold"] > 0:
-        sharp = np.where(np.abs(detail) < p["threshold"], src, sharp)
-    return np.clip(np.rint(sharp), 0, 255).astype(np.uint8)
+        np.copyto(sharp, image, where=cv2.absdiff(image, blurred) < p["threshold"])
+    return sharp
 
 
 OPERATIONS = (

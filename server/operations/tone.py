@@ -94,7 +94,8 @@ OPERATIONS = (
     ),
     Operation("equalize", "Histogram equalisation",
               "Spreads the intensity histogram (on luma for colour images).", (), equalize,
-              tiling="two_phase"),
+              # Its lookup table comes from the whole histogram; processed whole.
+              tiling="global"),
     Operation(
         "clahe", "CLAHE",
         "Contrast-limited adaptive histogram equalisation on a grid x grid layout.",

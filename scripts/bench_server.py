@@ -1,0 +1,135 @@
+"""Per-request latency through HTTP against in-process OpenCV, and throughput.
+
+    python scripts/bench_server.py [--repeat 9] [--requests 48]
+
+For a 12 MP and a 2K JPEG derived from the test photographs it prints:
+- the median latency of POST /process?response=image (upload, decode, operation,
+  encode, storage, download) against the same decode + operation + encode done
+  in-process with OpenCV, and their ratio;
+- requests per second at concurrency 2, 4 and 8.
+Every request carries distinct bytes (a unique JPEG comment), so the result cache
+never answers; in-process runs decode the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from itertools import count
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import requests  # noqa: E402
+
+from scripts.benchlib import derived, jpeg, median_ms, server_process, with_nonce  # noqa: E402
+
+SIZES = {"12MP": (4000, 3000), "2K": (2048, 1365)}
+
+
+def direct(name: str, data: bytes) -> bytes:
+    """The in-process baseline: what a script calling OpenCV itself would do."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if name == "grayscale":
+        out = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    elif name == "gaussian_blur":
+        out = cv2.GaussianBlur(image, (15, 15), 0)
+    elif name == "canny":
+        out = cv2.Canny(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), 100, 200)
+    else:
+        h, w = image.shape[:2]
+        scale = min(512 / w, 512 / h)
+        out = cv2.resize(image, (round(w * scale), round(h * scale)),
+                         interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return buf.tobytes()
+
+
+OPS = {
+    "grayscale": {},
+    "gaussian_blur": {},
+    "canny": {},
+    "resize": {"width": 512, "height": 512, "mode": "fit"},
+}
+
+
+def post(session: requests.Session, url: str, data: bytes, op: str) -> bytes:
+    resp = session.post(f"{url}/process?response=image",
+                        files={"image": ("bench.jpg", data, "image/jpeg")},
+                        data={"operation": op, "params": json.dumps(OPS[op])}, timeout=120)
+    resp.raise_for_status()
+    return resp.content
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=9, help="latency samples per case")
+    parser.add_argument("--requests", type=int, default=48, help="requests per throughput run")
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="extra argument for python -m server (repeatable)")
+    args = parser.parse_args()
+    nonce = count()
+    sources = {label: jpeg(derived(w, h)) for label, (w, h) in SIZES.items()}
+
+    with server_process(*args.server_arg) as server:
+        session = requests.Session()
+        post(session, server.url, with_nonce(sources["2K"], next(nonce)), "grayscale")  # warm
+        print("| image | operation | in-process ms | HTTP ms | ratio |")
+        print("|---|---|---:|---:|---:|")
+        for label, data in sources.items():
+            for op in OPS:
+                local, remote = [], []
+                for _ in range(args.repeat):
+                    sample = with_nonce(data, next(nonce))
+                    t0 = time.perf_counter()
+                    direct(op, sample)
+                    t1 = time.perf_counter()
+                    post(session, server.url, sample, op)
+                    t2 = time.perf_counter()
+                    local.append(t1 - t0)
+                    remote.append(t2 - t1)
+                lm, rm = median_ms(local), median_ms(remote)
+                print(f"| {label} | {op} | {lm:.1f} | {rm:.1f} | {rm / lm:.2f}x |", flush=True)
+
+        print()
+        print("| image | operation | concurrency | requests/s | median ms |")
+        print("|---|---|---:|---:|---:|")
+        for label, data in sources.items():
+            for op in ("gaussian_blur", "resize"):
+                for concurrency in (2, 4, 8):
+                    payloads = [with_nonce(data, next(nonce)) for _ in range(args.requests)]
+                    latencies: list[float] = []
+
+                    def one(payload: bytes, latencies=latencies, op=op) -> None:
+                        t0 = time.perf_counter()
+                        post(requests_session(), server.url, payload, op)
+                        latencies.append(time.perf_counter() - t0)
+
+                    t0 = time.perf_counter()
+                    with ThreadPoolExecutor(concurrency) as pool:
+                        list(pool.map(one, payloads))
+                    elapsed = time.perf_counter() - t0
+                    print(f"| {label} | {op} | {concurrency} | {len(payloads) / elapsed:.1f} | "
+                          f"{median_ms(latencies):.0f} |", flush=True)
+    return 0
+
+
+_SESSIONS: dict[int, requests.Session] = {}
+
+
+def requests_session() -> requests.Session:
+    import threading
+
+    ident = threading.get_ident()
+    if ident not in _SESSIONS:
+        _SESSIONS[ident] = requests.Session()
+    return _SESSIONS[ident]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import requests  # noqa: E402
+import cv2
+import numpy as np
+import requests
 
-from scripts.benchlib import derived, jpeg, median_ms, server_process, with_nonce  # noqa: E402
+from scripts.benchlib import derived, jpeg, median_ms, server_process, with_nonce
 
 SIZES = {"12MP": (4000, 3000), "2K": (2048, 1365)}
 
@@ -47,6 +47,7 @@ def direct(name: str, data: bytes) -> bytes:
         out = cv2.resize(image, (round(w * scale), round(h * scale)),
                          interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
     return buf.tobytes()
 
 

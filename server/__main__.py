@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import MISSING
 
 from server.app import create_app, get_state
 from server.config import ENV_PREFIX, ServerConfig
+from server.transport import JsonErrorChannel, unsent_bytes
 
 log = logging.getLogger("imagefleet.server")
 
@@ -68,11 +69,21 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig.from_mapping(values)
 
 
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Access lines are JSON objects, one per line, for log shippers: no prefix.
+    access = logging.getLogger("imagefleet.access")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(args.log_level)
     try:
         config = config_from_args(args)
         app = create_app(config)
@@ -86,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ident="imagefleet", max_request_body_size=config.max_bytes + 1024 * 1024,
         channel_timeout=120, connection_limit=1000,
     )
+    server.channel_class = JsonErrorChannel
     state = get_state(app)
     log.info("listening on http://%s:%s storage=%s instance=%s", config.host,
              server.effective_port, state.storage.describe(), config.instance_id)
@@ -93,11 +105,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     drained = threading.Event()
 
     def drain() -> None:
+        deadline = time.monotonic() + config.drain_timeout
         idle = state.wait_idle(config.drain_timeout)
+        # The app is done with every response; wait until waitress has also written
+        # them to their sockets (polled: waitress offers no event for it).
+        while unsent_bytes(server) and time.monotonic() < deadline:
+            time.sleep(0.02)
         log.info("drained (%s); exiting", "idle" if idle else "timeout")
         drained.set()
-        # Runs on_signal in the main thread, which then stops waitress's loop.
-        _thread.interrupt_main(signal.SIGINT)
+        # A real signal interrupts waitress's select() at once; on_signal then stops it.
+        os.kill(os.getpid(), signal.SIGINT)
 
     def on_signal(signum: int, _frame) -> None:
         if drained.is_set():

@@ -25,16 +25,20 @@ from server.errors import ApiError, bad_request
 from server.operations import Registry, default_registry
 from server.peers import PeerClient
 from server.pipeline import Pipeline, check_output_pixels, parse_pipeline
+from server.shrink import run_after_shrink, shrink_factor
 from server.storage import MAX_LINK_SECONDS, Storage, StorageError, open_storage
 from server.tiling import TILE_HEADER, Step, pipeline_is_tileable, run_local, run_tiled
+from server.transport import CountedBody
 from server.version import __version__
 
 log = logging.getLogger("imagefleet.server")
 access_log = logging.getLogger("imagefleet.access")
 
 STATE_KEY = "imagefleet"
+PROCESSED_KEY = "imagefleet.processed"
 RESULT_NAME = re.compile(r"[0-9a-f]{64}\.(png|jpg|webp)")
 KEY_SCHEME = b"imagefleet-result-v1"
+DIGITS = re.compile(r"[0-9]{1,9}")
 ORIGINAL_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "bmp": "bmp",
                        "tiff": "tif", "gif": "gif"}
 ORIGINAL_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp",
@@ -114,10 +118,29 @@ def create_app(config: ServerConfig | Mapping[str, Any] | None = None, *,
     # Behind the ALB or the local gateway: trust one hop for the client address and
     # scheme, so signed links use the address and scheme the client used.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1)  # type: ignore[method-assign]
+    app.wsgi_app = _count_inflight(app.wsgi_app, state)  # type: ignore[method-assign]
     app.extensions[STATE_KEY] = state
     _register_error_handlers(app)
     _register_routes(app, state)
     return app
+
+
+def _count_inflight(wsgi_app, state: ServerState):
+    """Count a request in flight from its start until its body has been handed to the
+    server in full, so a draining server never exits under a half-sent response."""
+
+    def counted(environ, start_response):
+        if environ.get("PATH_INFO") == "/health":
+            return wsgi_app(environ, start_response)
+        state.enter()
+        try:
+            body = wsgi_app(environ, start_response)
+        except BaseException:
+            state.leave(processed=False)
+            raise
+        return CountedBody(body, lambda: state.leave(bool(environ.get(PROCESSED_KEY))))
+
+    return counted
 
 
 def _register_error_handlers(app: Flask) -> None:
@@ -161,7 +184,7 @@ def _int_field(name: str, lo: int, hi: int) -> int | None:
     raw = request.form.get(name)
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
+    if not DIGITS.fullmatch(raw) or not lo <= int(raw) <= hi:
         raise bad_request("invalid_parameter",
                           f"'{name}' got {raw[:20]!r}; allowed: an integer from {lo} to {hi}")
     return int(raw)
@@ -205,14 +228,6 @@ def _register_routes(app: Flask, state: ServerState) -> None:
         g.request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
         g.started = time.perf_counter()
         g.log = {}
-        if request.path != "/health":
-            state.enter()
-            g.counted = True
-
-    @app.teardown_request
-    def end_request(_exc):
-        if g.pop("counted", False):
-            state.leave(processed=g.pop("processed", False))
 
     @app.after_request
     def log_request(response: Response):
@@ -245,6 +260,7 @@ def _register_routes(app: Flask, state: ServerState) -> None:
         if not (request.mimetype or "").startswith("multipart/form-data"):
             raise ApiError(415, "unsupported_media_type",
                            "send multipart/form-data with an 'image' file field")
+        g.log["operation"] = (request.form.get("operation") or "steps")[:40]
         upload = request.files.get("image")
         if upload is None:
             raise bad_request("missing_field", "the 'image' file field is required")
@@ -279,11 +295,16 @@ def _register_routes(app: Flask, state: ServerState) -> None:
         else:
             tiled = (not is_tile and state.peers is not None
                      and info.pixels > config.tile_mp * 1e6 and pipeline_is_tileable(pipeline))
+            reduce = 1 if tiled else shrink_factor(pipeline, info)
             t1 = time.perf_counter()
             with state.slots:
-                image = codecs.decode(data, info)
+                image = codecs.decode(data, info, reduce)
             t2 = time.perf_counter()
-            if tiled:
+            if reduce > 1:
+                with state.slots:
+                    out = run_after_shrink(pipeline, image, info)
+                g.log.update(shrink_on_load=reduce)
+            elif tiled:
                 # No slot is held while tiles are out: they may come back to this very
                 # instance through the load balancer and need its slots.
                 out, stats = run_tiled(pipeline, image, state.registry,
@@ -310,7 +331,7 @@ def _register_routes(app: Flask, state: ServerState) -> None:
                 _store(state, info, data, input_digest, storage_key, result_bytes, out_format,
                        width, height, pipeline)
                 timings["store"] = (time.perf_counter() - t5) * 1000
-        g.processed = True
+        request.environ[PROCESSED_KEY] = True
         timings["total"] = (time.perf_counter() - t0) * 1000
         g.log.update(cached=cached, key=key[:16])
 

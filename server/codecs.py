@@ -50,6 +50,7 @@ class ImageInfo:
     width: int   # as displayed, i.e. after EXIF orientation
     height: int
     orientation: int
+    grayscale: bool = False
 
     @property
     def pixels(self) -> int:
@@ -71,31 +72,51 @@ def probe(data: bytes, max_pixels: int) -> ImageInfo:
             with PILImage.open(io.BytesIO(data)) as img:
                 fmt = img.format or ""
                 width, height = img.size
-                try:
-                    orientation = int(img.getexif().get(ORIENTATION_TAG, 1))
-                except Exception:  # noqa: BLE001 - broken EXIF must not refuse the image
-                    orientation = 1
+                grayscale = img.mode in ("L", "1", "I;16", "I")
+                # Limits first: for some formats reading EXIF decodes the pixels.
+                _check_size(fmt, width, height, max_pixels)
+                orientation = _orientation(img)
     except PILImage.DecompressionBombError as exc:
         raise ApiError(413, "too_many_pixels",
                        f"the image is too large to open; at most {max_pixels / 1e6:.1f} MP "
                        "allowed") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise _unsupported("the file is not a decodable image") from exc
+    if orientation >= 5:  # 5..8 swap the axes
+        width, height = height, width
+    return ImageInfo(INPUT_FORMATS[fmt], width, height, orientation, grayscale)
+
+
+def _check_size(fmt: str, width: int, height: int, max_pixels: int) -> None:
     if fmt not in INPUT_FORMATS:
         raise _unsupported(f"{fmt or 'this'} images are not supported")
     if width <= 0 or height <= 0:
         raise _unsupported(f"the image has zero width or height ({width}x{height})")
-    if orientation not in range(1, 9):
-        orientation = 1
-    if orientation >= 5:  # 5..8 swap the axes
-        width, height = height, width
     if width * height > max_pixels:
         raise ApiError(
             413, "too_many_pixels",
             f"the image is {width}x{height} ({width * height / 1e6:.1f} MP); "
             f"at most {max_pixels / 1e6:.1f} MP allowed",
         )
-    return ImageInfo(INPUT_FORMATS[fmt], width, height, orientation)
+
+
+def _orientation(img: PILImage.Image) -> int:
+    """The EXIF orientation (1..8), without decoding pixels: Pillow's getexif() loads
+    a PNG whole to find an eXIf chunk after the image data, so for PNG only an eXIf
+    chunk before the pixels counts (where writers put it)."""
+    try:
+        if img.format == "PNG":
+            raw = img.info.get("exif")
+            if not raw:
+                return 1
+            exif = PILImage.Exif()
+            exif.load(raw)
+        else:
+            exif = img.getexif()
+        value = int(exif.get(ORIENTATION_TAG, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not refuse the image
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -149,10 +170,23 @@ def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
     return image
 
 
-def decode(data: bytes, info: ImageInfo) -> np.ndarray:
-    """Decode to uint8 gray, BGR or BGRA, upright."""
+REDUCED_FLAGS = {
+    (2, False): cv2.IMREAD_REDUCED_COLOR_2, (4, False): cv2.IMREAD_REDUCED_COLOR_4,
+    (8, False): cv2.IMREAD_REDUCED_COLOR_8, (2, True): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    (4, True): cv2.IMREAD_REDUCED_GRAYSCALE_4, (8, True): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
+
+
+def decode(data: bytes, info: ImageInfo, reduce: int = 1) -> np.ndarray:
+    """Decode to uint8 gray, BGR or BGRA, upright.
+
+    `reduce` (2, 4 or 8; JPEG only) decodes at that fraction of the size: libjpeg
+    scales in the DCT domain, skipping most of the work (shrink-on-load)."""
     image = None
-    if info.format != "gif":
+    if reduce > 1 and info.format == "jpeg":
+        flags = REDUCED_FLAGS[reduce, info.grayscale] | cv2.IMREAD_IGNORE_ORIENTATION
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if image is None and info.format != "gif":
         # IMREAD_UNCHANGED keeps alpha and 16 bits and ignores EXIF orientation,
         # which is applied below from the tag read in probe().
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)

@@ -7,6 +7,7 @@ Each operation declares its parameters once; the same specs validate requests, f
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -16,6 +17,8 @@ ParamType = Literal["int", "float", "bool", "choice"]
 
 # Bounds a client could otherwise use to make one request very expensive.
 MAX_STRING_IN_MESSAGE = 40
+# Numbers sent as text (form fields, command lines): plain decimal notation only.
+NUMBER = re.compile(r"[+-]?(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})(?:[eE][+-]?[0-9]{1,3})?")
 
 
 def _shorten(value: Any) -> str:
@@ -88,12 +91,12 @@ class ParamSpec:
         if isinstance(value, bool):
             fail()
         if isinstance(value, int | float):
-            number = float(value)
-        elif isinstance(value, str) and len(value) <= 32:
             try:
                 number = float(value)
-            except ValueError:
+            except OverflowError:  # a JSON integer with hundreds of digits
                 fail()
+        elif isinstance(value, str) and NUMBER.fullmatch(value):
+            number = float(value)
         else:
             fail()
         if not math.isfinite(number):

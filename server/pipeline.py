@@ -71,7 +71,7 @@ def _load_json(field: str, text: str) -> Any:
                           f"'{field}' is {len(text)} characters; at most {MAX_JSON_CHARS} allowed")
     try:
         return json.loads(text, parse_constant=_reject_constant)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise bad_request("invalid_json", f"'{field}' is not valid JSON: {exc}") from exc
 
 

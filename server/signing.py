@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import tempfile
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ log = logging.getLogger(__name__)
 SECRET_ENV = "IMAGEFLEET_LINK_SECRET"
 SECRET_FILE = ".link-secret"
 MIN_SECRET_CHARS = 32
+EXPIRES = re.compile(r"[0-9]{1,12}")
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class LinkSigner:
 
     def verify(self, key: str, expires: str, signature: str, now: float) -> bool:
         """True when the signature matches and the link has not expired."""
-        if not expires.isdigit() or len(expires) > 12:
+        if not EXPIRES.fullmatch(expires):
             return False
         if int(expires) < now:
             return False

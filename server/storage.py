@@ -267,8 +267,21 @@ class S3Storage(Storage):
         except BotoCoreError as exc:
             raise StorageError(f"could not read {key} from s3://{self.bucket}: {exc}") from exc
 
+    def _credentials_expire_at(self) -> float | None:
+        """When the signing credentials expire (instance roles, SSO sessions), if they
+        do: a presigned URL stops working then, whatever its X-Amz-Expires says."""
+        # botocore has no public accessor for the signer's credentials.
+        credentials = getattr(getattr(self.client, "_request_signer", None), "_credentials", None)
+        expiry = getattr(credentials, "_expiry_time", None)
+        return expiry.timestamp() if expiry is not None else None
+
     def link(self, key: str, expires_in: int, base_url: str) -> Link:
         seconds = min(expires_in, MAX_LINK_SECONDS)
+        credentials_expire_at = self._credentials_expire_at()
+        if credentials_expire_at is not None:
+            # Promise only what the link will honour; at least a minute, because
+            # botocore refreshes such credentials well before they lapse.
+            seconds = max(60, min(seconds, int(credentials_expire_at - self._clock())))
         url = self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._object_key(key)},
             ExpiresIn=seconds,

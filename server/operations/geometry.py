@@ -66,7 +66,14 @@ def interpolation_for(p: Params, src_w: int, src_h: int, dst_w: int, dst_h: int)
 
 def resize(image: Image, p: Params) -> Image:
     height, width = image.shape[:2]
-    sw, sh, ow, oh = resize_plan(width, height, p)
+    return resize_to_plan(image, resize_plan(width, height, p), p)
+
+
+def resize_to_plan(image: Image, plan: tuple[int, int, int, int], p: Params) -> Image:
+    """Resize per a plan made for this image or, after shrink-on-load, for the
+    full-size original: the output size is the plan's either way."""
+    height, width = image.shape[:2]
+    sw, sh, ow, oh = plan
     out = cv2.resize(image, (sw, sh), interpolation=interpolation_for(p, width, height, sw, sh))
     if (sw, sh) != (ow, oh):
         x, y = (sw - ow) // 2, (sh - oh) // 2

@@ -1,0 +1,266 @@
+"""Driver for scripts/bench_vs_thumbor.sh: both servers, the same aiohttp client.
+
+Workloads (each at concurrency 2 and 8):
+- 2K JPEGs derived from the test photographs, fitted within 512x512, JPEG quality 80;
+- the same with grayscale, and with a Gaussian blur (radius 2) added on each side;
+- a 12 MP JPEG fitted within 512x512.
+Prints requests/s, p50 and p95 latency, peak RSS, the ours/thumbor ratio, and output
+quality: PSNR against a float area-interpolated reference, and bytes per image.
+Our requests carry distinct bytes (a unique JPEG comment), so our result cache never
+answers; thumbor runs without result storage, so both compute every request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import aiohttp
+import cv2
+import numpy as np
+
+from scripts.benchlib import (
+    IMAGES,
+    derived,
+    free_port,
+    jpeg,
+    percentile,
+    server_process,
+    wait_for_http,
+    with_nonce,
+)
+
+PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg",
+          "retina.jpg", "rocket.jpg", "camera.png"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    images: tuple[str, ...]
+    ours: list[dict]           # pipeline steps
+    thumbor_filters: str       # after quality(80)
+    quality_ref: str           # "resize", "gray" or "" (no PSNR)
+
+
+def make_inputs(folder: Path) -> tuple[list[str], str]:
+    names = []
+    for photo in PHOTOS:
+        image = cv2.imread(str(IMAGES / photo), cv2.IMREAD_COLOR)
+        h, w = image.shape[:2]
+        big = cv2.resize(image, (2048, round(h * 2048 / w)), interpolation=cv2.INTER_CUBIC)
+        name = f"{Path(photo).stem}-2k.jpg"
+        (folder / name).write_bytes(jpeg(big, 90))
+        names.append(name)
+    (folder / "hubble-12mp.jpg").write_bytes(jpeg(derived(4000, 3000), 90))
+    return names, "hubble-12mp.jpg"
+
+
+def thumbor_config(folder: Path, path: Path) -> None:
+    path.write_text(
+        "LOADER = 'thumbor.loaders.file_loader'\n"
+        f"FILE_LOADER_ROOT_PATH = {str(folder)!r}\n"
+        "STORAGE = 'thumbor.storages.no_storage'\n"
+        "RESULT_STORAGE = None\n"
+        "ALLOW_UNSAFE_URL = True\n"
+        "QUALITY = 80\n"
+        "AUTO_WEBP = False\n"
+        "MAX_AGE = 0\n"
+    )
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM of the process and its children (thumbor forks one per core)."""
+    pids = [pid]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pids += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+async def drive(make_request, n: int, concurrency: int) -> tuple[float, list[float], bytes]:
+    """Run n requests, `concurrency` at a time; returns (req/s, latencies, last body)."""
+    counter = count()
+    latencies: list[float] = []
+    last = b""
+
+    async def worker() -> None:
+        nonlocal last
+        while (i := next(counter)) < n:
+            t0 = time.perf_counter()
+            last = await make_request(i)
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return n / (time.perf_counter() - t0), latencies, last
+
+
+def psnr_against_reference(output: bytes, source: bytes, kind: str) -> float:
+    out = cv2.imdecode(np.frombuffer(output, np.uint8), cv2.IMREAD_UNCHANGED)
+    src = cv2.imdecode(np.frombuffer(source, np.uint8), cv2.IMREAD_COLOR).astype(np.float32)
+    ref = cv2.resize(src, (out.shape[1], out.shape[0]), interpolation=cv2.INTER_AREA)
+    if kind == "gray":
+        ref = cv2.cvtColor(ref, cv2.COLOR_BGR2GRAY)
+        if out.ndim == 3:
+            out = cv2.cvtColor(out, cv2.COLOR_BGR2GRAY)
+    mse = float(np.mean((out.astype(np.float32) - ref) ** 2))
+    return 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
+
+
+async def run(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="imagefleet-vs-thumbor-") as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        small, large = make_inputs(folder)
+        sources = {name: (folder / name).read_bytes() for name in [*small, large]}
+        conf = Path(tmp) / "thumbor.conf"
+        thumbor_config(folder, conf)
+        port = free_port()
+        thumbor = subprocess.Popen(
+            [args.thumbor, "-p", str(port), "-i", "127.0.0.1", "-c", str(conf), "-l", "error",
+             "--processes", str(args.thumbor_processes)],
+            stdout=subprocess.DEVNULL, start_new_session=True)
+        thumbor_url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_http(f"{thumbor_url}/healthcheck")
+            with server_process(*args.server_arg) as ours:
+                await compare(args, ours.url, ours.proc.pid, thumbor_url, thumbor.pid,
+                              small, large, sources)
+        finally:
+            # thumbor forks one process per core: stop the whole group.
+            os.killpg(thumbor.pid, signal.SIGTERM)
+            try:
+                thumbor.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(thumbor.pid, signal.SIGKILL)
+
+
+async def compare(args, ours_url, ours_pid, thumbor_url, thumbor_pid, small, large,
+                  sources) -> None:
+    fit = {"op": "resize", "width": 512, "height": 512, "mode": "fit"}
+    workloads = [
+        Workload("2K fit 512", tuple(small), [fit], "", "resize"),
+        Workload("2K fit 512 + grayscale", tuple(small), [fit, {"op": "grayscale"}],
+                 ":grayscale()", "gray"),
+        Workload("2K fit 512 + blur", tuple(small),
+                 [fit, {"op": "gaussian_blur", "ksize": 5, "sigma": 2}], ":blur(2)", ""),
+        Workload("12MP fit 512", (large,), [fit], "", "resize"),
+    ]
+    nonce = count()
+    timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=120)
+    print("| workload | conc. | server | req/s | p50 ms | p95 ms | ratio ours/thumbor |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    quality_rows = []
+    for wl in workloads:
+        n = args.requests if wl.images != (large,) else max(8, args.requests // 6)
+        for concurrency in (2, 8):
+            connector = aiohttp.TCPConnector(limit=concurrency)
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+                async def ours(i: int, wl=wl, session=session) -> bytes:
+                    name = wl.images[i % len(wl.images)]
+                    form = aiohttp.FormData()
+                    form.add_field("image", with_nonce(sources[name], next(nonce)),
+                                   filename=name, content_type="image/jpeg")
+                    form.add_field("steps", json.dumps(wl.ours))
+                    form.add_field("quality", "80")
+                    async with session.post(f"{ours_url}/process?response=image",
+                                            data=form) as resp:
+                        body = await resp.read()
+                        if resp.status != 200:
+                            raise RuntimeError(f"ours: {resp.status} {body[:200]!r}")
+                        return body
+
+                async def theirs(i: int, wl=wl, session=session) -> bytes:
+                    name = wl.images[i % len(wl.images)]
+                    url = (f"{thumbor_url}/unsafe/fit-in/512x512/"
+                           f"filters:quality(80){wl.thumbor_filters}/{name}")
+                    async with session.get(url) as resp:
+                        body = await resp.read()
+                        if resp.status != 200:
+                            raise RuntimeError(f"thumbor: {resp.status} {url}")
+                        return body
+
+                await drive(ours, min(n, 8), concurrency)  # warm up both
+                await drive(theirs, min(n, 8), concurrency)
+                rps_o, lat_o, _ = await drive(ours, n, concurrency)
+                rps_t, lat_t, _ = await drive(theirs, n, concurrency)
+            for label, rps, lat in (("ours", rps_o, lat_o), ("thumbor", rps_t, lat_t)):
+                ratio = f"{rps_o / rps_t:.2f}x" if label == "ours" else ""
+                print(f"| {wl.name} | {concurrency} | {label} | {rps:.1f} | "
+                      f"{statistics.median(lat) * 1000:.0f} | "
+                      f"{percentile(lat, 0.95) * 1000:.0f} | {ratio} |", flush=True)
+        if wl.quality_ref:
+            quality_rows.append(await quality(wl, ours_url, thumbor_url, sources, nonce))
+    print()
+    print(f"peak RSS: ours {peak_rss_mb(ours_pid):.0f} MB, thumbor "
+          f"{peak_rss_mb(thumbor_pid):.0f} MB (all its processes)")
+    print()
+    print("| workload | server | PSNR dB (mean) | bytes (mean) |")
+    print("|---|---|---:|---:|")
+    for rows in quality_rows:
+        for row in rows:
+            print(row)
+
+
+async def quality(wl: Workload, ours_url: str, thumbor_url: str, sources, nonce) -> list[str]:
+    psnr = {"ours": [], "thumbor": []}
+    size = {"ours": [], "thumbor": []}
+    async with aiohttp.ClientSession() as session:
+        for name in wl.images:
+            form = aiohttp.FormData()
+            form.add_field("image", with_nonce(sources[name], next(nonce)), filename=name,
+                           content_type="image/jpeg")
+            form.add_field("steps", json.dumps(wl.ours))
+            form.add_field("quality", "80")
+            async with session.post(f"{ours_url}/process?response=image", data=form) as resp:
+                body_o = await resp.read()
+            url = (f"{thumbor_url}/unsafe/fit-in/512x512/filters:quality(80)"
+                   f"{wl.thumbor_filters}/{name}")
+            async with session.get(url) as resp:
+                body_t = await resp.read()
+            for label, body in (("ours", body_o), ("thumbor", body_t)):
+                psnr[label].append(psnr_against_reference(body, sources[name], wl.quality_ref))
+                size[label].append(len(body))
+    return [f"| {wl.name} | {label} | {statistics.mean(psnr[label]):.2f} | "
+            f"{statistics.mean(size[label]):.0f} |" for label in ("ours", "thumbor")]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--thumbor", required=True, help="path to the thumbor executable")
+    parser.add_argument("--requests", type=int, default=160, help="requests per 2K run")
+    parser.add_argument("--thumbor-processes", type=int, default=0,
+                        help="thumbor --processes (0: one per core, its recommended set-up)")
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="extra argument for python -m server (repeatable)")
+    args = parser.parse_args()
+    asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

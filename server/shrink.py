@@ -1,0 +1,42 @@
+"""Shrink-on-load: when a pipeline starts by shrinking a JPEG, decode it at 1/2, 1/4
+or 1/8 scale (libjpeg does this in the DCT domain, far faster than a full decode)
+and resize from there to the size planned for the full image."""
+
+from __future__ import annotations
+
+from server.codecs import ImageInfo
+from server.operations import Image
+from server.operations.geometry import resize_plan, resize_to_plan
+from server.pipeline import Pipeline
+
+# The reduced image stays at least this many times the target size, so the final
+# area resize still averages several source pixels per output pixel; with 2 the
+# quality matches a full decode within noise (see README, "Performance").
+MARGIN = 2.0
+FACTORS = (8, 4, 2)
+
+
+def shrink_factor(pipeline: Pipeline, info: ImageInfo) -> int:
+    """Pure decision: 1 (decode at full size) or 2, 4, 8."""
+    if info.format != "jpeg" or not pipeline.steps:
+        return 1
+    first = pipeline.steps[0]
+    if first.operation.name != "resize":
+        return 1
+    params = first.params.as_dict()
+    if params["interpolation"] not in ("auto", "area"):
+        return 1
+    sw, sh, _, _ = resize_plan(info.width, info.height, params)
+    for factor in FACTORS:
+        if info.width / factor >= MARGIN * sw and info.height / factor >= MARGIN * sh:
+            return factor
+    return 1
+
+
+def run_after_shrink(pipeline: Pipeline, image: Image, info: ImageInfo) -> Image:
+    """Run a pipeline on an image decoded with shrink_factor(...) > 1: the first
+    (resize) step targets the size planned from the full-size header."""
+    first = pipeline.steps[0]
+    params = first.params.as_dict()
+    out = resize_to_plan(image, resize_plan(info.width, info.height, params), params)
+    return Pipeline(pipeline.steps[1:]).run(out)

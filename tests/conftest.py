@@ -1,0 +1,221 @@
+"""Shared fixtures: the test photographs, real server processes, and the in-process app.
+
+Server processes are real: `python -m server` under waitress on a free loopback port,
+with a temporary storage folder, ready once `/health` answers 200.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import requests
+from waiting import wait_until
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IMAGES_DIR = REPO_ROOT.parent / "shared" / "testdata" / "images"
+ENV_PREFIX = "IMAGEFLEET_"
+STARTUP_TIMEOUT = 60.0  # importing OpenCV on a busy 2-core box can take a while
+STOP_TIMEOUT = 45.0
+
+
+@pytest.fixture(scope="session")
+def images_dir() -> Path:
+    """The shared test photographs (astronaut.png, camera.png, rocket.jpg, ...)."""
+    assert IMAGES_DIR.is_dir(), f"test photographs missing: {IMAGES_DIR}"
+    return IMAGES_DIR
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A running `python -m server`; its stderr (the logs) goes to `log_path`."""
+
+    url: str
+    port: int
+    proc: subprocess.Popen
+    storage_dir: Path
+    log_path: Path
+    _log_file: IO[bytes] = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", 10)
+        return requests.get(self.url + path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", 60)
+        return requests.post(self.url + path, **kwargs)
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, wait for the drain, kill if it overruns; returns the exit code."""
+        self.terminate()
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(10)
+        self._log_file.close()
+        return code
+
+
+ServerFactory = Callable[..., ServerProcess]
+
+
+class ServerLauncher:
+    """Starts server processes under one temporary folder and stops them all at the end."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.started: list[ServerProcess] = []
+
+    def __call__(self, *args: str, env: Mapping[str, str] | None = None,
+                 storage_dir: Path | None = None,
+                 startup_timeout: float = STARTUP_TIMEOUT) -> ServerProcess:
+        """Start `python -m server ARGS`. `--port` (a free one) and `--storage` (a fresh
+        folder, or `storage_dir`) are added unless `env` sets IMAGEFLEET_PORT or
+        IMAGEFLEET_STORAGE; other IMAGEFLEET_* variables of this process are dropped."""
+        env = dict(env or {})
+        for attempt in range(3):
+            try:
+                return self._start(args, env, storage_dir, startup_timeout)
+            except PortTaken:
+                if attempt == 2 or "IMAGEFLEET_PORT" in env:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start(self, args: tuple[str, ...], env: dict[str, str], storage_dir: Path | None,
+               startup_timeout: float) -> ServerProcess:
+        index = len(self.started)
+        command = [sys.executable, "-m", "server", *args]
+        if "IMAGEFLEET_PORT" in env:
+            port = int(env["IMAGEFLEET_PORT"])
+        else:
+            port = free_port()
+            command += ["--port", str(port)]
+        if "IMAGEFLEET_STORAGE" in env:
+            storage = Path(env["IMAGEFLEET_STORAGE"])
+        else:
+            storage = storage_dir or self.base / f"storage-{index}"
+            command += ["--storage", str(storage)]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        full_env.update(env)
+        full_env["PYTHONUNBUFFERED"] = "1"
+        log_path = self.base / f"server-{index}-{port}.log"
+        log_file = log_path.open("wb")
+        # stderr carries the logs (one JSON access line per request); stdout is separate.
+        with (self.base / f"server-{index}-{port}.out").open("wb") as out_file:
+            proc = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env,
+                                    stdin=subprocess.DEVNULL, stdout=out_file, stderr=log_file)
+        server = ServerProcess(f"http://127.0.0.1:{port}", port, proc, storage, log_path,
+                               log_file)
+        self.started.append(server)
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise ServerExited(proc.returncode)
+            return requests.get(server.url + "/health", timeout=2).status_code == 200
+
+        try:
+            wait_until(ready, timeout=startup_timeout, interval=0.1,
+                       what=f"{' '.join(command[2:])} to answer /health")
+        except ServerExited as exc:
+            text = server.log()
+            server.stop()
+            if "in use" in text:
+                raise PortTaken(port) from exc
+            raise AssertionError(f"server exited with {exc.code} before it was ready:\n"
+                                 f"{text[-3000:]}") from exc
+        except AssertionError as exc:
+            raise AssertionError(f"server never became healthy:\n{server.log()[-3000:]}") from exc
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.started:
+            if not server._log_file.closed:
+                server.stop()
+
+
+class ServerExited(Exception):
+    def __init__(self, code: int | None):
+        super().__init__(f"exit code {code}")
+        self.code = code
+
+
+class PortTaken(Exception):
+    """The free port we picked was taken by someone else before the server bound it."""
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[ServerFactory]:
+    """Factory: `server_process("--token", "...")` starts a server and returns a
+    ServerProcess (.url, .proc, .storage_dir, .log()); every server it started is
+    SIGTERMed and waited for at teardown."""
+    launcher = ServerLauncher(tmp_path)
+    yield launcher
+    launcher.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
+    """Like `server_process`, for servers shared by the tests of one module."""
+    launcher = ServerLauncher(tmp_path_factory.mktemp("servers"))
+    yield launcher
+    launcher.stop_all()
+
+
+@pytest.fixture
+def make_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Factory for in-process apps: `make_app(storage=..., **ServerConfig fields)`.
+    Storage defaults to a FolderStorage in a fresh temporary folder."""
+    from server import ServerConfig, create_app
+    from server.storage import FolderStorage
+
+    # Tests that look at the generated link secret must not pick one up from outside.
+    monkeypatch.delenv("IMAGEFLEET_LINK_SECRET", raising=False)
+
+    def make(storage=None, **config: Any):
+        if storage is None:
+            storage = FolderStorage(tmp_path / "storage")
+        config.setdefault("instance_id", "test-instance")
+        config.setdefault("storage", str(tmp_path / "storage"))
+        app = create_app(ServerConfig(**config), storage=storage)
+        # Exceptions become 500 JSON answers, as in production, instead of propagating.
+        app.testing = False
+        return app
+
+    return make
+
+
+@pytest.fixture
+def app(make_app):
+    """An in-process app on a FolderStorage in a temporary folder."""
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +97,32 @@ def main() -> int:
                     remote.append(t2 - t1)
                 lm, rm = median_ms(local), median_ms(remote)
                 print(f"| {label} | {op} | {lm:.1f} | {rm:.1f} | {rm / lm:.2f}x |", flush=True)
+
+        print()
+        print("Where the time goes (medians, ms; HTTP = client wall time - server total):")
+        print()
+        parts = ("read", "decode", "process", "encode", "store")
+        print("| image | operation | " + " | ".join(parts) + " | other server | HTTP |")
+        print("|---|---|" + "---:|" * (len(parts) + 2))
+        for label, data in sources.items():
+            for op in ("resize", "gaussian_blur"):
+                samples: dict[str, list[float]] = {k: [] for k in (*parts, "other", "http")}
+                for _ in range(args.repeat):
+                    t0 = time.perf_counter()
+                    resp = session.post(f"{server.url}/process",
+                                        files={"image": ("b.jpg", with_nonce(data, next(nonce)),
+                                                         "image/jpeg")},
+                                        data={"operation": op, "params": json.dumps(OPS[op])})
+                    wall = (time.perf_counter() - t0) * 1000
+                    timings = resp.json()["timings_ms"]
+                    for k in parts:
+                        samples[k].append(timings.get(k, 0.0))
+                    samples["other"].append(timings["total"] - sum(timings.get(k, 0.0)
+                                                                   for k in parts))
+                    samples["http"].append(wall - timings["total"])
+                cells = " | ".join(f"{statistics.median(samples[k]):.1f}"
+                                   for k in (*parts, "other", "http"))
+                print(f"| {label} | {op} | {cells} |", flush=True)
 
         print()
         print("| image | operation | concurrency | requests/s | median ms |")

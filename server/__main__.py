@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("max-bytes", int, "largest request body in bytes (default 50 MiB)")
     add("max-pixels", int, "largest image in pixels, checked before decoding (default 100 MP)")
     add("process-slots", int, "images processed at once (default: CPU count)")
+    add("opencv-threads", int, "threads OpenCV uses within one operation; 0: its default")
     add("drain-timeout", float, "seconds SIGTERM waits for in-flight requests (default 30)")
     parser.add_argument("--log-level", default=_env("log-level", "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -91,6 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
 
     from waitress import create_server
+
+    if config.opencv_threads:
+        import cv2
+
+        cv2.setNumThreads(config.opencv_threads)  # process-wide, so set by the entry point
 
     server = create_server(
         app, host=config.host, port=config.port, threads=config.threads,

@@ -200,9 +200,9 @@ def result_key(input_digest: str, pipeline: Pipeline, fmt: str, quality: int | N
     return f"{hashlib.sha256(material).hexdigest()}.{codecs.EXTENSIONS[fmt]}"
 
 
-def _run_in_slot(state: ServerState, steps: tuple[Step, ...], window):
+def _run_in_slot(state: ServerState, steps: tuple[Step, ...], window, timings):
     with state.slots:
-        return run_local(steps, window)
+        return run_local(steps, window, timings)
 
 
 def _store(state: ServerState, info: codecs.ImageInfo, data: bytes, input_digest: str,
@@ -309,11 +309,12 @@ def _register_routes(app: Flask, state: ServerState) -> None:
                 # instance through the load balancer and need its slots.
                 out, stats = run_tiled(pipeline, image, state.registry,
                                        tile_size=config.tile_size, remote=state.peers,
-                                       local=lambda steps, window: _run_in_slot(state, steps,
-                                                                                window))
+                                       local=lambda steps, window, timings: _run_in_slot(
+                                           state, steps, window, timings))
                 del image
                 tiles = stats.tiles
-                timings.update(tiles_dispatch=stats.dispatch_ms, tiles_stitch=stats.stitch_ms)
+                timings.update(tiles_dispatch=stats.dispatch_ms, tiles_stitch=stats.stitch_ms,
+                               **{f"tiles_{k}_sum": v for k, v in stats.timings.items()})
                 g.log.update(tiles=tiles, tiles_local=stats.local, tile_retries=stats.retries)
             else:
                 with state.slots:
@@ -344,6 +345,7 @@ def _register_routes(app: Flask, state: ServerState) -> None:
                 "X-Instance-Id": config.instance_id,
                 "X-Result-Key": key,
                 "X-Cached": "true" if cached else "false",
+                "X-Timings": json.dumps({k: round(v, 2) for k, v in timings.items()}),
             })
         link = state.storage.link(storage_key, expires_in, request.host_url)
         return jsonify({

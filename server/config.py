@@ -35,6 +35,9 @@ class ServerConfig:
     # /health and uploads, so a saturated server still answers its health checks.
     process_slots: int = field(default_factory=lambda: os.cpu_count() or 2)
     drain_timeout: float = 30.0
+    # Threads OpenCV may use inside one operation; 0 keeps OpenCV's default (one per
+    # core). Requests already run in parallel, so more can oversubscribe the cores.
+    opencv_threads: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -55,6 +58,8 @@ class ServerConfig:
             problems.append(f"tile_size {self.tile_size} is not 128..16384 pixels")
         if not 1 <= self.process_slots <= 256:
             problems.append(f"process_slots {self.process_slots} is not 1..256")
+        if not 0 <= self.opencv_threads <= 256:
+            problems.append(f"opencv_threads {self.opencv_threads} is not 0..256")
         if self.token is not None and len(self.token) < 8:
             problems.append("token must be at least 8 characters")
         if problems:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import cv2
 import numpy as np
@@ -22,6 +23,17 @@ log = logging.getLogger(__name__)
 TILE_PNG_LEVEL = 1
 
 
+def _worker_ms(header: str | None) -> float | None:
+    """The peer's own decode + process + encode time, from its X-Timings header."""
+    if not header:
+        return None
+    try:
+        timings = json.loads(header)
+        return float(sum(timings.get(k, 0.0) for k in ("read", "decode", "process", "encode")))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
 class PeerClient:
     def __init__(self, base_url: str, token: str | None = None, *, connect_timeout: float = 3.0,
                  read_timeout: float = 120.0, pool_size: int = 16):
@@ -34,10 +46,13 @@ class PeerClient:
             timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
         )
 
-    def __call__(self, steps: tuple[Step, ...], window: Image) -> Image:
+    def __call__(self, steps: tuple[Step, ...], window: Image,
+                 timings: dict[str, float]) -> Image:
+        t0 = time.perf_counter()
         ok, buf = cv2.imencode(".png", window, [cv2.IMWRITE_PNG_COMPRESSION, TILE_PNG_LEVEL])
         if not ok:
             raise TileError("could not encode the tile")
+        t1 = time.perf_counter()
         fields = {
             "image": ("tile.png", buf.tobytes(), "image/png"),
             "steps": json.dumps([step.to_json() for step in steps]),
@@ -50,9 +65,17 @@ class PeerClient:
             raise TileError(f"peer unreachable: {exc}") from exc
         if resp.status != 200:
             raise TileError(f"peer answered {resp.status}: {resp.data[:200]!r}")
+        t2 = time.perf_counter()
         result = cv2.imdecode(np.frombuffer(resp.data, np.uint8), cv2.IMREAD_UNCHANGED)
         if result is None or result.shape[:2] != window.shape[:2]:
             raise TileError("peer returned an undecodable or wrongly sized tile")
+        timings["encode"] = (t1 - t0) * 1000
+        timings["decode"] = (time.perf_counter() - t2) * 1000
+        timings["request"] = (t2 - t1) * 1000
+        timings["bytes"] = float(len(buf) + len(resp.data))
+        worker = _worker_ms(resp.headers.get("X-Timings"))
+        if worker is not None:
+            timings["worker"] = worker
         return result
 
     def close(self) -> None:

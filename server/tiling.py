@@ -119,8 +119,10 @@ def segments(pipeline: Pipeline) -> Iterator[tuple[Step, ...] | Step]:
         yield tuple(current)
 
 
-# Runs one tile: (steps, window image) -> processed window. Raises on failure.
-TileRunner = Callable[[tuple[Step, ...], Image], Image]
+# Runs one tile: (steps, window image, timings) -> processed window; raises TileError.
+# A runner may add milliseconds to `timings` (e.g. "encode", "wait", "worker"); they
+# are summed over tiles into TileStats.timings.
+TileRunner = Callable[[tuple[Step, ...], Image, dict[str, float]], Image]
 
 
 @dataclass
@@ -134,8 +136,11 @@ class TileStats:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def run_local(steps: tuple[Step, ...], window: Image) -> Image:
-    return Pipeline(steps).run(window)
+def run_local(steps: tuple[Step, ...], window: Image, timings: dict[str, float]) -> Image:
+    t0 = time.perf_counter()
+    result = Pipeline(steps).run(np.ascontiguousarray(window))
+    timings["local"] = (time.perf_counter() - t0) * 1000
+    return result
 
 
 def run_tiled(pipeline: Pipeline, image: Image, registry: Registry, *, tile_size: int,
@@ -163,12 +168,19 @@ def _run_segment(steps: tuple[Step, ...], image: Image, tile_size: int,
     canvas: list[Image] = []  # created on the first result, when its shape is known
     lock = threading.Lock()
 
+    def add(timings: dict[str, float]) -> None:
+        with lock:
+            for name, ms in timings.items():
+                stats.timings[name] = stats.timings.get(name, 0.0) + ms
+
     def process(tile: Tile) -> Image:
         window = image[tile.wy0:tile.wy1, tile.wx0:tile.wx1]
+        timings: dict[str, float] = {}
         if remote is not None:
             for attempt in range(attempts):
                 try:
-                    result = remote(steps, window)
+                    result = remote(steps, window, timings)
+                    add(timings)
                 except TileError as exc:
                     log.warning("tile %d attempt %d failed: %s", tile.index, attempt + 1, exc)
                     with lock:
@@ -179,7 +191,9 @@ def _run_segment(steps: tuple[Step, ...], image: Image, tile_size: int,
                 return result
         with lock:
             stats.local += 1
-        return local(steps, np.ascontiguousarray(window))
+        result = local(steps, window, timings)
+        add(timings)
+        return result
 
     def work(tile: Tile) -> None:
         # Each tile is stitched as soon as it is back, so no more than `concurrency`

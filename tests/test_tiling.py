@@ -131,7 +131,7 @@ def test_failed_tiles_are_retried_then_done_locally(big_image):
     p = pipeline("median_blur", ksize=7)
     calls: dict[tuple, int] = {}
 
-    def flaky(steps, window):
+    def flaky(steps, window, timings):
         """Fails the first attempt of every tile and every attempt of one tile."""
         key = (window.shape, int(window[0, 0, 0]), int(window[-1, -1, 0]), window.ctypes.data)
         calls[key] = calls.get(key, 0) + 1
@@ -181,6 +181,7 @@ def test_coordinator_falls_back_to_itself_when_peers_are_down(server_process, bi
     from conftest import free_port
 
     ok, buf = cv2.imencode(".png", big_image[:2048, :2048], [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    assert ok
     coordinator = server_process("--peers", f"http://127.0.0.1:{free_port()}",
                                  "--tile-mp", "1", "--tile-size", "512")
     resp = coordinator.post("/process?response=image",

@@ -1,0 +1,90 @@
+"""``python -m fleet local|run`` (DESIGN.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from fleet.local import DEFAULT_STORAGE, LocalFleetRuntime, local_spec
+from fleet.providers.base import ProviderError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fleet",
+                                     description="Run a self-healing ImageFleet fleet.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    local = sub.add_parser("local", help="gateway + worker processes on this machine")
+    local.add_argument("--workers", type=int, default=2,
+                       help="starting desired number of workers (default 2)")
+    local.add_argument("--min", type=int, default=None, dest="min_workers",
+                       help="fewest workers when scaling (default: --workers)")
+    local.add_argument("--max", type=int, default=None, dest="max_workers",
+                       help="most workers when scaling (default: --workers)")
+    local.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    local.add_argument("--storage", type=Path, default=DEFAULT_STORAGE,
+                       help="shared storage folder (default ./storage)")
+    local.add_argument("--token", default=os.environ.get("IMAGEFLEET_TOKEN") or None,
+                       help="require 'Authorization: Bearer TOKEN' on workers and /fleet "
+                            "(default: env IMAGEFLEET_TOKEN; prefer it, argv is visible)")
+    local.add_argument("--verbose", action="store_true", help="debug logging")
+    run = sub.add_parser("run", help="manage an AWS fleet (EC2 + ALB target group)")
+    run.add_argument("--config", type=Path, required=True,
+                     help="the file 'python -m scripts.bootstrap_aws up' wrote")
+    run.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+async def run_local(args: argparse.Namespace) -> int:
+    spec = local_spec(args.workers, args.min_workers, args.max_workers)
+    runtime = await LocalFleetRuntime.start(spec, port=args.port, storage_dir=args.storage,
+                                            token=args.token)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # SIGHUP too: closing the terminal must not orphan the workers (own sessions).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    scaling = (f"scaling {spec.min}..{spec.max}" if spec.scaling_enabled
+               else "fixed size (give --min/--max to scale)")
+    print(f"ImageFleet local fleet on {runtime.endpoint} — {spec.desired} worker(s), "
+          f"{scaling}; storage {args.storage.resolve()}", flush=True)
+    print(f"fleet state: {runtime.endpoint}/fleet — Ctrl-C to stop", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        print("stopping: draining workers…", flush=True)
+        await runtime.aclose()
+        print("stopped; no worker left running", flush=True)
+    return 0
+
+
+def run_aws(config: Path) -> int:
+    try:
+        from fleet.providers.aws import aws_main
+    except ImportError as exc:
+        print(f"python -m fleet run: the AWS provider is not available ({exc})",
+              file=sys.stderr)
+        return 2
+    return aws_main(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        if args.command == "local":
+            return asyncio.run(run_local(args))
+        return run_aws(args.config)
+    except (ValueError, ProviderError, OSError) as exc:
+        print(f"python -m fleet {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

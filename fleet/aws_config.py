@@ -1,0 +1,208 @@
+"""The AWS fleet config file: one JSON document written by ``scripts/bootstrap_aws.py up``
+and read by ``python -m fleet run --config FILE``.
+
+It holds the ids of everything ``up`` created (so the manager never has to search for
+them) plus the fleet's tunables (size, grace period, bootstrap timeout, lease TTL). The
+file is validated as a whole when loaded: every problem names the field and what is
+allowed, so a hand edit gone wrong fails at start-up rather than mid-reconcile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FLEET_TAG_KEY = "imagefleet:fleet"
+ROLE_TAG_KEY = "imagefleet:role"
+CONFIG_VERSION = 1
+APP_PORT = 8080
+
+# Short enough that every derived name fits AWS limits: target group and load balancer
+# names are capped at 32 characters ("imgf-" + 20 + "-alb" = 29).
+_FLEET_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,18}[a-z0-9])?$")
+_BOOTSTRAP_MODES = ("ssh", "user-data")
+
+
+class ConfigError(ValueError):
+    """The config file is missing, unreadable or has an invalid field."""
+
+
+def validate_fleet_name(name: str) -> str:
+    if not isinstance(name, str) or not _FLEET_NAME.match(name):
+        raise ConfigError(
+            f"invalid fleet name {name!r}: use 1-20 lowercase letters, digits or hyphens, "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
+def resource_prefix(name: str) -> str:
+    """Prefix for the names of AWS resources that need a name (ALB, target group, IAM)."""
+    return f"imgf-{validate_fleet_name(name)}"
+
+
+@dataclass(frozen=True)
+class AwsFleetConfig:
+    # Identity and where to reach AWS.
+    name: str
+    region: str
+    # What ``up`` created.
+    vpc_id: str
+    subnets: tuple[str, ...]
+    bucket: str
+    alb_security_group: str
+    worker_security_group: str
+    key_name: str
+    key_file: str
+    role_name: str
+    instance_profile_name: str
+    instance_profile_arn: str
+    target_group_arn: str
+    load_balancer_arn: str
+    load_balancer_dns: str
+    listener_arn: str
+    # What to launch.
+    ami: str
+    instance_types: tuple[str, ...]
+    ssh_user: str = "admin"
+    app_port: int = APP_PORT
+    results_prefix: str = "results"
+    result_days: int = 7
+    endpoint_url: str | None = None
+    profile: str | None = None
+    # How the manager runs the fleet.
+    desired: int = 2
+    min: int = 1
+    max: int = 4
+    bootstrap: str = "ssh"
+    bootstrap_timeout_s: float = 420.0
+    grace_period_s: float = 480.0
+    observe_interval_s: float = 2.0
+    lease_key: str = "fleet/lease.json"
+    lease_ttl_s: float = 30.0
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8001
+    version: int = CONFIG_VERSION
+    extra_tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def storage_url(self) -> str:
+        return f"s3://{self.bucket}/{self.results_prefix}"
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["subnets"] = list(self.subnets)
+        data["instance_types"] = list(self.instance_types)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+_REQUIRED_STRINGS = (
+    "name", "region", "vpc_id", "bucket", "alb_security_group", "worker_security_group",
+    "key_name", "key_file", "role_name", "instance_profile_name", "instance_profile_arn",
+    "target_group_arn", "load_balancer_arn", "load_balancer_dns", "listener_arn", "ami",
+)
+
+
+def _problems(data: dict[str, Any]) -> list[str]:
+    fields = {f.name for f in dataclasses.fields(AwsFleetConfig)}
+    problems = [f"unknown field {k!r}" for k in sorted(set(data) - fields)]
+    for key in _REQUIRED_STRINGS:
+        value = data.get(key)
+        if not isinstance(value, str) or not value:
+            problems.append(f"{key!r} must be a non-empty string (got {value!r})")
+    for key in ("subnets", "instance_types"):
+        value = data.get(key)
+        if (
+            not isinstance(value, list | tuple)
+            or not value
+            or not all(isinstance(v, str) and v for v in value)
+        ):
+            problems.append(f"{key!r} must be a non-empty list of strings (got {value!r})")
+    if "name" in data:
+        try:
+            validate_fleet_name(data["name"])
+        except ConfigError as exc:
+            problems.append(str(exc))
+    ints = {"desired": (0, 1000), "min": (0, 1000), "max": (1, 1000),
+            "app_port": (1, 65535), "admin_port": (0, 65535), "result_days": (1, 3650)}
+    for key, (lo, hi) in ints.items():
+        if key in data and (
+            not isinstance(data[key], int) or isinstance(data[key], bool)
+            or not lo <= data[key] <= hi
+        ):
+            problems.append(f"{key!r} must be an integer in {lo}..{hi} (got {data[key]!r})")
+    floats = {"bootstrap_timeout_s": (10, 3600), "grace_period_s": (0, 7200),
+              "observe_interval_s": (0.1, 300), "lease_ttl_s": (1, 3600)}
+    for key, (lo, hi) in floats.items():
+        if key in data and (
+            not isinstance(data[key], int | float) or isinstance(data[key], bool)
+            or not lo <= data[key] <= hi
+        ):
+            problems.append(f"{key!r} must be a number in {lo}..{hi} (got {data[key]!r})")
+    if "bootstrap" in data and data["bootstrap"] not in _BOOTSTRAP_MODES:
+        problems.append(
+            f"'bootstrap' must be one of {_BOOTSTRAP_MODES} (got {data['bootstrap']!r})")
+    if not problems:
+        lo, want, hi = data.get("min", 1), data.get("desired", 2), data.get("max", 4)
+        if not lo <= want <= hi:
+            problems.append(f"need min <= desired <= max (got {lo}, {want}, {hi})")
+        if data.get("grace_period_s", 480.0) < data.get("bootstrap_timeout_s", 420.0):
+            problems.append("'grace_period_s' must be at least 'bootstrap_timeout_s', so a "
+                            "bootstrapping instance is never replaced for being 'initial'")
+    if data.get("version", CONFIG_VERSION) != CONFIG_VERSION:
+        problems.append(f"'version' must be {CONFIG_VERSION} (got {data.get('version')!r})")
+    return problems
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "config") -> AwsFleetConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object at the top level")
+    problems = _problems(data)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    values = dict(data)
+    values["subnets"] = tuple(values["subnets"])
+    values["instance_types"] = tuple(values["instance_types"])
+    values["extra_tags"] = dict(values.get("extra_tags") or {})
+    return AwsFleetConfig(**values)
+
+
+def load_config(path: str | os.PathLike[str]) -> AwsFleetConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read fleet config {path}: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    return config_from_dict(data, source=str(path))
+
+
+def write_private_file(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write ``text`` atomically (temp file + rename) with ``mode`` from the first byte."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(config: AwsFleetConfig, path: str | os.PathLike[str]) -> None:
+    # Not secret, but 0600 anyway: it names the key file and the account's resources.
+    write_private_file(Path(path), config.to_json())

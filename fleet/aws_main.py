@@ -1,0 +1,221 @@
+"""``python -m fleet run --config FILE``: the fleet manager against AWS.
+
+The same :class:`fleet.manager.FleetManager` as the local fleet, with
+:class:`fleet.providers.aws.AwsProvider`, behind an S3 lease (:mod:`fleet.lease`) so that
+only one manager acts on a fleet. A manager that does not hold the lease is a standby: it
+keeps observing (its ``/fleet`` shows the live instances and who leads) and takes over
+when the leader's lease expires. The admin API (``GET /fleet``, ``POST /fleet/scale``,
+``POST /fleet/instances/<id>/terminate``) listens on ``admin_host:admin_port`` from the
+config (loopback by default); set ``IMAGEFLEET_ADMIN_TOKEN`` to require a bearer token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from fleet.aws_config import AwsFleetConfig, ConfigError, load_config
+from fleet.lease import S3Lease
+from fleet.manager import AdminError, FleetManager
+from fleet.model import Event, FleetSpec
+from fleet.providers.base import Provider, ProviderError
+
+log = logging.getLogger(__name__)
+
+# Matches the target group `scripts/bootstrap_aws.py` creates.
+HEALTH_CHECK_INTERVAL_S = 5.0
+HEALTH_CHECK_TIMEOUT_S = 3.0
+HEALTH_THRESHOLD = 2
+DEREGISTRATION_DELAY_S = 30.0
+
+
+def spec_from_config(config: AwsFleetConfig) -> FleetSpec:
+    return FleetSpec(
+        name=config.name, desired=config.desired, min=config.min, max=config.max,
+        health_check_interval_s=HEALTH_CHECK_INTERVAL_S,
+        health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+        healthy_threshold=HEALTH_THRESHOLD, unhealthy_threshold=HEALTH_THRESHOLD,
+        grace_period_s=config.grace_period_s,
+        # The ALB reports `unused` once the deregistration delay is over; a little more
+        # before giving up on a drain.
+        drain_timeout_s=DEREGISTRATION_DELAY_S + 15.0,
+        launch_backoff_base_s=10.0, launch_backoff_max_s=300.0,
+        tick_interval_s=config.observe_interval_s,
+    )
+
+
+def manager_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class AwsFleetService:
+    """Lease + manager. :meth:`step` is one tick; it is also the ``FleetAdmin`` the
+    admin routes serve."""
+
+    def __init__(self, provider: Provider, spec: FleetSpec, lease: S3Lease, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.provider = provider
+        self.lease = lease
+        self.manager = FleetManager(provider, spec, clock=clock)
+        self._clock = clock
+        self._leader: str | None = None
+        self._standby_instances: tuple = ()
+
+    @property
+    def leading(self) -> bool:
+        return self.lease.held
+
+    async def step(self) -> None:
+        if self.lease.renew_due():
+            try:
+                status = await asyncio.to_thread(self.lease.refresh)
+            except (BotoCoreError, ClientError) as exc:
+                # S3 trouble: keep acting only while the lease lasts
+                self.manager.record(Event(self._clock(), "lease_error", None,
+                                          f"could not refresh the lease: {exc}"))
+            else:
+                new_leader = status.holder != self._leader
+                self._leader = status.holder
+                if status.changed and status.held:
+                    self.manager.record(Event(self._clock(), "lease_acquired", None,
+                                              "this manager now runs the fleet"))
+                elif status.changed or (new_leader and not status.held):
+                    self.manager.record(Event(
+                        self._clock(), "lease_lost" if status.changed else "standby", None,
+                        f"{status.holder or 'another manager'} runs the fleet; "
+                        "observing only"))
+        if self.lease.held:
+            await self.manager.tick()
+            return
+        try:
+            self._standby_instances = await self.provider.observe()
+        except ProviderError as exc:
+            log.warning("standby observe failed: %s", exc)
+
+    async def run(self, stop: asyncio.Event, interval_s: float) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await self.step()
+            except Exception as exc:
+                log.exception("fleet step failed")
+                self.manager.record(Event(self._clock(), "tick_failed", None, repr(exc)))
+            wait = max(0.0, interval_s - (time.monotonic() - started))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=wait)
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.lease.release)
+        await self.provider.close()
+
+    # --- FleetAdmin -----------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        snap = self.manager.snapshot()
+        if not self.leading:
+            snap["instances"] = [i.to_json() for i in self._standby_instances]
+        snap["leader"] = self._leader
+        snap["role"] = "leader" if self.leading else "standby"
+        return snap
+
+    def _require_leader(self) -> None:
+        if not self.leading:
+            raise AdminError(409, "standby",
+                             f"this manager is a standby; {self._leader or 'another manager'}"
+                             " runs the fleet: send the request there")
+
+    def scale(self, desired: object) -> dict[str, Any]:
+        self._require_leader()
+        return self.manager.scale(desired)
+
+    def terminate(self, instance_id: str) -> dict[str, Any]:
+        self._require_leader()
+        return self.manager.terminate(instance_id)
+
+
+def build_service(config: AwsFleetConfig, *, provider: Provider | None = None,
+                  s3: Any = None, holder: str | None = None,
+                  clock: Callable[[], float] = time.time) -> AwsFleetService:
+    from fleet.providers.aws import AwsProvider
+
+    if provider is None:
+        provider = AwsProvider(config, clock=clock)
+    if s3 is None:
+        s3 = getattr(provider, "s3", None)
+    lease = S3Lease(s3, config.bucket, config.lease_key, holder or manager_identity(),
+                    ttl_s=config.lease_ttl_s, clock=clock)
+    return AwsFleetService(provider, spec_from_config(config), lease, clock=clock)
+
+
+async def _upload_bundle(config: AwsFleetConfig, s3: Any) -> None:
+    """For ``bootstrap: user-data``: instances fetch the bundle from the fleet bucket."""
+    from fleet.bootstrap import build_bundle
+
+    body = build_bundle()
+    await asyncio.to_thread(s3.put_object, Bucket=config.bucket, Key="fleet/bundle.tar.gz",
+                            Body=body)
+
+
+async def start_admin(service: AwsFleetService, host: str, port: int) -> tuple[Any, str]:
+    """Serve the admin API for ``service``; returns the aiohttp runner and its URL."""
+    from aiohttp import web
+
+    from fleet.admin import create_admin_app
+
+    app = create_admin_app(service, token=os.environ.get("IMAGEFLEET_ADMIN_TOKEN"))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0][1] if runner.addresses else port
+    return runner, f"http://{host}:{bound}/fleet"
+
+
+async def serve(config: AwsFleetConfig, stop: asyncio.Event,
+                service: AwsFleetService | None = None) -> None:
+    service = service or build_service(config)
+    if config.bootstrap == "user-data":
+        await _upload_bundle(config, service.lease.s3)
+    runner, admin_url = await start_admin(service, config.admin_host, config.admin_port)
+    print(f"ImageFleet AWS fleet {config.name!r} in {config.region}: endpoint "
+          f"http://{config.load_balancer_dns}; admin {admin_url}", flush=True)
+    try:
+        await service.run(stop, config.observe_interval_s)
+    finally:
+        await service.aclose()
+        await runner.cleanup()
+
+
+def main(config_path: str | Path) -> int:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"python -m fleet run: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, stop)
+
+    try:
+        asyncio.run(run())
+    except ProviderError as exc:
+        print(f"python -m fleet run: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,212 @@
+"""A whole fleet on one machine: gateway + local worker processes + manager.
+
+Two ways to run the same pieces:
+
+- :class:`LocalFleetRuntime` — async, in the caller's loop (``python -m fleet local``).
+- :class:`LocalFleet` — owns an asyncio loop in a background thread, so a synchronous
+  program (the desktop app) can embed a fleet: ``with LocalFleet(...) as fleet:``
+  ``fleet.endpoint``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from fleet.gateway import Gateway, HealthCheckConfig
+from fleet.manager import FleetManager
+from fleet.model import Event, FleetSpec, Health
+from fleet.providers.local import LocalProvider, WorkerCommand, server_command
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORAGE = Path("storage")
+
+
+def local_spec(workers: int = 2, min_workers: int | None = None,
+               max_workers: int | None = None, **overrides: Any) -> FleetSpec:
+    """The spec for ``--workers/--min/--max``: min and max default to ``workers``, so
+    scaling is on only when a range is given."""
+    low = workers if min_workers is None else min_workers
+    high = workers if max_workers is None else max_workers
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    if not 0 <= low <= workers <= high:
+        raise ValueError(f"need 0 <= min <= workers <= max, got min={low} workers={workers} "
+                         f"max={high}")
+    return replace(FleetSpec(name="local", desired=1, min=1, max=1),
+                   **{"desired": workers, "min": low, "max": high, **overrides})
+
+
+@dataclass
+class LocalFleetRuntime:
+    gateway: Gateway
+    provider: LocalProvider
+    manager: FleetManager
+    stop_event: asyncio.Event
+    task: asyncio.Task | None = None
+
+    @classmethod
+    async def start(cls, spec: FleetSpec, *, port: int = 0,
+                    storage_dir: Path = DEFAULT_STORAGE, token: str | None = None,
+                    command: WorkerCommand = server_command, run_dir: Path | None = None,
+                    stop_timeout_s: float = 10.0) -> LocalFleetRuntime:
+        gateway = Gateway(port=port, health=HealthCheckConfig.from_spec(spec), token=token)
+        provider = LocalProvider(gateway, storage_dir=storage_dir, run_dir=run_dir,
+                                 command=command, token=token, stop_timeout_s=stop_timeout_s)
+        provider.start()
+        manager = FleetManager(provider, spec)
+        for note in provider.notes:
+            manager.record(Event(time.time(), "cleanup", None, note))
+        gateway.admin = manager
+        try:
+            await gateway.start()
+        except OSError:
+            await provider.close()
+            await gateway.close()
+            raise
+        runtime = cls(gateway, provider, manager, asyncio.Event())
+        runtime.task = asyncio.get_running_loop().create_task(
+            manager.run(runtime.stop_event), name="fleet manager")
+        return runtime
+
+    @property
+    def endpoint(self) -> str:
+        return self.gateway.url
+
+    async def wait_healthy(self, timeout: float, count: int = 1) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Judged on the manager's view so that /fleet agrees the moment start() returns.
+        while sum(1 for i in self.manager.instances
+                  if i.health is Health.HEALTHY and i.live) < count:
+            if loop.time() >= deadline:
+                recent = "; ".join(f"{e.kind} {e.instance_id or ''}: {e.message}"
+                                   for e in self.manager.events[-5:])
+                raise TimeoutError(f"no healthy worker within {timeout:.0f}s "
+                                   f"(recent events: {recent or 'none'})")
+            await asyncio.sleep(0.05)
+
+    async def aclose(self) -> None:
+        """Stop the manager first (so nothing relaunches), then the workers (they drain
+        through the still-open gateway), then the gateway."""
+        self.stop_event.set()
+        if self.task is not None:
+            await self.task
+            self.task = None
+        await self.provider.close()
+        await self.gateway.close()
+
+
+class LocalFleet:
+    """An embedded local fleet with its own event loop thread (interfaces.md)."""
+
+    def __init__(self, workers: int = 2, min_workers: int | None = None,
+                 max_workers: int | None = None, port: int = 0,
+                 storage_dir: Path = DEFAULT_STORAGE, token: str | None = None, *,
+                 spec_overrides: dict[str, Any] | None = None,
+                 command: WorkerCommand = server_command, run_dir: Path | None = None,
+                 stop_timeout_s: float = 10.0) -> None:
+        self.spec = local_spec(workers, min_workers, max_workers, **(spec_overrides or {}))
+        self._options = {"port": port, "storage_dir": Path(storage_dir), "token": token,
+                         "command": command, "run_dir": run_dir,
+                         "stop_timeout_s": stop_timeout_s}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runtime: LocalFleetRuntime | None = None
+
+    # --- life-cycle ------------------------------------------------------------------------
+
+    def start(self, timeout: float = 60.0) -> LocalFleet:
+        """Return once the gateway listens and at least one worker is healthy."""
+        if self._thread is not None:
+            raise RuntimeError("LocalFleet already started")
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(target=loop.run_forever, name="imagefleet-local",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            self._runtime = self._call(LocalFleetRuntime.start(self.spec, **self._options),
+                                       timeout)
+            atexit.register(self._emergency_stop)
+            self._call(self._runtime.wait_healthy(timeout), timeout + 5)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop everything started; no worker process or thread is left."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        try:
+            if self._runtime is not None:
+                self._call(self._runtime.aclose(), timeout)
+        finally:
+            atexit.unregister(self._emergency_stop)
+            if self._runtime is not None:
+                self._runtime.provider.stop_all_sync(timeout_s=1.0)
+            self._runtime = None
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout)
+            loop.close()
+            self._loop = self._thread = None
+
+    def __enter__(self) -> LocalFleet:
+        # ``with LocalFleet(...).start(timeout) as fleet`` is fine too.
+        return self if self._runtime is not None else self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # --- state -----------------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        return self._require().endpoint
+
+    def snapshot(self) -> dict[str, Any]:
+        runtime = self._require()
+        return self._call(_in_loop(runtime.manager.snapshot), 10)
+
+    def worker_pids(self) -> dict[str, int]:
+        runtime = self._require()
+        return self._call(_in_loop(runtime.provider.pids), 10)
+
+    def healthy_count(self) -> int:
+        runtime = self._require()
+        return self._call(_in_loop(runtime.gateway.healthy_count), 10)
+
+    @property
+    def runtime(self) -> LocalFleetRuntime:
+        return self._require()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _require(self) -> LocalFleetRuntime:
+        if self._runtime is None:
+            raise RuntimeError("LocalFleet is not running; call start() first")
+        return self._runtime
+
+    def _call(self, coroutine, timeout: float):
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        return future.result(timeout)
+
+    def _emergency_stop(self) -> None:
+        # At interpreter exit without stop(): the loop thread still runs, so stop in
+        # order (manager first), or it would relaunch the workers being killed.
+        self.stop(timeout=10.0)
+
+
+async def _in_loop(function: Callable[[], Any]) -> Any:
+    return function()

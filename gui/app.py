@@ -1,0 +1,399 @@
+"""The ImageFleet desktop app: one CTk window composing the Process, Fleet and Settings
+views with their controllers (``gui.process_controller``, ``gui.fleet_controller``), and
+the services they share: the worker thread, the connection, dialogs and messages.
+
+Threads: Tk runs on the main thread only. Network, file and image work runs as
+coroutines on ``AsyncWorker``'s loop; outcomes come back through its queue, drained by
+``after(50, ...)``. Nothing here blocks the main loop except ``close()``, which waits
+for the worker to stop (the window is already hidden then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tkinter
+import webbrowser
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from tkinter import filedialog, messagebox
+from typing import Any
+
+import customtkinter as ctk
+from PIL import ImageTk
+
+from gui.connection import (
+    Connected,
+    Connection,
+    FleetFactory,
+    choose_admin_endpoint,
+    choose_endpoint,
+    choose_token,
+    default_fleet_factory,
+)
+from gui.fleet_controller import FleetController
+from gui.preview import app_icon
+from gui.process_controller import ProcessController
+from gui.settings import (
+    LoadedSettings,
+    Settings,
+    SettingsError,
+    cache_dir,
+    load_settings,
+    parse_settings,
+    save_settings,
+    settings_path,
+)
+from gui.viewmodel import IMAGE_SUFFIXES, describe_error, describe_os_error, parse_path_list
+from gui.views.fleet import FleetView
+from gui.views.process import ProcessView
+from gui.views.settings import SettingsView
+from gui.views.widgets import MUTED
+from gui.worker import AsyncWorker
+
+log = logging.getLogger(__name__)
+
+DRAIN_MS = 50
+INFO_BANNER_MS = 4000
+
+
+class Dialogs:
+    """Everything modal or outside the app. Tests replace these methods (the seam for
+    answering a confirmation or a file dialog programmatically)."""
+
+    def __init__(self, parent: tkinter.Misc) -> None:
+        self.parent = parent
+
+    def ask_open_files(self) -> list[str]:
+        patterns = " ".join(f"*{s}" for s in sorted(IMAGE_SUFFIXES))
+        names = filedialog.askopenfilenames(
+            parent=self.parent, title="Add images",
+            filetypes=[("Images", patterns), ("All files", "*")])
+        return list(names or ())
+
+    def ask_directory(self, title: str) -> str | None:
+        return filedialog.askdirectory(parent=self.parent, title=title, mustexist=True) or None
+
+    def ask_save_as(self, initial_name: str) -> str | None:
+        return filedialog.asksaveasfilename(parent=self.parent, title="Save result as",
+                                            initialfile=initial_name) or None
+
+    def confirm(self, title: str, message: str) -> bool:
+        return bool(messagebox.askyesno(title, message, parent=self.parent, icon="warning"))
+
+    def open_url(self, url: str) -> None:
+        webbrowser.open(url, new=2)
+
+
+def app_class() -> type[ImageFleetApp]:
+    """ImageFleetApp with tkinterdnd2's drop support mixed in when that is installed
+    (it is optional: without it, files are added by dialog or by pasting paths)."""
+    try:
+        from tkinterdnd2 import TkinterDnD
+    except ImportError:
+        return ImageFleetApp
+    return type("ImageFleetDropApp", (ImageFleetApp, TkinterDnD.DnDWrapper), {})
+
+
+class ImageFleetApp(ctk.CTk):
+    """The desktop app. ``environ``/``config_path``/``fleet_factory``/``dialogs`` are
+    seams for tests; by default they come from the process environment."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        admin_endpoint: str | None = None,
+        environ: Mapping[str, str] | None = None,
+        config_path: Path | None = None,
+        fleet_factory: FleetFactory = default_fleet_factory,
+        dialogs: Dialogs | None = None,
+    ) -> None:
+        self.environ = dict(os.environ if environ is None else environ)
+        self.config_path = config_path or settings_path(self.environ)
+        loaded: LoadedSettings = load_settings(self.config_path)
+        self.settings: Settings = loaded.settings
+        ctk.set_appearance_mode(self.settings.appearance)
+        super().__init__()
+        self.title("ImageFleet")
+        self._icon = ImageTk.PhotoImage(app_icon(), master=self)
+        self.iconphoto(True, self._icon)
+        self.geometry("1280x800")
+        self.minsize(1100, 680)
+        self.endpoint_flag = endpoint
+        self.admin_flag = admin_endpoint
+        self.dialogs = dialogs or Dialogs(self)
+        self.connected: Connected | None = None
+        self._after_ids: dict[str, str] = {}
+        self._connect_seq = 0
+        self.banner_text = ""
+        self.ui_failures: list[BaseException] = []
+        self.errors_shown: list[str] = []  # every error message shown, newest last
+        self._closing = False
+        self.closed = False
+
+        self.worker = AsyncWorker()
+        self.worker.start()
+        self.connection = Connection(cache_dir(self.environ) / "storage", fleet_factory)
+        self.process = ProcessController(self)
+        self.fleet = FleetController(self)
+
+        self._build()
+        self.protocol("WM_DELETE_WINDOW", self.close)
+        self._bind_shortcuts()
+        self.drop_enabled = self._enable_drop()
+        self.schedule("drain", DRAIN_MS, self._drain)
+        self.settings_view.show(self.settings, self._display_path(self.config_path),
+                                self._override_note())
+        if loaded.warning:
+            self.show_error(loaded.warning)
+        self.connect()
+
+    # ------------------------------------------------------------------ building
+    def _build(self) -> None:
+        self.columnconfigure(0, weight=1)
+        self.rowconfigure(2, weight=1)
+        header = ctk.CTkFrame(self, corner_radius=0, height=56)
+        header.grid(row=0, column=0, sticky="ew")
+        header.columnconfigure(1, weight=1)
+        ctk.CTkLabel(header, text="◆ ImageFleet", font=ctk.CTkFont(size=20, weight="bold")).grid(
+            row=0, column=0, padx=(18, 24), pady=12)
+        self.nav = ctk.CTkSegmentedButton(header, values=["Process", "Fleet", "Settings"],
+                                          command=self.show_view, width=300,
+                                          font=ctk.CTkFont(size=13, weight="bold"))
+        self.nav.grid(row=0, column=1, sticky="w")
+        self.status_dot = ctk.CTkLabel(header, text="●", text_color=("#8a6d00", "#f2c94c"),
+                                       font=ctk.CTkFont(size=16))
+        self.status_dot.grid(row=0, column=2, padx=(8, 4))
+        self.status_label = ctk.CTkLabel(header, text="Starting…", anchor="e", text_color=MUTED)
+        self.status_label.grid(row=0, column=3, padx=(0, 18))
+
+        self.banner = ctk.CTkFrame(self, corner_radius=6)
+        self.banner.columnconfigure(0, weight=1)
+        self.banner_label = ctk.CTkLabel(self.banner, text="", anchor="w", justify="left",
+                                         wraplength=1100, text_color="#ffffff")
+        self.banner_label.grid(row=0, column=0, sticky="ew", padx=12, pady=6)
+        ctk.CTkButton(self.banner, text="✕", width=28, height=24, fg_color="transparent",
+                      text_color="#ffffff", hover_color=("gray40", "gray30"),
+                      command=self.hide_banner).grid(row=0, column=1, padx=6)
+
+        self.content = ctk.CTkFrame(self, fg_color="transparent")
+        self.content.grid(row=2, column=0, sticky="nsew", padx=14, pady=(10, 14))
+        self.content.columnconfigure(0, weight=1)
+        self.content.rowconfigure(0, weight=1)
+        self.process_view = ProcessView(self.content, self.process)
+        self.fleet_view = FleetView(self.content, self.fleet)
+        self.settings_view = SettingsView(self.content, self)
+        self.views = {"Process": self.process_view, "Fleet": self.fleet_view,
+                      "Settings": self.settings_view}
+        self.show_view("Process")
+        self.process_view.set_ready(False)
+
+    def show_view(self, name: str) -> None:
+        for view_name, view in self.views.items():
+            if view_name == name:
+                view.grid(row=0, column=0, sticky="nsew")
+            else:
+                view.grid_forget()
+        self.nav.set(name)
+        self.current_view = name
+
+    def _bind_shortcuts(self) -> None:
+        self.bind_all("<Control-o>", lambda _e: self.process.add_files_dialog())
+        self.bind_all("<Control-Return>", lambda _e: self.process.process_all())
+        self.bind_all("<Control-KP_Enter>", lambda _e: self.process.process_all())
+        self.bind_all("<Control-Shift-C>", lambda _e: self.process.copy_link())
+        self.bind_all("<Control-Shift-c>", lambda _e: self.process.copy_link())
+        self.bind("<Control-v>", self._paste_shortcut)
+
+    def _paste_shortcut(self, _event: Any) -> None:
+        focused = self.focus_get()
+        if isinstance(focused, tkinter.Entry | tkinter.Text):
+            return  # a text field pastes text, not images
+        self.process.paste_paths()
+
+    def _enable_drop(self) -> bool:
+        """Drop files/folders on the window when tkinterdnd2 is installed (optional)."""
+        if not hasattr(self, "drop_target_register"):
+            return False
+        try:
+            from tkinterdnd2 import DND_FILES, TkinterDnD
+
+            TkinterDnD._require(self)
+            self.drop_target_register(DND_FILES)  # type: ignore[attr-defined]
+            self.dnd_bind("<<Drop>>",  # type: ignore[attr-defined]
+                          lambda event: self.process.add_images(parse_path_list(event.data)))
+        except (ImportError, RuntimeError, tkinter.TclError) as exc:
+            log.info("drag and drop unavailable: %s", exc)
+            return False
+        return True
+
+    # ------------------------------------------------------------------ plumbing
+    def report_callback_exception(self, exc: type[BaseException], val: BaseException,
+                                  tb: Any) -> None:
+        """Tk callback bugs: logged and kept (tests assert there are none)."""
+        if issubclass(exc, KeyboardInterrupt):  # Ctrl-C in the terminal: quit cleanly
+            self.close()
+            return
+        log.error("Tk callback failed", exc_info=(exc, val, tb))
+        self.ui_failures.append(val)
+
+    @property
+    def failures(self) -> list[BaseException]:
+        return [*self.ui_failures, *self.worker.callback_failures]
+
+    def schedule(self, name: str, ms: int, callback: Callable[[], None]) -> None:
+        """Schedule a named ``after`` (replacing an earlier one) so close() can cancel it."""
+        if self._closing:
+            return
+        self.unschedule(name)
+
+        def run() -> None:
+            self._after_ids.pop(name, None)
+            callback()
+
+        self._after_ids[name] = self.after(ms, run)
+
+    def unschedule(self, name: str) -> None:
+        after_id = self._after_ids.pop(name, None)
+        if after_id is not None:
+            self.after_cancel(after_id)
+
+    def _drain(self) -> None:
+        self.worker.drain()
+        self.schedule("drain", DRAIN_MS, self._drain)
+
+    def submit(self, coro: Any, on_success: Callable[[Any], None] | None = None,
+               on_error: Callable[[BaseException], None] | None = None) -> Any:
+        if self._closing:
+            coro.close()
+            return None
+        return self.worker.submit(coro, on_success, on_error or self.report_error)
+
+    def report_error(self, exc: BaseException) -> None:
+        self.show_error(describe_error(exc, self.endpoint_text()))
+
+    def endpoint_text(self) -> str:
+        return self.connected.endpoint if self.connected else "the endpoint"
+
+    def show_error(self, message: str) -> None:
+        log.warning("%s", message)
+        self.errors_shown.append(message)
+        self._show_banner(message, ("#c62828", "#8e1b1b"))
+        self.unschedule("banner")  # an error stays until dismissed
+
+    def show_info(self, message: str) -> None:
+        self._show_banner(message, ("#2e6bb0", "#1f538d"))
+        self.schedule("banner", INFO_BANNER_MS, self.hide_banner)
+
+    def _show_banner(self, message: str, colour: tuple[str, str]) -> None:
+        self.banner.configure(fg_color=colour)
+        self.banner_label.configure(text=message)
+        self.banner.grid(row=1, column=0, sticky="ew", padx=14, pady=(10, 0))
+        self.banner_text = message
+
+    def hide_banner(self) -> None:
+        self.banner.grid_forget()
+        self.banner_text = ""
+
+    def _set_status(self, text: str, state: str) -> None:
+        colours = {"ok": ("#1b7f3b", "#5fd38d"), "busy": ("#8a6d00", "#f2c94c"),
+                   "error": ("#b3261e", "#ff6b6b")}
+        self.status_dot.configure(text_color=colours[state])
+        self.status_label.configure(text=text)
+
+    # ------------------------------------------------------------------ connection
+    def _display_path(self, path: Path) -> str:
+        home = self.environ.get("HOME")
+        if home and path.is_relative_to(home):
+            return str(Path("~") / path.relative_to(home))
+        return str(path)
+
+    def _override_note(self) -> str:
+        if self.endpoint_flag:
+            return f"endpoint set by --endpoint ({self.endpoint_flag})"
+        if self.environ.get("IMAGEFLEET_ENDPOINT"):
+            return "endpoint set by IMAGEFLEET_ENDPOINT"
+        return ""
+
+    def connect(self) -> None:
+        endpoint = choose_endpoint(self.endpoint_flag, self.environ, self.settings)
+        if endpoint:
+            self._set_status(f"Connecting to {endpoint}…", "busy")
+        else:
+            size = self.settings.fleet_size
+            self._set_status(f"Starting a local fleet ({size} worker{'s' if size > 1 else ''})…",
+                             "busy")
+        self.connected = None
+        self.process_view.set_ready(False)
+        settings = self.settings
+        admin = choose_admin_endpoint(self.admin_flag, self.environ, settings)
+        self._connect_seq += 1
+        seq = self._connect_seq
+
+        def connected(result: Connected) -> None:
+            if seq == self._connect_seq:  # a later reconnect supersedes this one
+                self._on_connected(result)
+
+        def failed(exc: BaseException) -> None:
+            if seq == self._connect_seq:
+                self._on_connect_failed(exc)
+
+        self.submit(self.connection.connect(endpoint, choose_token(self.environ, settings),
+                                            settings.concurrency, settings.fleet_size, admin),
+                    connected, failed)
+
+    def _on_connected(self, connected: Connected) -> None:
+        self.connected = connected
+        where = "local fleet" if connected.embedded else "endpoint"
+        self._set_status(f"{where} · {connected.endpoint}", "ok")
+        self.process.on_connected(connected, self.settings.concurrency)
+        self.fleet.poll()
+
+    def _on_connect_failed(self, exc: BaseException) -> None:
+        message = describe_error(exc, choose_endpoint(self.endpoint_flag, self.environ,
+                                                      self.settings) or "the local fleet")
+        self._set_status("not connected", "error")
+        self.show_error(message)
+        self.process_view.set_ready(False, "Not connected. " + message)
+    # ------------------------------------------------------------------ settings
+    def apply_settings(self, raw: dict[str, Any]) -> None:
+        try:
+            new = parse_settings(raw, self.settings)
+        except SettingsError as exc:
+            self.settings_view.show_message("Not saved: " + "; ".join(exc.problems), error=True)
+            return
+        old, self.settings = self.settings, new
+        ctk.set_appearance_mode(new.appearance)
+        self.fleet_view.apply_theme()
+
+        def saved(_path: Any) -> None:
+            self.settings_view.show_message(f"Saved to {self.config_path}.")
+
+        def not_saved(exc: BaseException) -> None:
+            text = (describe_os_error(exc, "save settings to") if isinstance(exc, OSError)
+                    else str(exc))
+            self.settings_view.show_message(text, error=True)
+
+        self.submit(asyncio.to_thread(save_settings, new, self.config_path), saved, not_saved)
+        if replace(old, appearance=new.appearance) != new:
+            if self.process.batch.running:
+                self.process.cancel_run()
+            self.connect()
+
+    # ------------------------------------------------------------------ closing
+    def close(self) -> None:
+        """Cancel work, stop the embedded fleet and the worker thread, then destroy."""
+        if self._closing:
+            return
+        self._closing = True
+        for after_id in self._after_ids.values():
+            self.after_cancel(after_id)
+        self._after_ids.clear()
+        self.withdraw()
+        self.worker.stop(cleanup=self.connection.close)
+        self.closed = True
+        self.quit()
+        self.destroy()

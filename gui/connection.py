@@ -1,0 +1,162 @@
+"""The app's connection to a fleet: the API client and, when no endpoint is configured,
+the embedded local fleet it starts. Every coroutine here runs on the worker's loop.
+
+Endpoint precedence: ``--endpoint`` flag, then ``IMAGEFLEET_ENDPOINT``, then the
+settings file; when none is set, a ``fleet.local.LocalFleet`` of ``fleet_size`` workers
+is started and its gateway is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from gui.client import ImageFleetClient, OperationSpec
+from gui.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FLEET_START_TIMEOUT_S = 90.0
+
+
+class EmbeddedFleet(Protocol):
+    """What the app needs from ``fleet.local.LocalFleet``."""
+
+    @property
+    def endpoint(self) -> str: ...
+    def start(self, timeout: float = ...) -> Any: ...
+    def stop(self) -> Any: ...
+
+
+FleetFactory = Callable[[int, Path], EmbeddedFleet]
+
+
+def default_fleet_factory(workers: int, storage_dir: Path) -> EmbeddedFleet:
+    from fleet.local import LocalFleet
+
+    return LocalFleet(workers=workers, storage_dir=storage_dir)
+
+
+def choose_endpoint(flag: str | None, environ: Mapping[str, str], settings: Settings) -> str:
+    """The endpoint to use, or "" for the embedded fleet (flag > env > settings)."""
+    for candidate in (flag, environ.get("IMAGEFLEET_ENDPOINT"), settings.endpoint):
+        if candidate and candidate.strip():
+            return candidate.strip().rstrip("/")
+    return ""
+
+
+def choose_admin_endpoint(flag: str | None, environ: Mapping[str, str],
+                          settings: Settings) -> str:
+    """Where ``/fleet`` is served, or "" when it is the endpoint itself."""
+    for candidate in (flag, environ.get("IMAGEFLEET_ADMIN_ENDPOINT"), settings.admin_endpoint):
+        if candidate and candidate.strip():
+            return candidate.strip().rstrip("/")
+    return ""
+
+
+def choose_token(environ: Mapping[str, str], settings: Settings) -> str | None:
+    return environ.get("IMAGEFLEET_TOKEN") or settings.token or None
+
+
+@dataclass(frozen=True)
+class Connected:
+    endpoint: str
+    embedded: bool
+    operations: list[OperationSpec]
+
+
+class Connection:
+    """Owns the client (and maybe the embedded fleet); see the module docstring."""
+
+    def __init__(self, storage_dir: Path, fleet_factory: FleetFactory = default_fleet_factory,
+                 ) -> None:
+        self._storage_dir = storage_dir
+        self._fleet_factory = fleet_factory
+        self._fleet: EmbeddedFleet | None = None
+        self._fleet_size = 0
+        self._fleet_starting: asyncio.Future[Any] | None = None
+        self._client: ImageFleetClient | None = None
+        self._admin: ImageFleetClient | None = None
+        self.endpoint = ""
+
+    @property
+    def client(self) -> ImageFleetClient:
+        if self._client is None:
+            raise RuntimeError("not connected yet")
+        return self._client
+
+    @property
+    def admin_client(self) -> ImageFleetClient:
+        """The client for ``/fleet``: a separate admin address when one is set."""
+        return self._admin or self.client
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    @property
+    def fleet(self) -> EmbeddedFleet | None:
+        return self._fleet
+
+    async def connect(self, endpoint: str, token: str | None, concurrency: int,
+                      fleet_size: int, admin_endpoint: str = "") -> Connected:
+        """(Re)connect. An empty endpoint means the embedded fleet, started if needed (and
+        restarted when its size changed). Fetches the operations to prove the link works."""
+        await self._close_client()
+        embedded = not endpoint
+        if embedded:
+            endpoint = await self._ensure_fleet(fleet_size)
+        elif self._fleet is not None:
+            await self._stop_fleet()
+        client = ImageFleetClient(endpoint, token, concurrency=concurrency)
+        await client.__aenter__()
+        self._client, self.endpoint = client, endpoint
+        if admin_endpoint and admin_endpoint != endpoint and not embedded:
+            admin = ImageFleetClient(admin_endpoint, token, concurrency=2)
+            await admin.__aenter__()
+            self._admin = admin
+        operations = await client.operations()
+        return Connected(endpoint, embedded, operations)
+
+    async def _ensure_fleet(self, size: int) -> str:
+        if self._fleet is not None and self._fleet_size != size:
+            await self._stop_fleet()
+        if self._fleet is None:
+            self._storage_dir.mkdir(parents=True, exist_ok=True)
+            self._fleet = self._fleet_factory(size, self._storage_dir)
+            self._fleet_size = size
+            loop = asyncio.get_running_loop()
+            # start() blocks until a worker is healthy; a thread keeps the loop free
+            fleet = self._fleet
+            self._fleet_starting = loop.run_in_executor(
+                None, lambda: fleet.start(timeout=FLEET_START_TIMEOUT_S))
+            try:
+                await asyncio.shield(self._fleet_starting)
+            except Exception:
+                await self._stop_fleet()
+                raise
+        return self._fleet.endpoint
+
+    async def _stop_fleet(self) -> None:
+        fleet, self._fleet = self._fleet, None
+        starting, self._fleet_starting = self._fleet_starting, None
+        if fleet is None:
+            return
+        if starting is not None and not starting.done():
+            # closing while it still starts: let start() finish, then stop what it began
+            await asyncio.wait([starting])
+        await asyncio.to_thread(fleet.stop)
+
+    async def _close_client(self) -> None:
+        for client in (self._client, self._admin):
+            if client is not None:
+                await client.aclose()
+        self._client = self._admin = None
+
+    async def close(self) -> None:
+        await self._close_client()
+        await self._stop_fleet()

@@ -1,0 +1,188 @@
+"""User settings of the desktop app: a validated, frozen value kept as JSON.
+
+The file lives in the user's config directory (``$XDG_CONFIG_HOME/imagefleet/settings.json``,
+falling back to ``~/.config/imagefleet/settings.json``). Loading never raises for a bad
+file: it answers defaults plus a message the app shows, because a broken settings file
+must not stop the app from starting. No Tk import here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+APPEARANCES = ("system", "light", "dark")
+LINK_TTL_MIN_S = 60
+LINK_TTL_MAX_S = 7 * 24 * 3600  # the server never signs links for longer than 7 days
+CONCURRENCY_RANGE = (1, 32)
+FLEET_SIZE_RANGE = (1, 8)
+
+
+class SettingsError(ValueError):
+    """One or more settings values are invalid; ``problems`` names each one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the user can change in the Settings view.
+
+    ``endpoint`` empty means "start an embedded local fleet of ``fleet_size`` workers".
+    ``admin_endpoint`` is where ``/fleet`` is served when that is not the endpoint
+    (``python -m fleet run`` for AWS: the ALB serves only the processing API).
+    """
+
+    endpoint: str = ""
+    token: str = ""
+    link_ttl_s: int = 3600
+    concurrency: int = 4
+    appearance: str = "system"
+    fleet_size: int = 2
+    admin_endpoint: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoadedSettings:
+    settings: Settings
+    path: Path
+    warning: str | None = None  # shown in the UI when the file was unusable
+    problems: list[str] = field(default_factory=list)
+
+
+def settings_path(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
+    return Path(base) / "imagefleet" / "settings.json"
+
+
+def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the embedded fleet keeps its storage (results survive a restart)."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".cache")
+    return Path(base) / "imagefleet"
+
+
+def validate_endpoint(value: str) -> str | None:
+    """Problem with an endpoint URL, or None when it is usable (empty = embedded fleet)."""
+    if not value:
+        return None
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        return f"endpoint must be an http:// or https:// URL, got {value!r}"
+    return None
+
+
+def _int_in_range(name: str, raw: Any, low: int, high: int, problems: list[str]) -> int | None:
+    if isinstance(raw, bool):
+        problems.append(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
+        return None
+    try:
+        value = int(str(raw).strip()) if not isinstance(raw, int) else raw
+    except ValueError:
+        problems.append(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
+        return None
+    if not low <= value <= high:
+        problems.append(f"{name} must be from {low} to {high}, got {value}")
+        return None
+    return value
+
+
+def parse_settings(data: Mapping[str, Any], base: Settings | None = None) -> Settings:
+    """Validate raw values (from JSON or from the form) into Settings.
+
+    Unknown keys are rejected rather than ignored so a typo never silently loses a value.
+    Raises SettingsError listing every problem at once.
+    """
+    start = base or Settings()
+    known = set(Settings.__dataclass_fields__)
+    problems = [
+        f"unknown setting {key!r} (known: {', '.join(sorted(known))})"
+        for key in data
+        if key not in known
+    ]
+    values: dict[str, Any] = {}
+    for name in ("endpoint", "admin_endpoint"):
+        if name in data:
+            url = str(data[name] or "").strip().rstrip("/")
+            problem = validate_endpoint(url)
+            if problem:
+                problems.append(problem.replace("endpoint", name, 1))
+            values[name] = url
+    if "token" in data:
+        values["token"] = str(data["token"] or "").strip()
+    if "appearance" in data:
+        appearance = str(data["appearance"]).strip().lower()
+        if appearance not in APPEARANCES:
+            allowed = ", ".join(APPEARANCES)
+            problems.append(f"appearance must be one of {allowed}, got {appearance!r}")
+        values["appearance"] = appearance
+    for name, (low, high) in {
+        "link_ttl_s": (LINK_TTL_MIN_S, LINK_TTL_MAX_S),
+        "concurrency": CONCURRENCY_RANGE,
+        "fleet_size": FLEET_SIZE_RANGE,
+    }.items():
+        if name in data:
+            values[name] = _int_in_range(name, data[name], low, high, problems)
+    if problems:
+        raise SettingsError(problems)
+    return replace(start, **values)
+
+
+def load_settings(path: Path) -> LoadedSettings:
+    """Read settings; a missing file gives defaults, a broken one defaults plus a warning."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return LoadedSettings(Settings(), path)
+    except OSError as exc:
+        return LoadedSettings(Settings(), path, f"Could not read {path}: {exc.strerror}. "
+                              "Using default settings.")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return LoadedSettings(
+            Settings(), path,
+            f"Settings file {path} is not valid JSON (line {exc.lineno}: {exc.msg}). "
+            "Using default settings; saving will replace it.",
+        )
+    if not isinstance(data, dict):
+        return LoadedSettings(
+            Settings(), path,
+            f"Settings file {path} must hold a JSON object. Using default settings.",
+        )
+    try:
+        return LoadedSettings(parse_settings(data), path)
+    except SettingsError as exc:
+        log.warning("invalid settings in %s: %s", path, exc)
+        return LoadedSettings(
+            Settings(), path,
+            f"Settings file {path} has invalid values ({exc}). Using default settings.",
+            exc.problems,
+        )
+
+
+def save_settings(settings: Settings, path: Path) -> None:
+    """Write atomically (temp file then rename) so a crash never leaves half a file.
+
+    The file may hold the API token, so it is readable by its owner only.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(settings.to_json(), indent=2) + "\n")
+    os.replace(tmp, path)

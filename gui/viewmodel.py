@@ -1,0 +1,804 @@
+"""Pure logic behind the desktop app's views: no Tk, no network, no threads.
+
+- parameter schema (``/operations``) → control specs, and control values → typed params;
+- the state of a batch of images and its progress arithmetic;
+- the process request (single operation or a pipeline of steps);
+- fleet table rows, totals and event lines;
+- small formatting helpers (expiry, elapsed time, error messages, pasted paths).
+
+The views own the widgets; everything that can be decided without them is decided here
+so it can be tested without a display.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+OUTPUT_FORMATS = ("original", "png", "jpeg", "webp")
+LOSSY_FORMATS = frozenset({"jpeg", "webp"})
+SLIDER_MAX_INT_STEPS = 1000  # wider integer ranges get a spinbox: a slider would be too coarse
+FLOAT_SLIDER_POSITIONS = 200  # at least this many positions on a float slider
+MAX_SLIDER_STEPS = 100_000
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+class SchemaError(ValueError):
+    """The server described a parameter the app cannot build a control for."""
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """How one operation parameter is shown and parsed.
+
+    ``kind`` is one of ``slider``, ``spinbox``, ``dropdown``, ``checkbox``.
+    ``steps`` is the slider's number of steps (None for other kinds).
+    """
+
+    name: str
+    label: str
+    kind: str
+    value_type: str
+    default: Any
+    minimum: float | None = None
+    maximum: float | None = None
+    steps: int | None = None
+    choices: tuple[str, ...] = ()
+    odd: bool = False  # kernel sizes: only odd integers are valid
+    description: str = ""
+
+    @property
+    def increment(self) -> float:
+        """One step: 1 for ints (2 for odd-only), the slider's resolution for floats."""
+        if self.value_type == "int":
+            return 2 if self.odd else 1
+        if self.steps and self.minimum is not None and self.maximum is not None:
+            return (self.maximum - self.minimum) / self.steps
+        return 0.1
+
+
+def _label(name: str) -> str:
+    return name.replace("_", " ").capitalize()
+
+
+def control_for(param: Any) -> ControlSpec:
+    """One control for a ParamSpec-like object (name, type, default, min, max, choices)."""
+    name = param.name
+    kind_of = param.type
+    low, high = param.min, param.max
+    # ``odd`` and ``description`` are optional in the schema (older clients drop them)
+    odd = bool(getattr(param, "odd", False))
+    description = str(getattr(param, "description", "") or "")
+    if kind_of == "bool":
+        return ControlSpec(name, _label(name), "checkbox", "bool", bool(param.default),
+                           description=description)
+    if kind_of == "choice":
+        choices = tuple(str(c) for c in (param.choices or ()))
+        if not choices:
+            raise SchemaError(f"parameter {name!r} is a choice but the server gave no choices")
+        default = str(param.default) if param.default is not None else choices[0]
+        return ControlSpec(name, _label(name), "dropdown", "choice", default, choices=choices,
+                           description=description)
+    if kind_of not in ("int", "float"):
+        raise SchemaError(
+            f"parameter {name!r} has type {kind_of!r}; the app knows int, float, bool, choice"
+        )
+    bounded = low is not None and high is not None and high > low
+    default = param.default if param.default is not None else (low if low is not None else 0)
+    if kind_of == "int":
+        default = int(default)
+        low = None if low is None else math.ceil(low)
+        high = None if high is None else math.floor(high)
+        if odd:
+            # a slider over odd values only: its ends must be odd too
+            low = None if low is None else (low if low % 2 else low + 1)
+            high = None if high is None else (high if high % 2 else high - 1)
+        if bounded and low is not None and high is not None and high > low and (
+                high - low <= SLIDER_MAX_INT_STEPS):
+            steps = (high - low) // 2 if odd else high - low
+            return ControlSpec(name, _label(name), "slider", "int", default, low, high,
+                               steps=steps, odd=odd, description=description)
+        return ControlSpec(name, _label(name), "spinbox", "int", default, low, high, odd=odd,
+                           description=description)
+    default = float(default)
+    if bounded:
+        return ControlSpec(name, _label(name), "slider", "float", default, float(low),
+                           float(high), steps=float_slider_steps(low, high, default),
+                           description=description)
+    return ControlSpec(name, _label(name), "spinbox", "float", default, low, high,
+                       description=description)
+
+
+def _on_grid(distance: float, step: float) -> bool:
+    ratio = distance / step
+    return abs(ratio - round(ratio)) < 1e-6
+
+
+def float_slider_steps(low: float, high: float, default: float) -> int:
+    """Steps for a float slider: a power-of-ten resolution giving at least
+    FLOAT_SLIDER_POSITIONS positions, fine enough that the default and both ends sit
+    exactly on a position (so an untouched slider sends the server's default)."""
+    step = 10 ** math.floor(math.log10((high - low) / FLOAT_SLIDER_POSITIONS))
+    while (high - low) / step <= MAX_SLIDER_STEPS:
+        if _on_grid(default - low, step) and _on_grid(high - low, step):
+            return round((high - low) / step)
+        step /= 10
+    return FLOAT_SLIDER_POSITIONS
+
+
+def controls_for(operation: Any) -> list[ControlSpec]:
+    return [control_for(p) for p in operation.params]
+
+
+def _decimals(spec: ControlSpec) -> int:
+    if spec.value_type != "float":
+        return 0
+    return max(0, -math.floor(math.log10(spec.increment))) if spec.increment < 1 else 1
+
+
+def coerce_value(spec: ControlSpec, raw: Any) -> Any:
+    """Turn a widget's raw value into the typed parameter, or raise ValueError saying
+    what is allowed. Slider floats are rounded to the slider's resolution."""
+    if spec.value_type == "bool":
+        if isinstance(raw, str):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        return bool(raw)
+    if spec.value_type == "choice":
+        value = str(raw)
+        if value not in spec.choices:
+            raise ValueError(f"{spec.label} must be one of {', '.join(spec.choices)}")
+        return value
+    text = str(raw).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(
+            f"{spec.label} must be a number{_range_text(spec)}, got {text!r}"
+        ) from None
+    if not math.isfinite(number):
+        raise ValueError(f"{spec.label} must be a finite number{_range_text(spec)}")
+    if spec.value_type == "int":
+        kind = "an odd whole number" if spec.odd else "a whole number"
+        if spec.kind == "spinbox" and (number != int(number) or (spec.odd and number % 2 == 0)):
+            raise ValueError(f"{spec.label} must be {kind}{_range_text(spec)}")
+        value: float = round(number)
+        if spec.odd and value % 2 == 0:  # a slider position between two odd values
+            value += 1 if spec.maximum is None or value + 1 <= spec.maximum else -1
+    else:
+        value = round(number, _decimals(spec) + 1) if spec.kind == "slider" else number
+    if (spec.minimum is not None and value < spec.minimum) or (
+        spec.maximum is not None and value > spec.maximum
+    ):
+        shown = format_value(spec, value)
+        raise ValueError(f"{spec.label} must be{_range_text(spec)}, got {shown}")
+    return int(value) if spec.value_type == "int" else float(value)
+
+
+def _range_text(spec: ControlSpec) -> str:
+    low, high = spec.minimum, spec.maximum
+    if low is not None and high is not None:
+        return f" from {_num(low)} to {_num(high)}"
+    if low is not None:
+        return f" of at least {_num(low)}"
+    if high is not None:
+        return f" of at most {_num(high)}"
+    return ""
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def format_value(spec: ControlSpec, value: Any) -> str:
+    if spec.value_type == "int":
+        return str(round(float(value)))
+    if spec.value_type == "float":
+        return f"{float(value):.{_decimals(spec) + 1}f}".rstrip("0").rstrip(".") or "0"
+    return str(value)
+
+
+def default_params(controls: Iterable[ControlSpec]) -> dict[str, Any]:
+    return {c.name: c.default for c in controls}
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class Step:
+    op: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProcessRequest:
+    """What every image of a run is sent with; exactly one of operation/steps is set."""
+
+    operation: str | None
+    params: Mapping[str, Any] | None
+    steps: tuple[Step, ...] | None
+    format: str | None
+    quality: int | None
+    expires_in: int | None
+
+    @property
+    def label(self) -> str:
+        """Short name of the processing, used in file names (``<stem>.<label>.<ext>``)."""
+        if self.steps:
+            return "-".join(step.op for step in self.steps)
+        return self.operation or "result"
+
+    def steps_payload(self) -> list[dict[str, Any]] | None:
+        if not self.steps:
+            return None
+        return [{"op": step.op, **step.params} for step in self.steps]
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``ImageFleetClient.process``."""
+        if self.steps:
+            return {"steps": self.steps_payload(), "format": self.format,
+                    "quality": self.quality, "expires_in": self.expires_in}
+        return {"operation": self.operation, "params": dict(self.params or {}),
+                "format": self.format, "quality": self.quality, "expires_in": self.expires_in}
+
+
+def build_request(
+    *,
+    operation: str | None,
+    params: Mapping[str, Any],
+    pipeline: Sequence[Step],
+    output_format: str,
+    quality: int,
+    expires_in: int | None,
+) -> ProcessRequest:
+    """The pipeline wins when it has steps; otherwise the selected operation alone."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}")
+    fmt = None if output_format == "original" else output_format
+    # quality only means something for lossy formats; "original" may be a JPEG too
+    q = int(quality) if fmt in LOSSY_FORMATS or fmt is None else None
+    if pipeline:
+        return ProcessRequest(None, None, tuple(pipeline), fmt, q, expires_in)
+    if not operation:
+        raise ValueError("choose an operation, or add steps to the pipeline")
+    return ProcessRequest(operation, dict(params), None, fmt, q, expires_in)
+
+
+def describe_step(step: Step, titles: Mapping[str, str] | None = None) -> str:
+    title = (titles or {}).get(step.op, step.op)
+    if not step.params:
+        return title
+    inner = ", ".join(f"{k}={_short(v)}" for k, v in step.params.items())
+    return f"{title} ({inner})"
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def result_filename(source: Path, label: str, fmt: str) -> str:
+    ext = {"jpeg": "jpg"}.get(fmt.lower(), fmt.lower())
+    return f"{source.stem}.{label}.{ext}"
+
+
+# --------------------------------------------------------------------------- batch
+
+
+class JobStatus(StrEnum):
+    READY = "ready"  # added, never run
+    QUEUED = "queued"  # part of a run, waiting for a free slot
+    UPLOADING = "uploading"
+    PROCESSING = "processing"
+    RETRYING = "retrying"
+    DOWNLOADING = "downloading"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE = frozenset({JobStatus.UPLOADING, JobStatus.PROCESSING, JobStatus.RETRYING,
+                    JobStatus.DOWNLOADING})
+IN_RUN = ACTIVE | {JobStatus.QUEUED}
+FINISHED = frozenset({JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED})
+
+# Share of one image's bar given to each phase: uploading is the visible part on a slow
+# link, processing is opaque (the server reports nothing until it answers), and the
+# final download feeds the preview.
+PHASE_SPANS: Mapping[str, tuple[float, float]] = MappingProxyType({
+    "queued": (0.0, 0.0),
+    "uploading": (0.0, 0.45),
+    "processing": (0.45, 0.85),
+    "downloading": (0.85, 1.0),
+    "done": (1.0, 1.0),
+})
+
+
+def phase_fraction(phase: str, fraction: float) -> float:
+    """Position of an image's bar (0..1) for a phase and the fraction within it."""
+    low, high = PHASE_SPANS.get(phase, (0.0, 0.0))
+    f = 0.0 if not math.isfinite(fraction) else min(1.0, max(0.0, fraction))
+    return low + (high - low) * f
+
+
+@dataclass(frozen=True)
+class ResultInfo:
+    url: str
+    expires_at: datetime | None
+    instance_id: str
+    elapsed_s: float
+    width: int
+    height: int
+    format: str
+    bytes: int
+    cached: bool
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    id: int
+    path: Path
+    status: JobStatus = JobStatus.READY
+    progress: float = 0.0
+    message: str = ""
+    ticket: int = 0  # bumped on every (re)start so late events of an older run are ignored
+    result: ResultInfo | None = None
+    label: str = ""  # the request's label when the result was made
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass(frozen=True)
+class Overall:
+    fraction: float
+    done: int
+    failed: int
+    cancelled: int
+    active: int
+    queued: int
+    total: int
+
+    @property
+    def text(self) -> str:
+        if not self.total:
+            return "No run yet"
+        parts = [f"{self.done} of {self.total} done"]
+        if self.active:
+            parts.append(f"{self.active} running")
+        if self.queued:
+            parts.append(f"{self.queued} waiting")
+        if self.failed:
+            parts.append(f"{self.failed} failed")
+        if self.cancelled:
+            parts.append(f"{self.cancelled} cancelled")
+        return " · ".join(parts)
+
+
+@dataclass(frozen=True)
+class AddOutcome:
+    added: list[ImageJob]
+    skipped: list[tuple[str, str]]  # (path, reason)
+
+
+class Batch:
+    """The images in the Process view and where each one is in its run."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[int, ImageJob] = {}
+        self._next_id = 1
+        self._run_ids: list[int] = []
+
+    # -- membership
+    @property
+    def jobs(self) -> list[ImageJob]:
+        return list(self._jobs.values())
+
+    def get(self, job_id: int) -> ImageJob | None:
+        return self._jobs.get(job_id)
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def add(self, paths: Iterable[Path]) -> AddOutcome:
+        known = {job.path for job in self._jobs.values()}
+        added: list[ImageJob] = []
+        skipped: list[tuple[str, str]] = []
+        for raw in paths:
+            path = Path(raw).expanduser()
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append((str(raw), "not an image file (" + ", ".join(
+                    sorted(IMAGE_SUFFIXES)) + ")"))
+                continue
+            path = path.resolve()
+            if path in known:
+                skipped.append((str(raw), "already in the list"))
+                continue
+            job = ImageJob(self._next_id, path)
+            self._next_id += 1
+            self._jobs[job.id] = job
+            known.add(path)
+            added.append(job)
+        return AddOutcome(added, skipped)
+
+    def remove(self, job_id: int) -> bool:
+        """Remove an image; images being processed stay (cancel first)."""
+        job = self._jobs.get(job_id)
+        if job is None or job.status in ACTIVE:
+            return False
+        del self._jobs[job_id]
+        if job_id in self._run_ids:
+            self._run_ids.remove(job_id)
+        return True
+
+    # -- runs
+    @property
+    def running(self) -> bool:
+        return any(job.status in IN_RUN for job in self._jobs.values())
+
+    def start(self, job_ids: Iterable[int] | None = None) -> list[ImageJob]:
+        """Queue images for a run. With no ids: every image not already in a run.
+        Starting while a run is going adds to it (a retry does that)."""
+        ids = list(self._jobs) if job_ids is None else [i for i in job_ids if i in self._jobs]
+        started = []
+        if not self.running:
+            self._run_ids = []
+        for job_id in ids:
+            job = self._jobs[job_id]
+            if job.status in IN_RUN:
+                continue
+            job = replace(job, status=JobStatus.QUEUED, progress=0.0, message="",
+                          ticket=job.ticket + 1, result=None)
+            self._jobs[job_id] = job
+            if job_id not in self._run_ids:
+                self._run_ids.append(job_id)
+            started.append(job)
+        return started
+
+    def _current(self, job_id: int, ticket: int) -> ImageJob | None:
+        job = self._jobs.get(job_id)
+        if job is None or job.ticket != ticket or job.status in FINISHED:
+            return None
+        return job
+
+    def progress(self, job_id: int, ticket: int, phase: str, fraction: float,
+                 message: str = "") -> ImageJob | None:
+        """Apply a progress event; None when it belongs to an old run or is stale."""
+        job = self._current(job_id, ticket)
+        if job is None:
+            return None
+        if phase == "retrying":
+            job = replace(job, status=JobStatus.RETRYING, message=message or "retrying…")
+        else:
+            try:
+                status = JobStatus(phase)
+            except ValueError:
+                return None
+            if status in FINISHED:
+                return None  # finishing goes through finish()/fail() with the outcome
+            # the bar never runs backwards, even when a retry restarts the upload
+            job = replace(job, status=status, message=message,
+                          progress=max(job.progress, phase_fraction(phase, fraction)))
+        self._jobs[job_id] = job
+        return job
+
+    def finish(self, job_id: int, ticket: int, result: ResultInfo,
+               label: str = "") -> ImageJob | None:
+        job = self._current(job_id, ticket)
+        if job is None:
+            return None
+        job = replace(job, status=JobStatus.DONE, progress=1.0, message="", result=result,
+                      label=label)
+        self._jobs[job_id] = job
+        return job
+
+    def fail(self, job_id: int, ticket: int, message: str) -> ImageJob | None:
+        job = self._current(job_id, ticket)
+        if job is None:
+            return None
+        job = replace(job, status=JobStatus.FAILED, message=message)
+        self._jobs[job_id] = job
+        return job
+
+    def cancel_waiting(self) -> list[ImageJob]:
+        """Cancel images that have not started; those already on a server finish."""
+        cancelled = []
+        for job_id, job in list(self._jobs.items()):
+            if job.status == JobStatus.QUEUED:
+                stopped = replace(job, status=JobStatus.CANCELLED, message="cancelled")
+                self._jobs[job_id] = stopped
+                cancelled.append(stopped)
+        return cancelled
+
+    def cancel_ticket(self, job_id: int, ticket: int) -> ImageJob | None:
+        """Mark one image cancelled (its task was stopped before it finished)."""
+        job = self._current(job_id, ticket)
+        if job is None:
+            return None
+        job = replace(job, status=JobStatus.CANCELLED, message="cancelled")
+        self._jobs[job_id] = job
+        return job
+
+    def overall(self) -> Overall:
+        run = [self._jobs[i] for i in self._run_ids if i in self._jobs]
+        counts = {status: 0 for status in JobStatus}
+        for job in run:
+            counts[job.status] += 1
+        total = len(run)
+        # finished images (whatever the outcome) count as whole: the bar shows how much
+        # of the run is behind us, not how much succeeded
+        filled = sum(1.0 if job.status in FINISHED else job.progress for job in run)
+        return Overall(
+            fraction=filled / total if total else 0.0,
+            done=counts[JobStatus.DONE],
+            failed=counts[JobStatus.FAILED],
+            cancelled=counts[JobStatus.CANCELLED],
+            active=sum(counts[s] for s in ACTIVE),
+            queued=counts[JobStatus.QUEUED],
+            total=total,
+        )
+
+    def done_jobs(self) -> list[ImageJob]:
+        return [job for job in self._jobs.values() if job.status == JobStatus.DONE]
+
+
+def status_text(job: ImageJob) -> str:
+    if job.status == JobStatus.DONE and job.result is not None:
+        r = job.result
+        cached = " · cached" if r.cached else ""
+        return f"{r.width}×{r.height} {r.format} · {format_elapsed(r.elapsed_s)}{cached}"
+    if job.status == JobStatus.FAILED:
+        return job.message or "failed"
+    if job.status in ACTIVE:
+        text = {JobStatus.UPLOADING: "uploading", JobStatus.PROCESSING: "processing",
+                JobStatus.DOWNLOADING: "fetching result",
+                JobStatus.RETRYING: job.message or "retrying"}[job.status]
+        return f"{text} {round(job.progress * 100)}%"
+    return {JobStatus.READY: "ready", JobStatus.QUEUED: "waiting",
+            JobStatus.CANCELLED: "cancelled"}.get(job.status, job.status.value)
+
+
+# --------------------------------------------------------------------------- fleet
+
+HEALTH_COLOURS: Mapping[str, tuple[str, str]] = MappingProxyType({
+    # (light mode, dark mode)
+    "healthy": ("#1b7f3b", "#5fd38d"),
+    "initial": ("#8a6d00", "#f2c94c"),
+    "draining": ("#8a6d00", "#f2c94c"),
+    "unhealthy": ("#b3261e", "#ff6b6b"),
+    "unused": ("#5f6368", "#9aa0a6"),
+})
+
+
+@dataclass(frozen=True)
+class FleetRow:
+    id: str
+    state: str
+    health: str
+    address: str
+    inflight: int
+    uptime: str
+
+
+@dataclass(frozen=True)
+class FleetTotals:
+    healthy: int
+    desired: int
+    minimum: int
+    maximum: int
+
+    @property
+    def text(self) -> str:
+        return (f"{self.healthy} healthy / {self.desired} desired · "
+                f"min {self.minimum} · max {self.maximum}")
+
+
+def _field(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def as_datetime(value: Any) -> datetime | None:
+    """A timestamp from the API (datetime, ISO 8601 text or epoch seconds), as aware UTC."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours:02d}h"
+
+
+def fleet_rows(instances: Iterable[Any], now: datetime) -> list[FleetRow]:
+    rows = []
+    for inst in instances:
+        launched = as_datetime(_field(inst, "launched_at"))
+        rows.append(FleetRow(
+            id=str(_field(inst, "id", "?")),
+            state=str(_field(inst, "state", "?")),
+            health=str(_field(inst, "health", "?")),
+            address=str(_field(inst, "address", "") or "—"),
+            inflight=int(_field(inst, "inflight", 0) or 0),
+            uptime=format_duration((now - launched).total_seconds()) if launched else "—",
+        ))
+    return sorted(rows, key=lambda r: r.id)
+
+
+def fleet_totals(state: Any) -> FleetTotals:
+    instances = list(_field(state, "instances", []) or [])
+    return FleetTotals(
+        healthy=sum(1 for i in instances if _field(i, "health") == "healthy"),
+        desired=int(_field(state, "desired", 0) or 0),
+        minimum=int(_field(state, "min", _field(state, "minimum", 0)) or 0),
+        maximum=int(_field(state, "max", _field(state, "maximum", 0)) or 0),
+    )
+
+
+def event_lines(events: Iterable[Any], limit: int = 200) -> list[str]:
+    """Newest first, one line each: time, kind, instance, message."""
+    lines = []
+    for event in events:
+        at = as_datetime(_field(event, "at"))
+        when = at.astimezone().strftime("%H:%M:%S") if at else "--:--:--"
+        instance = _field(event, "instance_id") or "-"
+        lines.append((at or datetime.min.replace(tzinfo=UTC),
+                      f"{when}  {_field(event, 'kind', ''):<18} {instance:<14} "
+                      f"{_field(event, 'message', '')}"))
+    lines.sort(key=lambda pair: pair[0], reverse=True)
+    return [text for _, text in lines[:limit]]
+
+
+def parse_desired(text: str, minimum: int, maximum: int) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"desired count must be a whole number from {minimum} to {maximum}, "
+                         f"got {text!r}") from None
+    if not minimum <= value <= maximum:
+        raise ValueError(f"desired count must be from {minimum} to {maximum}, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def format_elapsed(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.2f} s"
+
+
+def format_expiry(expires_at: datetime | None, now: datetime) -> str:
+    if expires_at is None:
+        return "link does not say when it expires"
+    left = (expires_at - now).total_seconds()
+    local = expires_at.astimezone().strftime("%Y-%m-%d %H:%M")
+    if left <= 0:
+        return f"link expired at {local}"
+    return f"link expires in {format_duration(left)} ({local})"
+
+
+def parse_path_list(text: str) -> list[str]:
+    """Paths from pasted text or a drop event.
+
+    Accepts one path per line, ``file://`` URIs (as file managers paste them), quoted
+    paths, and Tk's drop format where paths with spaces come in braces: ``{/a b.png} /c.png``.
+    """
+    items: list[str] = []
+    for raw_line in text.splitlines():
+        line = raw_line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "{" in line:
+            items.extend(a or b for a, b in re.findall(r"\{([^}]*)\}|(\S+)", line))
+        elif line.startswith("file://") and " file://" in line:
+            items.extend(line.split())
+        else:
+            items.append(line)
+    paths = []
+    for raw_item in items:
+        item = raw_item.strip().strip("'\"")
+        if item.startswith("file://"):
+            item = unquote(urlparse(item).path)
+        if item:
+            paths.append(item)
+    return paths
+
+
+def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files stay; folders give their image files (sorted, not recursive); missing paths
+    are reported. The only function here that touches the file system."""
+    found: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found.extend(sorted(p for p in path.iterdir()
+                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.is_file():
+            found.append(path)
+        else:
+            missing.append((str(raw), "no such file or folder"))
+    return found, missing
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def describe_error(exc: BaseException, endpoint: str = "") -> str:
+    """One sentence for the UI saying what went wrong and what to do about it."""
+    from gui import client as api
+
+    where = endpoint or "the endpoint"
+    if isinstance(exc, api.ServerError):
+        if exc.status == 401:
+            return (f"{where} refused the request: missing or wrong token (401). "
+                    "Set the token in Settings.")
+        if exc.status == 403:
+            return f"Access denied (403): {exc.message}. The link may have expired."
+        if exc.status == 413:
+            return f"Too large for the server (413): {exc.message}"
+        if exc.status == 415:
+            return f"The server cannot read this image (415): {exc.message}"
+        if exc.status == 404 and exc.code in ("http_404", "not_found"):
+            return f"{where} does not offer this ({exc.message})"
+        if exc.status in (502, 503, 504):
+            return (f"No server could take the request ({exc.status}): {exc.message}. "
+                    "The fleet may be starting or replacing instances; retry shortly.")
+        return f"{exc.message} ({exc.status})"
+    if isinstance(exc, api.ConnectError):
+        return f"Cannot reach {where}: {exc}. Check the endpoint in Settings."
+    if isinstance(exc, api.RequestTimeout):
+        return f"{where} did not answer in time: {exc}"
+    if isinstance(exc, api.TransportError):
+        return f"Connection problem with {where}: {exc}"
+    if isinstance(exc, api.InvalidResponse):
+        return f"Unexpected answer from {where}: {exc}"
+    if isinstance(exc, OSError):
+        return describe_os_error(exc)
+    if isinstance(exc, api.ClientError | ValueError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def describe_os_error(exc: OSError, action: str = "") -> str:
+    import errno
+
+    target = f" {exc.filename}" if exc.filename else ""
+    prefix = f"Could not {action}{target}" if action else f"Could not use{target}"
+    if exc.errno == errno.ENOSPC:
+        return f"Disk full: {prefix.lower()[0] + prefix[1:]}. Free some space and try again."
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{prefix}: permission denied. Choose another folder."
+    return f"{prefix}: {exc.strerror or exc}"

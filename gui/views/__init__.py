@@ -1,0 +1,1 @@
+"""The app's panels: ProcessView, FleetView, SettingsView (CTkFrame subclasses)."""

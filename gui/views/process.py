@@ -1,0 +1,485 @@
+"""The Process view: image list, operation and parameters, run controls, before/after
+preview and result actions.
+
+The view only shows state and forwards user intent to its controller (the app); it
+holds no network or file logic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import customtkinter as ctk
+from PIL import Image
+
+from gui.preview import compose_split, fit_within, flatten
+from gui.viewmodel import (
+    LOSSY_FORMATS,
+    OUTPUT_FORMATS,
+    ControlSpec,
+    ImageJob,
+    JobStatus,
+    Overall,
+    SchemaError,
+    Step,
+    controls_for,
+    describe_step,
+    status_text,
+)
+from gui.views.widgets import CARD, ERROR, MUTED, SELECTED, ParamControl, caption, heading
+
+PREVIEW_BOX = (600, 380)
+
+
+class ProcessActions(Protocol):
+    def add_files_dialog(self) -> None: ...
+    def add_folder_dialog(self) -> None: ...
+    def paste_paths(self) -> None: ...
+    def remove_image(self, job_id: int) -> None: ...
+    def retry_image(self, job_id: int) -> None: ...
+    def select_image(self, job_id: int) -> None: ...
+    def params_changed(self) -> None: ...
+    def add_step(self) -> None: ...
+    def remove_step(self, index: int) -> None: ...
+    def clear_pipeline(self) -> None: ...
+    def process_all(self) -> None: ...
+    def cancel_run(self) -> None: ...
+    def copy_link(self) -> None: ...
+    def open_link(self) -> None: ...
+    def save_as(self) -> None: ...
+    def save_all(self) -> None: ...
+
+
+class ImageRow(ctk.CTkFrame):
+    """One image in the list: thumbnail, name, status, progress bar, retry and remove."""
+
+    def __init__(self, master: Any, job: ImageJob, controller: ProcessActions) -> None:
+        super().__init__(master, fg_color=CARD, corner_radius=8)
+        self.job_id = job.id
+        self.columnconfigure(1, weight=1)
+        self.thumb = ctk.CTkLabel(self, text="", width=56, height=56, fg_color=("gray80", "gray25"),
+                                  corner_radius=6)
+        self.thumb.grid(row=0, column=0, rowspan=3, padx=(8, 8), pady=8)
+        self.name = ctk.CTkLabel(self, text=job.name, anchor="w",
+                                 font=ctk.CTkFont(size=13, weight="bold"))
+        self.name.grid(row=0, column=1, sticky="ew", pady=(8, 0))
+        self.remove_button = ctk.CTkButton(self, text="✕", width=26, height=26,
+                                           fg_color="transparent", text_color=MUTED,
+                                           hover_color=("gray80", "gray30"),
+                                           command=lambda: controller.remove_image(job.id))
+        self.remove_button.grid(row=0, column=2, padx=(4, 6), pady=(6, 0))
+        self.status = ctk.CTkLabel(self, text="", anchor="w", text_color=MUTED,
+                                   font=ctk.CTkFont(size=12), wraplength=180, justify="left")
+        self.status.grid(row=1, column=1, columnspan=1, sticky="ew")
+        self.retry_button = ctk.CTkButton(self, text="Retry", width=56, height=24,
+                                          command=lambda: controller.retry_image(job.id))
+        self.bar = ctk.CTkProgressBar(self, height=6)
+        self.bar.grid(row=2, column=1, columnspan=2, sticky="ew", padx=(0, 10), pady=(2, 10))
+        for widget in (self, self.thumb, self.name, self.status):
+            widget.bind("<Button-1>", lambda _e: controller.select_image(job.id), add="+")
+        self.update_job(job)
+
+    def update_job(self, job: ImageJob) -> None:
+        self.status.configure(text=status_text(job),
+                              text_color=ERROR if job.status == JobStatus.FAILED else MUTED)
+        self.bar.set(job.progress)
+        self.bar.configure(progress_color=ERROR if job.status == JobStatus.FAILED else
+                           ["#3a7ebf", "#1f6aa5"])
+        if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            self.retry_button.grid(row=1, column=2, padx=(4, 6))
+        else:
+            self.retry_button.grid_forget()
+
+    def set_thumbnail(self, image: Image.Image) -> None:
+        thumb = ctk.CTkImage(light_image=image, size=image.size)
+        self.thumb.configure(image=thumb, fg_color="transparent")
+        self._thumb_image = thumb  # replaced only now: see _render_preview
+
+    def set_selected(self, selected: bool) -> None:
+        self.configure(fg_color=SELECTED if selected else CARD)
+
+
+class ProcessView(ctk.CTkFrame):
+    """See the module docstring. The app calls the ``set_*``/``show_*`` methods."""
+
+    def __init__(self, master: Any, controller: ProcessActions) -> None:
+        super().__init__(master, fg_color="transparent")
+        self.controller = controller
+        self.rows: dict[int, ImageRow] = {}
+        self.controls: list[ParamControl] = []
+        self.operations: dict[str, Any] = {}
+        self._title_to_name: dict[str, str] = {}
+        self._before: Image.Image | None = None
+        self._after: Image.Image | None = None
+        self._images: list[ctk.CTkImage] = []
+        self.columnconfigure(0, weight=0, minsize=310)
+        self.columnconfigure(1, weight=0, minsize=320)
+        self.columnconfigure(2, weight=1)
+        self.rowconfigure(0, weight=1)
+        self._build_images_column()
+        self._build_operation_column()
+        self._build_preview_column()
+
+    # ------------------------------------------------------------------ layout
+    def _build_images_column(self) -> None:
+        col = ctk.CTkFrame(self)
+        col.grid(row=0, column=0, sticky="nsew", padx=(0, 8))
+        col.rowconfigure(2, weight=1)
+        col.columnconfigure(0, weight=1)
+        head = ctk.CTkFrame(col, fg_color="transparent")
+        head.grid(row=0, column=0, sticky="ew", padx=12, pady=(12, 4))
+        head.columnconfigure(0, weight=1)
+        heading(head, "Images").grid(row=0, column=0, sticky="w")
+        self.count_label = caption(head, "none yet")
+        self.count_label.grid(row=0, column=1, sticky="e")
+        buttons = ctk.CTkFrame(col, fg_color="transparent")
+        buttons.grid(row=1, column=0, sticky="ew", padx=12, pady=(0, 6))
+        self.add_button = ctk.CTkButton(buttons, text="Add images…", width=104,
+                                        command=self.controller.add_files_dialog)
+        self.add_button.grid(row=0, column=0, padx=(0, 6))
+        ctk.CTkButton(buttons, text="Folder…", width=76, fg_color="transparent", border_width=1,
+                      text_color=("gray10", "gray90"),
+                      command=self.controller.add_folder_dialog).grid(row=0, column=1, padx=(0, 6))
+        ctk.CTkButton(buttons, text="Paste paths", width=92, fg_color="transparent",
+                      border_width=1, text_color=("gray10", "gray90"),
+                      command=self.controller.paste_paths).grid(row=0, column=2)
+        self.list = ctk.CTkScrollableFrame(col, fg_color="transparent")
+        self.list.grid(row=2, column=0, sticky="nsew", padx=4, pady=(0, 4))
+        self.list.columnconfigure(0, weight=1)
+        self.empty_hint = caption(
+            self.list, "Add images with the buttons above, Ctrl+O, by pasting paths "
+            "(Ctrl+V) or by dropping files here.", wraplength=250, justify="left")
+        self.empty_hint.grid(row=0, column=0, sticky="ew", padx=8, pady=12)
+        run = ctk.CTkFrame(col, fg_color="transparent")
+        run.grid(row=3, column=0, sticky="ew", padx=12, pady=(4, 12))
+        run.columnconfigure(0, weight=1)
+        self.overall_label = caption(run, "No run yet")
+        self.overall_label.grid(row=0, column=0, columnspan=2, sticky="ew")
+        self.overall_bar = ctk.CTkProgressBar(run, height=10)
+        self.overall_bar.set(0)
+        self.overall_bar.grid(row=1, column=0, columnspan=2, sticky="ew", pady=(2, 8))
+        self.process_button = ctk.CTkButton(run, text="Process all  (Ctrl+Enter)", height=36,
+                                            font=ctk.CTkFont(size=14, weight="bold"),
+                                            command=self.controller.process_all)
+        self.process_button.grid(row=2, column=0, sticky="ew", padx=(0, 6))
+        self.cancel_button = ctk.CTkButton(run, text="Cancel", width=76, height=36,
+                                           fg_color=("gray70", "gray30"),
+                                           hover_color=("gray60", "gray35"),
+                                           state="disabled", command=self.controller.cancel_run)
+        self.cancel_button.grid(row=2, column=1)
+
+    def _build_operation_column(self) -> None:
+        col = ctk.CTkFrame(self)
+        col.grid(row=0, column=1, sticky="nsew", padx=(0, 8))
+        col.columnconfigure(0, weight=1)
+        col.rowconfigure(3, weight=1)
+        heading(col, "Operation").grid(row=0, column=0, sticky="w", padx=12, pady=(12, 4))
+        self.operation_var = ctk.StringVar(value="Loading operations…")
+        self.operation_menu = ctk.CTkOptionMenu(col, values=["Loading operations…"],
+                                                variable=self.operation_var,
+                                                command=self._operation_picked,
+                                                dynamic_resizing=False)
+        self.operation_menu.grid(row=1, column=0, sticky="ew", padx=12)
+        self.description = caption(col, "Waiting for the server's operations…",
+                                   wraplength=290, justify="left")
+        self.description.grid(row=2, column=0, sticky="ew", padx=12, pady=(4, 4))
+        self.params_frame = ctk.CTkScrollableFrame(col, fg_color="transparent", height=150)
+        self.params_frame.grid(row=3, column=0, sticky="nsew", padx=4)
+        self.params_frame.columnconfigure(0, weight=1)
+
+        pipe = ctk.CTkFrame(col, fg_color="transparent")
+        pipe.grid(row=4, column=0, sticky="ew", padx=12, pady=(6, 0))
+        pipe.columnconfigure(0, weight=1)
+        ctk.CTkLabel(pipe, text="Pipeline", anchor="w",
+                     font=ctk.CTkFont(size=13, weight="bold")).grid(row=0, column=0, sticky="w")
+        self.add_step_button = ctk.CTkButton(pipe, text="+ Add as step", width=104, height=26,
+                                             command=self.controller.add_step)
+        self.add_step_button.grid(row=0, column=1, padx=(4, 0))
+        self.clear_button = ctk.CTkButton(pipe, text="Clear", width=52, height=26,
+                                          fg_color="transparent", border_width=1,
+                                          text_color=("gray10", "gray90"),
+                                          command=self.controller.clear_pipeline)
+        self.clear_button.grid(row=0, column=2, padx=(4, 0))
+        self.steps_frame = ctk.CTkFrame(pipe, fg_color="transparent")
+        self.steps_frame.grid(row=1, column=0, columnspan=3, sticky="ew", pady=(4, 0))
+        self.steps_frame.columnconfigure(0, weight=1)
+        self.set_pipeline([], {})
+
+        out = ctk.CTkFrame(col, fg_color="transparent")
+        out.grid(row=5, column=0, sticky="ew", padx=12, pady=(10, 12))
+        out.columnconfigure(1, weight=1)
+        ctk.CTkLabel(out, text="Output", font=ctk.CTkFont(size=13, weight="bold")).grid(
+            row=0, column=0, sticky="w", columnspan=3)
+        ctk.CTkLabel(out, text="Format").grid(row=1, column=0, sticky="w", pady=(4, 0))
+        self.format_var = ctk.StringVar(value="original")
+        self.format_menu = ctk.CTkOptionMenu(out, values=list(OUTPUT_FORMATS), width=120,
+                                             variable=self.format_var,
+                                             command=lambda _v: self._format_changed())
+        self.format_menu.grid(row=1, column=1, columnspan=2, sticky="w", padx=(8, 0), pady=(4, 0))
+        ctk.CTkLabel(out, text="Quality").grid(row=2, column=0, sticky="w", pady=(6, 0))
+        self.quality_slider = ctk.CTkSlider(out, from_=1, to=100, number_of_steps=99,
+                                            command=lambda _v: self._quality_moved())
+        self.quality_slider.set(90)
+        self.quality_slider.grid(row=2, column=1, sticky="ew", padx=(8, 4), pady=(6, 0))
+        self.quality_label = caption(out, "90", width=28)
+        self.quality_label.grid(row=2, column=2, pady=(6, 0))
+
+    def _build_preview_column(self) -> None:
+        col = ctk.CTkFrame(self)
+        col.grid(row=0, column=2, sticky="nsew")
+        col.columnconfigure(0, weight=1)
+        col.rowconfigure(1, weight=1)
+        head = ctk.CTkFrame(col, fg_color="transparent")
+        head.grid(row=0, column=0, sticky="ew", padx=12, pady=(12, 4))
+        head.columnconfigure(0, weight=1)
+        heading(head, "Before / after").grid(row=0, column=0, sticky="w")
+        self.mode = ctk.CTkSegmentedButton(head, values=["Side by side", "Slider"],
+                                           command=lambda _v: self._render_preview())
+        self.mode.set("Side by side")
+        self.mode.grid(row=0, column=1, sticky="e")
+        self.stage = ctk.CTkFrame(col, fg_color=("gray78", "gray14"), corner_radius=8)
+        self.stage.grid(row=1, column=0, sticky="nsew", padx=12)
+        self.stage.columnconfigure((0, 1), weight=1)
+        self.stage.rowconfigure(0, weight=1)
+        self._blank = ctk.CTkImage(light_image=Image.new("RGBA", (1, 1), (0, 0, 0, 0)),
+                                   size=(1, 1))
+        self.before_label = ctk.CTkLabel(self.stage, text="")
+        self.after_label = ctk.CTkLabel(self.stage, text="")
+        self.stage_hint = caption(self.stage, "Select an image to see it here.")
+        self.stage_hint.grid(row=0, column=0, columnspan=2)
+        self.split = ctk.CTkSlider(col, from_=0, to=1, command=lambda _v: self._render_preview())
+        self.split.set(0.5)
+        self.preview_caption = caption(col, "")
+        self.preview_caption.grid(row=3, column=0, sticky="ew", padx=12, pady=(4, 0))
+
+        info = ctk.CTkFrame(col, fg_color=CARD, corner_radius=8)
+        info.grid(row=4, column=0, sticky="ew", padx=12, pady=(8, 12))
+        info.columnconfigure(0, weight=1)
+        self.result_title = ctk.CTkLabel(info, text="No result selected", anchor="w",
+                                         font=ctk.CTkFont(size=13, weight="bold"))
+        self.result_title.grid(row=0, column=0, sticky="ew", padx=10, pady=(8, 0))
+        self.result_meta = caption(info, "Process an image to get a shareable link.")
+        self.result_meta.grid(row=1, column=0, sticky="ew", padx=10)
+        self.expiry_label = caption(info, "")
+        self.expiry_label.grid(row=2, column=0, sticky="ew", padx=10)
+        self.link_entry = ctk.CTkEntry(info, state="readonly", height=28)
+        self.link_entry.grid(row=3, column=0, sticky="ew", padx=10, pady=(4, 6))
+        actions = ctk.CTkFrame(info, fg_color="transparent")
+        actions.grid(row=4, column=0, sticky="ew", padx=10, pady=(0, 10))
+        self.copy_button = ctk.CTkButton(actions, text="Copy link", width=90,
+                                         command=self.controller.copy_link)
+        self.open_button = ctk.CTkButton(actions, text="Open in browser", width=120,
+                                         command=self.controller.open_link)
+        self.save_button = ctk.CTkButton(actions, text="Save as…", width=84,
+                                         command=self.controller.save_as)
+        self.save_all_button = ctk.CTkButton(actions, text="Save all to folder…", width=136,
+                                             fg_color="transparent", border_width=1,
+                                             text_color=("gray10", "gray90"),
+                                             command=self.controller.save_all)
+        for i, button in enumerate((self.copy_button, self.open_button, self.save_button,
+                                    self.save_all_button)):
+            button.grid(row=0, column=i, padx=(0, 6))
+        self.show_result(None, "", "")
+
+    # ------------------------------------------------------------------ operations
+    def set_operations(self, operations: Sequence[Any]) -> None:
+        self.operations = {op.name: op for op in operations}
+        titles = [op.title or op.name for op in operations]
+        self._title_to_name = {(op.title or op.name): op.name for op in operations}
+        self.operation_menu.configure(values=titles or ["no operations"])
+        if operations:
+            current = self.current_operation()
+            op = self.operations.get(current or "") or operations[0]
+            self.operation_var.set(op.title or op.name)
+            self._show_operation(op)
+
+    def _operation_picked(self, title: str) -> None:
+        op = self.operations.get(self._title_to_name.get(title, ""))
+        if op is not None:
+            self._show_operation(op)
+            self.controller.params_changed()
+
+    def _show_operation(self, op: Any) -> None:
+        for child in self.params_frame.winfo_children():
+            child.destroy()
+        self.controls = []
+        text = op.description or ""
+        if getattr(op, "tileable", False):
+            text += "  Large images are split into tiles across the fleet."
+        self.description.configure(text=text.strip(), text_color=MUTED)
+        try:
+            specs: list[ControlSpec] = controls_for(op)
+        except SchemaError as exc:
+            self.description.configure(text=f"This operation cannot be used: {exc}",
+                                       text_color=ERROR)
+            return
+        for row, spec in enumerate(specs):
+            control = ParamControl(self.params_frame, spec, self.controller.params_changed)
+            control.grid(row=row, column=0, sticky="ew", padx=8, pady=(0, 8))
+            self.controls.append(control)
+        if not specs:
+            caption(self.params_frame, "No parameters.").grid(row=0, column=0, sticky="w",
+                                                              padx=8)
+
+    def current_operation(self) -> str | None:
+        return self._title_to_name.get(self.operation_var.get())
+
+    def select_operation(self, name: str) -> None:
+        op = self.operations[name]
+        self.operation_var.set(op.title or op.name)
+        self._show_operation(op)
+
+    def param_controls(self) -> dict[str, ParamControl]:
+        return {c.spec.name: c for c in self.controls}
+
+    def current_params(self) -> dict[str, Any]:
+        """Typed values of the controls; raises ValueError naming the first bad one."""
+        values: dict[str, Any] = {}
+        problems = []
+        for name, control in self.param_controls().items():
+            try:
+                values[name] = control.value()
+            except ValueError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return values
+
+    def output_format(self) -> str:
+        return self.format_var.get()
+
+    def quality(self) -> int:
+        return round(self.quality_slider.get())
+
+    def _format_changed(self) -> None:
+        lossy = self.format_var.get() in LOSSY_FORMATS or self.format_var.get() == "original"
+        self.quality_slider.configure(state="normal" if lossy else "disabled")
+        self.controller.params_changed()
+
+    def _quality_moved(self) -> None:
+        self.quality_label.configure(text=str(self.quality()))
+        self.controller.params_changed()
+
+    def set_pipeline(self, steps: Sequence[Step], titles: dict[str, str]) -> None:
+        for child in self.steps_frame.winfo_children():
+            child.destroy()
+        if not steps:
+            caption(self.steps_frame, "Empty: Process runs the operation above. Add steps "
+                    "to chain operations.", wraplength=290, justify="left").grid(
+                row=0, column=0, sticky="ew")
+            return
+        for index, step in enumerate(steps):
+            ctk.CTkLabel(self.steps_frame, text=f"{index + 1}. {describe_step(step, titles)}",
+                         anchor="w", wraplength=240, justify="left").grid(
+                row=index, column=0, sticky="ew")
+            ctk.CTkButton(self.steps_frame, text="✕", width=24, height=22,
+                          fg_color="transparent", text_color=MUTED,
+                          hover_color=("gray80", "gray30"),
+                          command=lambda i=index: self.controller.remove_step(i)).grid(
+                row=index, column=1)
+
+    # ------------------------------------------------------------------ images
+    def upsert_job(self, job: ImageJob) -> None:
+        row = self.rows.get(job.id)
+        if row is None:
+            row = ImageRow(self.list, job, self.controller)
+            self.rows[job.id] = row
+            row.grid(row=len(self.rows), column=0, sticky="ew", padx=4, pady=3)
+            self.empty_hint.grid_forget()
+        else:
+            row.update_job(job)
+
+    def remove_job(self, job_id: int) -> None:
+        row = self.rows.pop(job_id, None)
+        if row is not None:
+            row.destroy()
+        if not self.rows:
+            self.empty_hint.grid(row=0, column=0, sticky="ew", padx=8, pady=12)
+
+    def set_thumbnail(self, job_id: int, image: Image.Image) -> None:
+        if job_id in self.rows:
+            self.rows[job_id].set_thumbnail(image)
+
+    def set_selected(self, job_id: int | None) -> None:
+        for row_id, row in self.rows.items():
+            row.set_selected(row_id == job_id)
+
+    def set_count(self, count: int) -> None:
+        self.count_label.configure(text=f"{count} image{'s' if count != 1 else ''}"
+                                   if count else "none yet")
+
+    def set_overall(self, overall: Overall) -> None:
+        self.overall_bar.set(overall.fraction)
+        self.overall_label.configure(text=overall.text)
+
+    def set_running(self, running: bool) -> None:
+        self.cancel_button.configure(state="normal" if running else "disabled")
+
+    def set_ready(self, ready: bool, why: str = "") -> None:
+        self.process_button.configure(state="normal" if ready else "disabled")
+        if why:
+            self.description.configure(text=why, text_color=MUTED)
+
+    # ------------------------------------------------------------------ preview
+    def show_images(self, before: Image.Image | None, after: Image.Image | None,
+                    caption_text: str = "") -> None:
+        self._before, self._after = before, after
+        self.preview_caption.configure(text=caption_text)
+        self._render_preview()
+
+    def set_preview_mode(self, mode: str, split: float | None = None) -> None:
+        """Show "Side by side" or "Slider" (with the divider at ``split``, 0..1)."""
+        self.mode.set(mode)
+        if split is not None:
+            self.split.set(split)
+        self._render_preview()
+
+    def _render_preview(self) -> None:
+        # Old CTkImages must outlive the configure() that replaces them: Tk deletes an
+        # image when its Python object goes, and a label still showing it then errors.
+        new_images: list[ctk.CTkImage] = []
+
+        def put(label: ctk.CTkLabel, picture: Image.Image | None, text: str = "") -> None:
+            if picture is None:
+                label.configure(image=self._blank, text=text)
+                return
+            image = ctk.CTkImage(light_image=picture, size=picture.size)
+            new_images.append(image)
+            label.configure(image=image, text=text)
+
+        for widget in (self.before_label, self.after_label, self.stage_hint, self.split):
+            widget.grid_forget()
+        box_w, box_h = PREVIEW_BOX
+        if self._before is None:
+            put(self.before_label, None)
+            put(self.after_label, None)
+            self.stage_hint.grid(row=0, column=0, columnspan=2)
+        elif self.mode.get() == "Slider" and self._after is not None:
+            put(self.before_label, compose_split(self._before, self._after, self.split.get(),
+                                                 PREVIEW_BOX))
+            put(self.after_label, None)
+            self.before_label.grid(row=0, column=0, columnspan=2, padx=8, pady=8)
+            self.split.grid(row=2, column=0, sticky="ew", padx=24, pady=(6, 0))
+        else:
+            half = (box_w - 24) // 2
+            put(self.before_label, flatten(fit_within(self._before, half, box_h)))
+            if self._after is None:
+                put(self.after_label, None, "processing preview…")
+            else:
+                put(self.after_label, flatten(fit_within(self._after, half, box_h)))
+            self.before_label.grid(row=0, column=0, padx=(8, 4), pady=8)
+            self.after_label.grid(row=0, column=1, padx=(4, 8), pady=8)
+        self._images = new_images
+
+    def show_result(self, title: str | None, meta: str, expiry: str, url: str = "") -> None:
+        self.result_title.configure(text=title or "No result selected")
+        self.result_meta.configure(text=meta or "Process an image to get a shareable link.")
+        self.expiry_label.configure(text=expiry)
+        self.link_entry.configure(state="normal")
+        self.link_entry.delete(0, "end")
+        self.link_entry.insert(0, url)
+        self.link_entry.configure(state="readonly")
+        has_link = bool(url)
+        for button in (self.copy_button, self.open_button, self.save_button):
+            button.configure(state="normal" if has_link else "disabled")

@@ -1,0 +1,134 @@
+"""The Settings view: endpoint, token, link lifetime, concurrency, appearance and the
+embedded fleet's size. Validation is ``gui.settings.parse_settings``; this view only
+collects the raw values and shows the problems."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import customtkinter as ctk
+
+from gui.settings import (
+    CONCURRENCY_RANGE,
+    FLEET_SIZE_RANGE,
+    LINK_TTL_MAX_S,
+    Settings,
+)
+from gui.views.widgets import ERROR, MUTED, Spinbox, caption, heading
+
+APPEARANCE_LABELS = {"system": "System", "light": "Light", "dark": "Dark"}
+TTL_UNITS = {"minutes": 60, "hours": 3600, "days": 86400}
+
+
+class SettingsActions(Protocol):
+    def apply_settings(self, raw: dict[str, Any]) -> None: ...
+
+
+def ttl_to_form(seconds: int) -> tuple[str, str]:
+    """The largest unit that shows the lifetime as a whole number."""
+    for unit in ("days", "hours", "minutes"):
+        if seconds % TTL_UNITS[unit] == 0:
+            return str(seconds // TTL_UNITS[unit]), unit
+    return str(round(seconds / 60)), "minutes"
+
+
+class SettingsView(ctk.CTkFrame):
+    def __init__(self, master: Any, controller: SettingsActions) -> None:
+        super().__init__(master, fg_color="transparent")
+        self.controller = controller
+        self.columnconfigure(0, weight=1)
+        card = ctk.CTkFrame(self)
+        card.grid(row=0, column=0, sticky="nw", ipadx=12, ipady=8)
+        card.columnconfigure(1, weight=1)
+        heading(card, "Settings").grid(row=0, column=0, columnspan=3, sticky="w", padx=16,
+                                       pady=(14, 2))
+        self.path_label = caption(card, "")
+        self.path_label.grid(row=1, column=0, columnspan=3, sticky="w", padx=16, pady=(0, 10))
+
+        def row(index: int, label: str, widget: Any, hint: str = "") -> None:
+            ctk.CTkLabel(card, text=label, anchor="w", width=150).grid(
+                row=index, column=0, sticky="w", padx=(16, 8), pady=6)
+            widget.grid(row=index, column=1, sticky="w", pady=6)
+            if hint:
+                caption(card, hint, wraplength=330, justify="left").grid(
+                    row=index, column=2, sticky="w", padx=(12, 16))
+
+        self.endpoint = ctk.CTkEntry(card, width=360,
+                                     placeholder_text="empty: embedded local fleet")
+        row(2, "Endpoint", self.endpoint,
+            "Load balancer URL, e.g. http://my-alb.example.com. Leave empty to run a local "
+            "fleet on this computer.")
+        self.admin = ctk.CTkEntry(card, width=360, placeholder_text="same as the endpoint")
+        row(3, "Fleet admin URL", self.admin,
+            "Where the fleet's /fleet API is served, if not at the endpoint (the AWS fleet "
+            "manager's address).")
+        self.token = ctk.CTkEntry(card, width=360, show="•", placeholder_text="none")
+        row(4, "Token", self.token, "Sent as a Bearer token when the servers need one.")
+        ttl = ctk.CTkFrame(card, fg_color="transparent")
+        self.ttl_value = ctk.CTkEntry(ttl, width=80, justify="center")
+        self.ttl_value.grid(row=0, column=0)
+        self.ttl_unit = ctk.CTkOptionMenu(ttl, values=list(TTL_UNITS), width=110)
+        self.ttl_unit.grid(row=0, column=1, padx=(8, 0))
+        row(5, "Link lifetime", ttl,
+            f"How long shared links work (1 minute to {LINK_TTL_MAX_S // 86400} days).")
+        self.concurrency = Spinbox(card, step=1, value=4, minimum=CONCURRENCY_RANGE[0],
+                                   maximum=CONCURRENCY_RANGE[1], width=130)
+        row(6, "Concurrency", self.concurrency,
+            f"Images processed at once ({CONCURRENCY_RANGE[0]}–{CONCURRENCY_RANGE[1]}).")
+        self.appearance = ctk.CTkSegmentedButton(card, values=list(APPEARANCE_LABELS.values()))
+        row(7, "Appearance", self.appearance)
+        self.fleet_size = Spinbox(card, step=1, value=2, minimum=FLEET_SIZE_RANGE[0],
+                                  maximum=FLEET_SIZE_RANGE[1], width=130)
+        row(8, "Local fleet size", self.fleet_size,
+            f"Worker processes of the embedded fleet ({FLEET_SIZE_RANGE[0]}–"
+            f"{FLEET_SIZE_RANGE[1]}); used when the endpoint is empty.")
+        buttons = ctk.CTkFrame(card, fg_color="transparent")
+        buttons.grid(row=9, column=0, columnspan=3, sticky="w", padx=16, pady=(14, 4))
+        self.save_button = ctk.CTkButton(buttons, text="Save and reconnect", width=160,
+                                         command=self._save)
+        self.save_button.grid(row=0, column=0)
+        self.message = ctk.CTkLabel(card, text="", anchor="w", justify="left", wraplength=760)
+        self.message.grid(row=10, column=0, columnspan=3, sticky="w", padx=16, pady=(4, 8))
+
+    def show(self, settings: Settings, path: str, overridden: str = "") -> None:
+        self.path_label.configure(text=f"Kept in {path}" + (f" · {overridden}"
+                                                               if overridden else ""))
+        for entry, value in ((self.endpoint, settings.endpoint), (self.token, settings.token),
+                             (self.admin, settings.admin_endpoint)):
+            if entry.get() != value:  # an untouched empty entry keeps its placeholder
+                entry.delete(0, "end")
+                if value:
+                    entry.insert(0, value)
+        value, unit = ttl_to_form(settings.link_ttl_s)
+        self.ttl_value.delete(0, "end")
+        self.ttl_value.insert(0, value)
+        self.ttl_unit.set(unit)
+        self.concurrency.set(settings.concurrency)
+        self.appearance.set(APPEARANCE_LABELS.get(settings.appearance, "System"))
+        self.fleet_size.set(settings.fleet_size)
+
+    def raw_values(self) -> dict[str, Any]:
+        """The form as raw values for ``parse_settings``; a bad lifetime stays raw text so
+        the validation message names it."""
+        ttl_text = self.ttl_value.get().strip()
+        try:
+            ttl: Any = round(float(ttl_text) * TTL_UNITS[self.ttl_unit.get()])
+        except ValueError:
+            ttl = ttl_text
+        appearance = {v: k for k, v in APPEARANCE_LABELS.items()}.get(self.appearance.get(),
+                                                                      "system")
+        return {
+            "endpoint": self.endpoint.get(),
+            "admin_endpoint": self.admin.get(),
+            "token": self.token.get(),
+            "link_ttl_s": ttl,
+            "concurrency": self.concurrency.get(),
+            "appearance": appearance,
+            "fleet_size": self.fleet_size.get(),
+        }
+
+    def _save(self) -> None:
+        self.controller.apply_settings(self.raw_values())
+
+    def show_message(self, text: str, error: bool = False) -> None:
+        self.message.configure(text=text, text_color=ERROR if error else MUTED)

@@ -1,0 +1,355 @@
+"""SSH bootstrap against a real OpenSSH server on loopback.
+
+The test starts ``/usr/sbin/sshd`` with its own config, a freshly generated host key
+and an authorized client key. The host key reaches the bootstrap the way it does on EC2:
+inside a cloud-init console-output text block (here written by the test, on EC2 returned
+by GetConsoleOutput). ``remote_setup.sh --no-systemd`` then starts a real
+``python -m server`` that must answer /health on a loopback port.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+from helpers_aws import Sshd, console_output_with, free_port, keygen, wait_until
+
+from fleet import bootstrap
+from fleet.bootstrap import (
+    BootstrapFailed,
+    BootstrapTimeout,
+    HostKeyMismatch,
+    HostKeyParseError,
+    HostKeysNotFound,
+    SshTarget,
+)
+
+pytestmark = pytest.mark.sshd
+VENV = Path(sys.prefix)  # the venv running the tests already has the server's packages
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    server = Sshd.start(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def target(sshd: Sshd) -> SshTarget:
+    keys = bootstrap.parse_console_host_keys(console_output_with([sshd.host_key_line]))
+    return SshTarget(host="127.0.0.1", port=sshd.port, username=sshd.user,
+                     key_file=sshd.client_key, host_keys=keys)
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[Path]]:
+    """Paths to remove and pid files whose processes to stop after the test."""
+    paths: list[Path] = []
+    yield paths
+    for path in paths:
+        pid_file = path / "server.pid"
+        if pid_file.exists():
+            pid = int(pid_file.read_text().strip())
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            wait_until(lambda p=pid: not _alive(p), 30, what=f"server {pid} to exit")
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes (its parent sshd session reaps it eventually).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _accepted_logins(sshd: Sshd) -> int:
+    return sshd.log.count("Accepted publickey")
+
+
+# ------------------------------------------------------------------- parsing keys
+
+def test_parses_keys_from_console_output_with_prefixes(sshd: Sshd) -> None:
+    line = sshd.host_key_line
+    text = console_output_with([f"ec2: {line}"]).replace(
+        "-----BEGIN SSH HOST KEY KEYS-----", "ec2: -----BEGIN SSH HOST KEY KEYS-----")
+    keys = bootstrap.parse_console_host_keys(text.replace("\n", "\r\n"))
+    assert [(k.key_type, k.key_b64) for k in keys] == [tuple(line.split()[:2])]
+    assert keys[0].fingerprint.startswith("SHA256:")
+
+
+def test_last_block_wins_after_reboot(sshd: Sshd, tmp_path: Path) -> None:
+    other = keygen(tmp_path / "old_key").with_suffix(".pub").read_text().strip()
+    text = console_output_with([other]) + console_output_with([sshd.host_key_line])
+    assert bootstrap.parse_console_host_keys(text)[0].key_b64 == sshd.host_key_line.split()[1]
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    (["ssh-ed25519 not-base64!!"], "not valid base64"),
+    (["ssh-dss AAAAB3NzaC1kc3MAAACBAP"], "unsupported host key type"),
+    (["ssh-ed25519"], "expected 'TYPE BASE64"),
+    (["ssh-ed25519 " + base64.b64encode(b"\x00\x00\x00\x07ssh-rsa").decode()],
+     "names a different type"),
+    (["ssh-ed25519 " + base64.b64encode(b"\x00\x00\x00\x0bssh-ed25519\x00\x00").decode()],
+     "could not be loaded"),
+    ([], "empty"),
+])
+def test_malformed_key_block_is_a_clear_error(lines: list[str], message: str) -> None:
+    with pytest.raises(HostKeyParseError, match=message):
+        bootstrap.parse_console_host_keys(console_output_with(lines))
+
+
+def test_missing_or_unfinished_block_means_not_yet() -> None:
+    with pytest.raises(HostKeysNotFound):
+        bootstrap.parse_console_host_keys("Booting...\ncloud-init running\n")
+    with pytest.raises(HostKeysNotFound):
+        bootstrap.parse_console_host_keys("-----BEGIN SSH HOST KEY KEYS-----\nssh-ed25519 AAAA")
+
+
+def test_wait_for_host_keys_polls_until_published(sshd: Sshd) -> None:
+    outputs = iter(["", "booting", console_output_with([sshd.host_key_line])])
+    slept: list[float] = []
+    keys = bootstrap.wait_for_host_keys(lambda: next(outputs), deadline=time.monotonic() + 60,
+                                        sleep=slept.append)
+    assert len(keys) == 1 and slept == [1.0, 2.0]  # backoff, no fixed interval
+
+
+# ------------------------------------------------------------------ real sshd
+
+@pytest.mark.slow
+def test_bootstrap_brings_up_a_real_server(target: SshTarget, sshd: Sshd, tmp_path: Path,
+                                           cleanup: list[Path]) -> None:
+    prefix = tmp_path / "instance"
+    cleanup.append(prefix)
+    port = free_port()
+    result = bootstrap.bootstrap_over_ssh(
+        target, sudo=False, timeout_s=120,
+        setup_args=["--no-systemd", "--prefix", str(prefix), "--venv", str(VENV),
+                    "--port", str(port), "--instance-id", "i-test123"])
+    assert not Path(result.remote_dir).exists()  # the bundle directory is removed
+    assert result.exit_code == 0
+    assert "healthy" in result.stdout_tail
+    assert result.host_key_fingerprint == target.host_keys[0].fingerprint
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+        health = json.load(response)
+    assert response.status == 200
+    assert health["status"] == "ok" and health["instance_id"] == "i-test123"
+    # The bundle carried the server code and only the server's requirements.
+    assert (prefix / "app" / "server" / "__main__.py").exists()
+    requirements = (prefix / "app" / "requirements.txt").read_text()
+    assert "opencv-python-headless" in requirements and "customtkinter" not in requirements
+
+    # Idempotent: running it again replaces the server and is healthy again.
+    first_pid = (prefix / "server.pid").read_text()
+    again = bootstrap.bootstrap_over_ssh(
+        target, sudo=False, timeout_s=120,
+        setup_args=["--no-systemd", "--prefix", str(prefix), "--venv", str(VENV),
+                    "--port", str(port)])
+    assert again.exit_code == 0 and "stopped previous server" in again.stdout_tail
+    assert (prefix / "server.pid").read_text() != first_pid
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+        assert response.status == 200
+
+
+def test_wrong_host_key_is_refused_and_nothing_runs(sshd: Sshd, tmp_path: Path) -> None:
+    impostor = keygen(tmp_path / "impostor").with_suffix(".pub").read_text().strip()
+    keys = bootstrap.parse_console_host_keys(console_output_with([impostor]))
+    target = SshTarget(host="127.0.0.1", port=sshd.port, username=sshd.user,
+                       key_file=sshd.client_key, host_keys=keys)
+    logins_before = _accepted_logins(sshd)
+    with pytest.raises(HostKeyMismatch) as exc:
+        bootstrap.bootstrap_over_ssh(target, sudo=False, timeout_s=30,
+                                     setup_args=["--no-systemd", "--prefix",
+                                                 str(tmp_path / "never")])
+    assert exc.value.fingerprint == keygen_fingerprint(sshd)
+    assert "refusing" in str(exc.value)
+    assert not (tmp_path / "never").exists()
+    # Refused before authentication: sshd never accepted a login for this attempt.
+    assert _accepted_logins(sshd) == logins_before
+
+
+def keygen_fingerprint(sshd: Sshd) -> str:
+    key_type, key_b64 = sshd.host_key_line.split()[:2]
+    return paramiko.PKey.from_type_string(key_type, base64.b64decode(key_b64)).fingerprint
+
+
+def test_failing_setup_reports_exit_code_and_stderr(target: SshTarget, tmp_path: Path,
+                                                    cleanup: list[Path]) -> None:
+    with pytest.raises(BootstrapFailed) as exc:
+        bootstrap.bootstrap_over_ssh(
+            target, sudo=False, timeout_s=60,
+            setup_args=["--no-systemd", "--prefix", str(tmp_path / "p"),
+                        "--venv", str(tmp_path / "no-such-venv")])
+    assert exc.value.exit_code == 1
+    assert "no-such-venv has no bin/python" in exc.value.stderr_tail
+    assert "exit code 1" in str(exc.value)
+    with pytest.raises(BootstrapFailed) as usage:
+        bootstrap.bootstrap_over_ssh(target, sudo=False, timeout_s=60,
+                                     setup_args=["--no-systemd", "--port", "99999"])
+    assert usage.value.exit_code == 2
+    assert "--port must be 1..65535" in usage.value.stderr_tail
+
+
+def test_large_interleaved_output_does_not_deadlock(target: SshTarget) -> None:
+    # 4 MB on each stream, stderr first: reading only stdout until EOF would stall the
+    # remote process once stderr's window is full.
+    script = ("import sys; sys.stderr.write('e' * 4_000_000); sys.stderr.flush(); "
+              "sys.stdout.write('o' * 4_000_000); sys.exit(3)")
+    client = bootstrap.connect(target, deadline=time.monotonic() + 30)
+    try:
+        result = bootstrap.run_command(client, f"{sys.executable} -c \"{script}\"",
+                                       deadline=time.monotonic() + 60)
+    finally:
+        client.close()
+    assert result.exit_code == 3
+    assert result.stdout == "o" * bootstrap.OUTPUT_TAIL_BYTES
+    assert result.stderr == "e" * bootstrap.OUTPUT_TAIL_BYTES
+
+
+def test_connection_errors_are_retried_until_the_deadline(target: SshTarget) -> None:
+    """A port that accepts and hangs up (no banner) and a closed port: both retried."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+    accepted: list[int] = []
+
+    def hang_up() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            accepted.append(1)
+            conn.close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    try:
+        bad_banner = SshTarget(host="127.0.0.1", port=listener.getsockname()[1],
+                               username=target.username, key_file=target.key_file,
+                               host_keys=target.host_keys)
+        started = time.monotonic()
+        with pytest.raises(BootstrapTimeout):
+            bootstrap.connect(bad_banner, deadline=started + 2.0)
+        assert len(accepted) >= 2  # it retried
+        assert time.monotonic() - started < 10
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+    closed = SshTarget(host="127.0.0.1", port=free_port(), username=target.username,
+                       key_file=target.key_file, host_keys=target.host_keys)
+    with pytest.raises(BootstrapTimeout):
+        bootstrap.connect(closed, deadline=time.monotonic() + 1.0)
+
+
+def test_connect_waits_for_sshd_to_come_up(tmp_path: Path) -> None:
+    """sshd starts only after the first attempts failed (an instance still booting);
+    its host key is known beforehand, as on EC2 (console output)."""
+    server = Sshd.prepare(tmp_path / "late")
+    keys = bootstrap.parse_console_host_keys(console_output_with([server.host_key_line]))
+    target = SshTarget("127.0.0.1", server.user, server.client_key, keys, port=server.port)
+    attempts: list[float] = []
+
+    def sleep_then_boot(delay: float) -> None:
+        attempts.append(delay)
+        if len(attempts) == 3:
+            server.launch()
+        time.sleep(delay)
+
+    try:
+        client = bootstrap.connect(target, deadline=time.monotonic() + 60,
+                                   sleep=sleep_then_boot)
+        try:
+            assert bootstrap.run_command(client, "echo ready",
+                                         deadline=time.monotonic() + 10).stdout == "ready\n"
+        finally:
+            client.close()
+    finally:
+        server.stop()
+    assert len(attempts) >= 3
+    assert attempts[:3] == [0.25, 0.5, 1.0]  # exponential backoff, not a fixed interval
+
+
+# ------------------------------------------------------------- bundle, user data
+
+def test_bundle_is_reproducible_and_holds_what_the_setup_needs() -> None:
+
+    first, second = bootstrap.build_bundle(), bootstrap.build_bundle()
+    assert first == second  # same code, same bytes (mtime 0, sorted)
+    with tarfile.open(fileobj=io.BytesIO(first)) as tar:
+        names = tar.getnames()
+        requirements = tar.extractfile("requirements.txt").read().decode()
+        setup_mode = tar.getmember("scripts/remote_setup.sh").mode
+    assert "server/__main__.py" in names and "scripts/remote_setup.sh" in names
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    assert setup_mode & 0o111
+    packages = {line.split(">")[0].split("=")[0].split("<")[0].strip()
+                for line in requirements.splitlines() if line.strip()}
+    assert set(bootstrap.SERVER_PACKAGES) <= packages
+    assert not packages & {"customtkinter", "pytest", "moto", "ruff"}
+
+
+def test_user_data_runs_the_same_setup_and_is_valid_bash(tmp_path: Path) -> None:
+
+    script = bootstrap.render_user_data(bundle_url="s3://imgf-demo-1-eu-west-1/fleet/b.tgz",
+                                        storage="s3://imgf-demo-1-eu-west-1/results",
+                                        region="eu-west-1")
+    path = tmp_path / "user-data.sh"
+    path.write_text(script)
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    assert script.startswith("#!/bin/bash\n")
+    assert "s3 cp s3://imgf-demo-1-eu-west-1/fleet/b.tgz bundle.tar.gz" in script
+    assert ("bash scripts/remote_setup.sh --source . --storage "
+            "s3://imgf-demo-1-eu-west-1/results --region eu-west-1 --port 8080") in script
+    with pytest.raises(ValueError, match="s3://"):
+        bootstrap.render_user_data(bundle_url="https://example.com/b.tgz", storage="s3://b/r",
+                                   region="eu-west-1")
+
+
+def test_remote_setup_reports_a_server_that_dies_before_healthy(tmp_path: Path) -> None:
+    """The port is taken: the server exits at once and the script says so, with the log."""
+    source = tmp_path / "bundle"
+    source.mkdir()
+
+    with tarfile.open(fileobj=io.BytesIO(bootstrap.build_bundle())) as tar:
+        tar.extractall(source, filter="data")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            ["bash", str(source / "scripts" / "remote_setup.sh"), "--no-systemd",
+             "--source", str(source), "--prefix", str(tmp_path / "prefix"),
+             "--venv", str(VENV), "--port", str(port), "--health-timeout", "60"],
+            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1
+    assert "server exited before becoming healthy" in result.stderr
+    assert result.stderr.count("\n") >= 2  # the log tail came along
+    assert not _alive(int((tmp_path / "prefix" / "server.pid").read_text()))

@@ -43,6 +43,9 @@ def tile_formats() -> None:
     print("| tile encoding (2048x2048 RGB) | encode ms | decode ms | bytes |")
     print("|---|---:|---:|---:|")
     candidates = {
+        "PNG level 0, no filter (used)": (".png", [cv2.IMWRITE_PNG_COMPRESSION, 0,
+                                                   cv2.IMWRITE_PNG_FILTER,
+                                                   cv2.IMWRITE_PNG_FILTER_NONE]),
         "PNG level 0 (stored)": (".png", [cv2.IMWRITE_PNG_COMPRESSION, 0]),
         "PNG level 1": (".png", [cv2.IMWRITE_PNG_COMPRESSION, 1]),
         "PNG level 3 (OpenCV default)": (".png", [cv2.IMWRITE_PNG_COMPRESSION, 3]),

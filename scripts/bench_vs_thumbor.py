@@ -5,7 +5,9 @@ Workloads (each at concurrency 2 and 8):
 - the same with grayscale, and with a Gaussian blur (radius 2) added on each side;
 - a 12 MP JPEG fitted within 512x512.
 Prints requests/s, p50 and p95 latency, peak RSS, the ours/thumbor ratio, and output
-quality: PSNR against a float area-interpolated reference, and bytes per image.
+quality: PSNR against a float area-interpolated reference of the full-size decode, for
+the delivered JPEG and for a lossless PNG of the same request (the resize alone), and
+the JPEG's bytes.
 Our requests carry distinct bytes (a unique JPEG comment), so our result cache never
 answers; thumbor runs without result storage, so both compute every request.
 """
@@ -83,22 +85,11 @@ def thumbor_config(folder: Path, path: Path) -> None:
 
 
 def peak_rss_mb(pid: int) -> float:
-    """VmHWM of the process and its children (thumbor forks one per core)."""
-    pids = [pid]
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            pids += [int(c) for c in (task / "children").read_text().split()]
-    except OSError:
-        pass
-    total = 0
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
+    """VmHWM: the process's peak resident memory."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 async def drive(make_request, n: int, concurrency: int) -> tuple[float, list[float], bytes]:
@@ -139,27 +130,31 @@ async def run(args: argparse.Namespace) -> None:
         sources = {name: (folder / name).read_bytes() for name in [*small, large]}
         conf = Path(tmp) / "thumbor.conf"
         thumbor_config(folder, conf)
-        port = free_port()
-        thumbor = subprocess.Popen(
-            [args.thumbor, "-p", str(port), "-i", "127.0.0.1", "-c", str(conf), "-l", "error",
-             "--processes", str(args.thumbor_processes)],
-            stdout=subprocess.DEVNULL, start_new_session=True)
-        thumbor_url = f"http://127.0.0.1:{port}"
+        # thumbor's recommended set-up: one single-threaded process per core behind a
+        # balancer. The client round-robins over them (its own --processes forking
+        # shares one socket, and kept-alive connections pile onto one process).
+        ports = [free_port() for _ in range(args.thumbor_processes)]
+        thumbors = [subprocess.Popen(
+            [args.thumbor, "-p", str(port), "-i", "127.0.0.1", "-c", str(conf), "-l", "error"],
+            stdout=subprocess.DEVNULL) for port in ports]
+        thumbor_urls = [f"http://127.0.0.1:{port}" for port in ports]
         try:
-            wait_for_http(f"{thumbor_url}/healthcheck")
+            for url in thumbor_urls:
+                wait_for_http(f"{url}/healthcheck")
             with server_process(*args.server_arg) as ours:
-                await compare(args, ours.url, ours.proc.pid, thumbor_url, thumbor.pid,
-                              small, large, sources)
+                await compare(args, ours.url, [ours.proc.pid], thumbor_urls,
+                              [t.pid for t in thumbors], small, large, sources)
         finally:
-            # thumbor forks one process per core: stop the whole group.
-            os.killpg(thumbor.pid, signal.SIGTERM)
-            try:
-                thumbor.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(thumbor.pid, signal.SIGKILL)
+            for thumbor in thumbors:
+                thumbor.send_signal(signal.SIGTERM)
+            for thumbor in thumbors:
+                try:
+                    thumbor.wait(10)
+                except subprocess.TimeoutExpired:
+                    thumbor.kill()
 
 
-async def compare(args, ours_url, ours_pid, thumbor_url, thumbor_pid, small, large,
+async def compare(args, ours_url, ours_pids, thumbor_urls, thumbor_pids, small, large,
                   sources) -> None:
     fit = {"op": "resize", "width": 512, "height": 512, "mode": "fit"}
     workloads = [
@@ -196,7 +191,8 @@ async def compare(args, ours_url, ours_pid, thumbor_url, thumbor_pid, small, lar
 
                 async def theirs(i: int, wl=wl, session=session) -> bytes:
                     name = wl.images[i % len(wl.images)]
-                    url = (f"{thumbor_url}/unsafe/fit-in/512x512/"
+                    base = thumbor_urls[i % len(thumbor_urls)]
+                    url = (f"{base}/unsafe/fit-in/512x512/"
                            f"filters:quality(80){wl.thumbor_filters}/{name}")
                     async with session.get(url) as resp:
                         body = await resp.read()
@@ -214,47 +210,56 @@ async def compare(args, ours_url, ours_pid, thumbor_url, thumbor_pid, small, lar
                       f"{statistics.median(lat) * 1000:.0f} | "
                       f"{percentile(lat, 0.95) * 1000:.0f} | {ratio} |", flush=True)
         if wl.quality_ref:
-            quality_rows.append(await quality(wl, ours_url, thumbor_url, sources, nonce))
+            quality_rows.append(await quality(wl, ours_url, thumbor_urls[0], sources, nonce))
     print()
-    print(f"peak RSS: ours {peak_rss_mb(ours_pid):.0f} MB, thumbor "
-          f"{peak_rss_mb(thumbor_pid):.0f} MB (all its processes)")
+    print(f"peak RSS: ours {sum(map(peak_rss_mb, ours_pids)):.0f} MB (1 process), thumbor "
+          f"{sum(map(peak_rss_mb, thumbor_pids)):.0f} MB ({len(thumbor_pids)} processes)")
     print()
-    print("| workload | server | PSNR dB (mean) | bytes (mean) |")
-    print("|---|---|---:|---:|")
+    print("| workload | server | PSNR dB, lossless output | PSNR dB, JPEG q80 | JPEG bytes |")
+    print("|---|---|---:|---:|---:|")
     for rows in quality_rows:
         for row in rows:
             print(row)
 
 
 async def quality(wl: Workload, ours_url: str, thumbor_url: str, sources, nonce) -> list[str]:
-    psnr = {"ours": [], "thumbor": []}
-    size = {"ours": [], "thumbor": []}
+    """PSNR of each server's output against the reference: as delivered (JPEG q80), and
+    as a lossless PNG, which isolates the resize from the JPEG encoder's own loss."""
+    scores: dict[str, dict[str, list[float]]] = {
+        label: {"jpeg": [], "png": [], "bytes": []} for label in ("ours", "thumbor")}
     async with aiohttp.ClientSession() as session:
         for name in wl.images:
-            form = aiohttp.FormData()
-            form.add_field("image", with_nonce(sources[name], next(nonce)), filename=name,
-                           content_type="image/jpeg")
-            form.add_field("steps", json.dumps(wl.ours))
-            form.add_field("quality", "80")
-            async with session.post(f"{ours_url}/process?response=image", data=form) as resp:
-                body_o = await resp.read()
-            url = (f"{thumbor_url}/unsafe/fit-in/512x512/filters:quality(80)"
-                   f"{wl.thumbor_filters}/{name}")
-            async with session.get(url) as resp:
-                body_t = await resp.read()
-            for label, body in (("ours", body_o), ("thumbor", body_t)):
-                psnr[label].append(psnr_against_reference(body, sources[name], wl.quality_ref))
-                size[label].append(len(body))
-    return [f"| {wl.name} | {label} | {statistics.mean(psnr[label]):.2f} | "
-            f"{statistics.mean(size[label]):.0f} |" for label in ("ours", "thumbor")]
+            for fmt in ("jpeg", "png"):
+                form = aiohttp.FormData()
+                form.add_field("image", with_nonce(sources[name], next(nonce)), filename=name,
+                               content_type="image/jpeg")
+                form.add_field("steps", json.dumps(wl.ours))
+                form.add_field("quality", "80")
+                form.add_field("format", fmt)
+                async with session.post(f"{ours_url}/process?response=image",
+                                        data=form) as resp:
+                    body_o = await resp.read()
+                extra = ":format(png)" if fmt == "png" else ""
+                url = (f"{thumbor_url}/unsafe/fit-in/512x512/filters:quality(80)"
+                       f"{wl.thumbor_filters}{extra}/{name}")
+                async with session.get(url) as resp:
+                    body_t = await resp.read()
+                for label, body in (("ours", body_o), ("thumbor", body_t)):
+                    scores[label][fmt].append(
+                        psnr_against_reference(body, sources[name], wl.quality_ref))
+                    if fmt == "jpeg":
+                        scores[label]["bytes"].append(len(body))
+    return [f"| {wl.name} | {label} | {statistics.mean(v['png']):.2f} | "
+            f"{statistics.mean(v['jpeg']):.2f} | {statistics.mean(v['bytes']):.0f} |"
+            for label, v in scores.items()]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--thumbor", required=True, help="path to the thumbor executable")
     parser.add_argument("--requests", type=int, default=160, help="requests per 2K run")
-    parser.add_argument("--thumbor-processes", type=int, default=0,
-                        help="thumbor --processes (0: one per core, its recommended set-up)")
+    parser.add_argument("--thumbor-processes", type=int, default=os.cpu_count() or 2,
+                        help="thumbor processes, each on its own port (default: one per core)")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra argument for python -m server (repeatable)")
     args = parser.parse_args()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import logging
 import re
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -97,6 +98,15 @@ class ServerState:
         }
 
 
+class InMemoryUploadRequest(Request):
+    """Uploads stay in memory: werkzeug would spool any file over 500 KB to a temporary
+    file and read it back, and the body is bounded by MAX_CONTENT_LENGTH anyway."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None,
+                         content_length=None):
+        return io.BytesIO()
+
+
 def get_state(app: Flask) -> ServerState:
     return app.extensions[STATE_KEY]
 
@@ -114,6 +124,7 @@ def create_app(config: ServerConfig | Mapping[str, Any] | None = None, *,
     state = ServerState(config, storage, registry or default_registry())
 
     app = Flask(__name__)
+    app.request_class = InMemoryUploadRequest
     app.config["MAX_CONTENT_LENGTH"] = config.max_bytes
     # Behind the ALB or the local gateway: trust one hop for the client address and
     # scheme, so signed links use the address and scheme the client used.
@@ -321,7 +332,11 @@ def _register_routes(app: Flask, state: ServerState) -> None:
                     out = pipeline.run(image)
             t3 = time.perf_counter()
             with state.slots:
-                result_bytes = codecs.encode(out, out_format, quality)
+                if is_tile and out_format == "png":
+                    # Straight back to a coordinator that decodes it at once.
+                    result_bytes = codecs.encode_uncompressed_png(out)
+                else:
+                    result_bytes = codecs.encode(out, out_format, quality)
             t4 = time.perf_counter()
             timings.update(decode=(t2 - t1) * 1000, process=(t3 - t2) * 1000,
                            encode=(t4 - t3) * 1000)

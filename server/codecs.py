@@ -211,6 +211,19 @@ def _flatten_alpha(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(colour * alpha + 255.0 * (1.0 - alpha)), 0, 255).astype(np.uint8)
 
 
+# Tiles between instances: PNG with neither filtering nor compression is lossless and
+# about 10x faster both ways than level 1, for twice the bytes (scripts/bench_tiling.py).
+UNCOMPRESSED_PNG = [cv2.IMWRITE_PNG_COMPRESSION, 0, cv2.IMWRITE_PNG_FILTER,
+                    cv2.IMWRITE_PNG_FILTER_NONE]
+
+
+def encode_uncompressed_png(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", image, UNCOMPRESSED_PNG)
+    if not ok:
+        raise ApiError(500, "encode_failed", "could not encode the tile as PNG")
+    return buf.tobytes()
+
+
 def encode(image: np.ndarray, fmt: OutputFormat, quality: int | None) -> bytes:
     if fmt == "jpeg":
         if image.ndim == 3 and image.shape[2] == 4:

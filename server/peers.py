@@ -12,16 +12,12 @@ import cv2
 import numpy as np
 import urllib3
 
+from server.codecs import encode_uncompressed_png
 from server.operations import Image
 from server.pipeline import Step
 from server.tiling import TILE_HEADER, TileError
 
 log = logging.getLogger(__name__)
-
-# Level 1 costs a fraction of default zlib effort and, on photographs, transfers
-# about a third fewer bytes than level 0 (stored); see scripts/bench_tiling.py.
-TILE_PNG_LEVEL = 1
-
 
 def _worker_ms(header: str | None) -> float | None:
     """The peer's own decode + process + encode time, from its X-Timings header."""
@@ -49,12 +45,10 @@ class PeerClient:
     def __call__(self, steps: tuple[Step, ...], window: Image,
                  timings: dict[str, float]) -> Image:
         t0 = time.perf_counter()
-        ok, buf = cv2.imencode(".png", window, [cv2.IMWRITE_PNG_COMPRESSION, TILE_PNG_LEVEL])
-        if not ok:
-            raise TileError("could not encode the tile")
+        buf = encode_uncompressed_png(window)
         t1 = time.perf_counter()
         fields = {
-            "image": ("tile.png", buf.tobytes(), "image/png"),
+            "image": ("tile.png", buf, "image/png"),
             "steps": json.dumps([step.to_json() for step in steps]),
             "format": "png",
         }

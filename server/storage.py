@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
@@ -30,6 +32,10 @@ SAFE_KEY = re.compile(r"^[a-z]+/[0-9a-f]{16,128}\.[a-z0-9]{2,5}$")
 
 class StorageError(RuntimeError):
     """Storage failed for a reason outside the request (disk full, S3 down)."""
+
+
+class _Missing(LookupError):
+    """The object does not exist (S3's 404), told apart from real failures."""
 
 
 @dataclass(frozen=True)
@@ -226,46 +232,47 @@ class S3Storage(Storage):
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def put(self, key: str, data: bytes, content_type: str,
-            metadata: dict[str, str] | None = None) -> None:
+    @contextlib.contextmanager
+    def _mapped_errors(self, doing: str, key: str) -> Iterator[None]:
+        """botocore's exceptions become ours here, and only here: a missing object is
+        `_Missing`, anything else `StorageError` naming what was being done."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
+            yield
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise _Missing(key) from exc
+            raise StorageError(f"could not {doing} {key} in s3://{self.bucket}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"could not {doing} {key} in s3://{self.bucket}: {exc}") from exc
+
+    def put(self, key: str, data: bytes, content_type: str,
+            metadata: dict[str, str] | None = None) -> None:
+        with self._mapped_errors("store", key):
             self.client.put_object(
                 Bucket=self.bucket, Key=self._object_key(key), Body=data,
                 ContentType=content_type, Metadata=metadata or {},
                 ServerSideEncryption="AES256",
             )
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"could not store {key} in s3://{self.bucket}: {exc}") from exc
 
     def head(self, key: str) -> StoredObject | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
-            answer = self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise StorageError(f"could not look up {key} in s3://{self.bucket}: {exc}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"could not look up {key} in s3://{self.bucket}: {exc}") from exc
+            with self._mapped_errors("look up", key):
+                answer = self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
+        except _Missing:
+            return None
         return StoredObject(key, int(answer["ContentLength"]),
                             answer.get("ContentType", "application/octet-stream"),
                             dict(answer.get("Metadata", {})))
 
     def get(self, key: str) -> bytes | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
-            answer = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))
-            return answer["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise StorageError(f"could not read {key} from s3://{self.bucket}: {exc}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"could not read {key} from s3://{self.bucket}: {exc}") from exc
+            with self._mapped_errors("read", key):
+                answer = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))
+                return answer["Body"].read()
+        except _Missing:
+            return None
 
     def _credentials_expire_at(self) -> float | None:
         """When the signing credentials expire (instance roles, SSO sessions), if they

@@ -26,9 +26,9 @@ from server.errors import ApiError, bad_request
 from server.operations import Registry, default_registry
 from server.peers import PeerClient
 from server.pipeline import Pipeline, check_output_pixels, parse_pipeline
-from server.shrink import run_after_shrink, shrink_factor
+from server.processing import Job, Processor
 from server.storage import MAX_LINK_SECONDS, Storage, StorageError, open_storage
-from server.tiling import TILE_HEADER, Step, pipeline_is_tileable, run_local, run_tiled
+from server.tiling import TILE_HEADER
 from server.transport import CountedBody
 from server.version import __version__
 
@@ -58,14 +58,14 @@ class ServerState:
     lock: threading.Condition = field(default_factory=threading.Condition)
     inflight: int = 0
     processed: int = 0
-    slots: threading.BoundedSemaphore | None = None
     operations_json: bytes = b""
-    peers: PeerClient | None = None
+    processor: Processor | None = None
 
     def __post_init__(self) -> None:
-        self.slots = threading.BoundedSemaphore(self.config.process_slots)
-        if self.config.peers:
-            self.peers = PeerClient(self.config.peers, self.config.token)
+        peers = PeerClient(self.config.peers, self.config.token) if self.config.peers else None
+        self.processor = Processor(self.registry,
+                                   threading.BoundedSemaphore(self.config.process_slots),
+                                   peers, self.config.tile_mp * 1e6, self.config.tile_size)
         self.operations_json = json.dumps(
             {"operations": [op.to_json() for op in self.registry.values()]}).encode()
 
@@ -211,11 +211,6 @@ def result_key(input_digest: str, pipeline: Pipeline, fmt: str, quality: int | N
     return f"{hashlib.sha256(material).hexdigest()}.{codecs.EXTENSIONS[fmt]}"
 
 
-def _run_in_slot(state: ServerState, steps: tuple[Step, ...], window, timings):
-    with state.slots:
-        return run_local(steps, window, timings)
-
-
 def _store(state: ServerState, info: codecs.ImageInfo, data: bytes, input_digest: str,
            storage_key: str, result: bytes, out_format: str, width: int, height: int,
            pipeline: Pipeline) -> None:
@@ -304,43 +299,12 @@ def _register_routes(app: Flask, state: ServerState) -> None:
             width, height = int(stored.metadata["width"]), int(stored.metadata["height"])
             size = stored.size
         else:
-            tiled = (not is_tile and state.peers is not None
-                     and info.pixels > config.tile_mp * 1e6 and pipeline_is_tileable(pipeline))
-            reduce = 1 if tiled else shrink_factor(pipeline, info)
-            t1 = time.perf_counter()
-            with state.slots:
-                image = codecs.decode(data, info, reduce)
-            t2 = time.perf_counter()
-            if reduce > 1:
-                with state.slots:
-                    out = run_after_shrink(pipeline, image, info)
-                g.log.update(shrink_on_load=reduce)
-            elif tiled:
-                # No slot is held while tiles are out: they may come back to this very
-                # instance through the load balancer and need its slots.
-                out, stats = run_tiled(pipeline, image, state.registry,
-                                       tile_size=config.tile_size, remote=state.peers,
-                                       local=lambda steps, window, timings: _run_in_slot(
-                                           state, steps, window, timings))
-                del image
-                tiles = stats.tiles
-                timings.update(tiles_dispatch=stats.dispatch_ms, tiles_stitch=stats.stitch_ms,
-                               **{f"tiles_{k}_sum": v for k, v in stats.timings.items()})
-                g.log.update(tiles=tiles, tiles_local=stats.local, tile_retries=stats.retries)
-            else:
-                with state.slots:
-                    out = pipeline.run(image)
-            t3 = time.perf_counter()
-            with state.slots:
-                if is_tile and out_format == "png":
-                    # Straight back to a coordinator that decodes it at once.
-                    result_bytes = codecs.encode_uncompressed_png(out)
-                else:
-                    result_bytes = codecs.encode(out, out_format, quality)
-            t4 = time.perf_counter()
-            timings.update(decode=(t2 - t1) * 1000, process=(t3 - t2) * 1000,
-                           encode=(t4 - t3) * 1000)
-            height, width = out.shape[:2]
+            result = state.processor.run(
+                Job(data, info, pipeline, out_format, quality, is_tile=is_tile))
+            timings.update(result.timings)
+            g.log.update(result.log)
+            result_bytes, width, height, tiles = (result.data, result.width, result.height,
+                                                  result.tiles)
             size = len(result_bytes)
             if not is_tile:  # tiles are intermediate: nothing to keep
                 t5 = time.perf_counter()

@@ -1,0 +1,115 @@
+"""Turning a decoded request into result bytes: which path (shrink-on-load, tiled
+across peers, or plain), in which processing slot, and how long each stage took.
+
+No Flask here: the route parses and validates, this computes, the route stores and
+answers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from server import codecs
+from server.codecs import ImageInfo, OutputFormat
+from server.operations import Image, Registry
+from server.peers import PeerClient
+from server.pipeline import Pipeline, Step
+from server.shrink import run_after_shrink, shrink_factor
+from server.tiling import pipeline_is_tileable, run_local, run_tiled
+
+
+@dataclass(frozen=True)
+class Job:
+    data: bytes
+    info: ImageInfo
+    pipeline: Pipeline
+    out_format: OutputFormat
+    quality: int | None
+    # A tile from a coordinator: never tiled again, answered in uncompressed PNG.
+    is_tile: bool = False
+
+
+@dataclass
+class Result:
+    data: bytes
+    width: int
+    height: int
+    tiles: int = 1
+    timings: dict[str, float] = field(default_factory=dict)
+    log: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Processor:
+    registry: Registry
+    slots: threading.BoundedSemaphore
+    peers: PeerClient | None
+    tile_pixels: float
+    tile_size: int
+
+    def should_tile(self, job: Job) -> bool:
+        return (not job.is_tile and self.peers is not None
+                and job.info.pixels > self.tile_pixels and pipeline_is_tileable(job.pipeline))
+
+    def run(self, job: Job) -> Result:
+        if self.should_tile(job):
+            return self._run_tiled(job)
+        reduce = shrink_factor(job.pipeline, job.info)
+        with self.slots:
+            t0 = time.perf_counter()
+            image = codecs.decode(job.data, job.info, reduce)
+            t1 = time.perf_counter()
+            if reduce > 1:
+                out = run_after_shrink(job.pipeline, image, job.info)
+            else:
+                out = job.pipeline.run(image)
+            t2 = time.perf_counter()
+            data = self._encode(job, out)
+            t3 = time.perf_counter()
+        result = self._result(data, out, t0, t1, t2, t3)
+        if reduce > 1:
+            result.log["shrink_on_load"] = reduce
+        return result
+
+    def _run_tiled(self, job: Job) -> Result:
+        with self.slots:
+            t0 = time.perf_counter()
+            image = codecs.decode(job.data, job.info)
+            t1 = time.perf_counter()
+        # No slot is held while tiles are out: they may come back to this very instance
+        # through the load balancer and need its slots.
+        out, stats = run_tiled(job.pipeline, image, self.registry, tile_size=self.tile_size,
+                               remote=self.peers, local=self._run_tile_here)
+        del image  # the coordinator keeps the output and the tiles in flight only
+        t2 = time.perf_counter()
+        with self.slots:
+            data = self._encode(job, out)
+        t3 = time.perf_counter()
+        result = self._result(data, out, t0, t1, t2, t3)
+        result.tiles = stats.tiles
+        result.timings.update(tiles_dispatch=stats.dispatch_ms, tiles_stitch=stats.stitch_ms,
+                              **{f"tiles_{k}_sum": v for k, v in stats.timings.items()})
+        result.log.update(tiles=stats.tiles, tiles_local=stats.local,
+                          tile_retries=stats.retries)
+        return result
+
+    def _run_tile_here(self, steps: tuple[Step, ...], window: Image,
+                       timings: dict[str, float]) -> Image:
+        with self.slots:
+            return run_local(steps, window, timings)
+
+    @staticmethod
+    def _encode(job: Job, out: Image) -> bytes:
+        if job.is_tile and job.out_format == "png":
+            return codecs.encode_uncompressed_png(out)  # decoded at once by the coordinator
+        return codecs.encode(out, job.out_format, job.quality)
+
+    @staticmethod
+    def _result(data: bytes, out: Image, t0: float, t1: float, t2: float,
+                t3: float) -> Result:
+        height, width = out.shape[:2]
+        timings = {"decode": (t1 - t0) * 1000, "process": (t2 - t1) * 1000,
+                   "encode": (t3 - t2) * 1000}
+        return Result(data, width, height, timings=timings)

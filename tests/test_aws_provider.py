@@ -70,14 +70,9 @@ class FakeBootstrapper:
 
 
 @pytest.fixture
-def infra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[AwsFleetConfig]:
-    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+def infra(fake_aws: None, monkeypatch: pytest.MonkeyPatch,
+          tmp_path: Path) -> Iterator[AwsFleetConfig]:
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    # moto loads thousands of sample AMIs per backend unless told not to (seconds each).
-    monkeypatch.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
     with mock_aws():
         clients = bootstrap_aws.make_clients(REGION, None, None)
         ami = "ami-12c6146b"  # any id: moto does not check it

@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlparse
 
 import boto3
-import pytest
 from botocore.config import Config
 from botocore.credentials import RefreshableCredentials
 from moto import mock_aws
@@ -17,18 +16,11 @@ from server.storage import S3Storage
 SIGV4 = Config(signature_version="s3v4")
 
 
-@pytest.fixture
-def aws_env(monkeypatch):
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-
-
 def expires_param(url: str) -> int:
     return int(parse_qs(urlparse(url).query)["X-Amz-Expires"][0])
 
 
-def test_static_credentials_give_the_requested_lifetime(aws_env):
+def test_static_credentials_give_the_requested_lifetime(fake_aws):
     with mock_aws():
         client = boto3.client("s3", region_name="us-east-1", config=SIGV4)
         client.create_bucket(Bucket="links")
@@ -37,7 +29,7 @@ def test_static_credentials_give_the_requested_lifetime(aws_env):
         assert expires_param(link.url) == 3 * 24 * 3600
 
 
-def test_temporary_credentials_cap_the_lifetime(aws_env):
+def test_temporary_credentials_cap_the_lifetime(fake_aws):
     # Instance-role credentials are what EC2 workers sign with; moto cannot issue
     # them, so the session is given refreshable credentials that expire in 2 hours.
     expiry = datetime.now(UTC) + timedelta(hours=2)

@@ -538,18 +538,7 @@ def test_original_is_stored_under_originals(client, tmp_path: Path, camera_png: 
 
 
 @pytest.fixture
-def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fake credentials, so nothing can reach a real account."""
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-
-
-@pytest.fixture
-def moto_s3(aws_credentials):
+def moto_s3(fake_aws):
     with mock_aws():
         raw = boto3.client("s3", region_name="us-east-1")
         raw.create_bucket(Bucket=BUCKET)
@@ -595,7 +584,7 @@ def test_s3_presigned_link_is_sigv4_and_clamped(moto_s3) -> None:
     assert long_link.expires_at == clock.now + MAX_LINK_SECONDS
 
 
-def test_s3_failures_become_storage_errors_and_503(aws_credentials, make_app,
+def test_s3_failures_become_storage_errors_and_503(fake_aws, make_app,
                                                    camera_png: bytes) -> None:
     with mock_aws():  # no bucket created
         storage = S3Storage("no-such-bucket", region="us-east-1")
@@ -620,7 +609,7 @@ def test_open_storage_parses_locations(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def moto_server(aws_credentials):
+def moto_server(fake_aws):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from fleet.providers.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "testdata" / "images"
@@ -65,12 +66,6 @@ def with_nonce(data: bytes, nonce: int) -> bytes:
     text = f"bench-{nonce}".encode()
     segment = b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text
     return data[:2] + segment + data[2:]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_http(url: str, timeout: float = 30.0) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -19,6 +18,8 @@ from typing import IO, Any
 import pytest
 import requests
 from waiting import wait_until
+
+from fleet.providers.local import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES_DIR = REPO_ROOT.parent / "shared" / "testdata" / "images"
@@ -32,12 +33,6 @@ def images_dir() -> Path:
     """The shared test photographs (astronaut.png, camera.png, rocket.jpg, ...)."""
     assert IMAGES_DIR.is_dir(), f"test photographs missing: {IMAGES_DIR}"
     return IMAGES_DIR
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

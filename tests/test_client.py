@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 import pytest
 from aiohttp import web
+from conftest import free_port
 from waiting import wait_until
 
 from gui.client import (
@@ -55,12 +56,6 @@ from gui.client import (
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO.parent / "shared" / "testdata" / "images"
 FAST_RETRY = RetryPolicy(attempts=3, backoff_base=0.01, backoff_max=0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png_bytes(width: int = 8, height: int = 6) -> bytes:

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import cv2
 import numpy as np
 import pytest
 import requests
+from conftest import free_port
 from waiting import wait_until
 
 from gui.client import OperationSpec, ParamSpec, ProgressEvent
@@ -41,12 +41,6 @@ from scripts.process import (
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO.parent / "shared" / "testdata" / "images"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -12,7 +12,6 @@ import stat
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -167,20 +166,6 @@ def test_endpoint_precedence_flag_env_settings_then_embedded() -> None:
 # --------------------------------------------------------------------------- schema
 
 
-@dataclass(frozen=True)
-class OddParam:
-    """A ParamSpec as a newer client may give it, with the schema's ``odd`` flag."""
-
-    name: str
-    type: str
-    default: Any
-    min: float | None = None
-    max: float | None = None
-    choices: tuple[Any, ...] | None = None
-    odd: bool = False
-    description: str = ""
-
-
 def param(name: str, type_: str, default: Any, low: Any = None, high: Any = None,
           choices: Any = None) -> api.ParamSpec:
     return api.ParamSpec(name, type_, default, low, high, choices)
@@ -203,7 +188,7 @@ def test_each_parameter_type_gets_its_control() -> None:
 
 
 def test_odd_only_parameters_get_odd_slider_positions() -> None:
-    spec = control_for(OddParam("ksize", "int", 15, 1.0, 151.0, odd=True,
+    spec = control_for(api.ParamSpec("ksize", "int", 15, 1.0, 151.0, odd=True,
                                 description="kernel size"))
     assert (spec.minimum, spec.maximum, spec.steps) == (1, 151, 75)
     positions = {spec.minimum + i * (spec.maximum - spec.minimum) / spec.steps
@@ -211,7 +196,7 @@ def test_odd_only_parameters_get_odd_slider_positions() -> None:
     assert all(int(p) % 2 == 1 for p in positions)
     assert coerce_value(spec, 14.2) == 15  # a slider value between two odd positions
     assert spec.description == "kernel size"
-    even_ends = control_for(OddParam("block", "int", 11, 2, 256, odd=True))
+    even_ends = control_for(api.ParamSpec("block", "int", 11, 2, 256, odd=True))
     assert (even_ends.minimum, even_ends.maximum) == (3, 255)
 
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import IMAGES_DIR
 
 from server import ServerConfig, create_app
 from server.operations import default_registry
 from server.storage import FolderStorage
 
-IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "images"
+IMAGES = IMAGES_DIR
 
 
 @pytest.fixture

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import IMAGES_DIR
 from PIL import Image, ImageOps
 
 from server import codecs
 from server.errors import ApiError
 
-IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "images"
+IMAGES = IMAGES_DIR
 MAX_PIXELS = 100_000_000
 
 

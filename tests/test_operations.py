@@ -6,17 +6,16 @@ documented defaults, so a change of default or behaviour shows up as a failure.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
+from conftest import IMAGES_DIR
 
 from server.errors import ApiError
 from server.operations import default_registry
 from server.pipeline import parse_pipeline, parse_step
 
-IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "images"
+IMAGES = IMAGES_DIR
 PHOTOS = ["astronaut.png", "camera.png", "rocket.jpg"]
 REGISTRY = default_registry()
 

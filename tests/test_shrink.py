@@ -4,18 +4,18 @@ close to a full-size decode."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import IMAGES_DIR
 
 from server import codecs
 from server.operations import default_registry
 from server.pipeline import parse_pipeline
 from server.shrink import run_after_shrink, shrink_factor
 
-IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "images"
+IMAGES = IMAGES_DIR
 REGISTRY = default_registry()
 
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import json
 import tracemalloc
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import IMAGES_DIR
 
 from server.operations import default_registry
 from server.pipeline import Pipeline, parse_pipeline, parse_step
 from server.tiling import TileError, plan_tiles, run_tiled
 
-IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "images"
+IMAGES = IMAGES_DIR
 REGISTRY = default_registry()
 TILE = 1280  # 6400x4800 -> 5 x 4 = 20 tiles
 

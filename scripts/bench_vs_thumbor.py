@@ -39,6 +39,7 @@ from scripts.benchlib import (
     derived,
     free_port,
     jpeg,
+    multipart_body,
     percentile,
     server_process,
     wait_for_http,
@@ -82,6 +83,14 @@ def thumbor_config(folder: Path, path: Path) -> None:
         "AUTO_WEBP = False\n"
         "MAX_AGE = 0\n"
     )
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its children (a --workers supervisor and its workers)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return [pid, *children]
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -141,8 +150,11 @@ async def run(args: argparse.Namespace) -> None:
         try:
             for url in thumbor_urls:
                 wait_for_http(f"{url}/healthcheck")
-            with server_process(*args.server_arg) as ours:
-                await compare(args, ours.url, [ours.proc.pid], thumbor_urls,
+            server_args = args.server_arg
+            if not any(a.startswith("--workers") for a in server_args):
+                server_args = [*server_args, "--workers", str(args.thumbor_processes)]
+            with server_process(*server_args) as ours:
+                await compare(args, ours.url, process_tree(ours.proc.pid), thumbor_urls,
                               [t.pid for t in thumbors], small, large, sources)
         finally:
             for thumbor in thumbors:
@@ -177,13 +189,11 @@ async def compare(args, ours_url, ours_pids, thumbor_urls, thumbor_pids, small, 
             async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
                 async def ours(i: int, wl=wl, session=session) -> bytes:
                     name = wl.images[i % len(wl.images)]
-                    form = aiohttp.FormData()
-                    form.add_field("image", with_nonce(sources[name], next(nonce)),
-                                   filename=name, content_type="image/jpeg")
-                    form.add_field("steps", json.dumps(wl.ours))
-                    form.add_field("quality", "80")
-                    async with session.post(f"{ours_url}/process?response=image",
-                                            data=form) as resp:
+                    body, content_type = multipart_body(
+                        with_nonce(sources[name], next(nonce)), name,
+                        {"steps": json.dumps(wl.ours), "quality": "80"})
+                    async with session.post(f"{ours_url}/process?response=image", data=body,
+                                            headers={"Content-Type": content_type}) as resp:
                         body = await resp.read()
                         if resp.status != 200:
                             raise RuntimeError(f"ours: {resp.status} {body[:200]!r}")
@@ -212,7 +222,8 @@ async def compare(args, ours_url, ours_pids, thumbor_urls, thumbor_pids, small, 
         if wl.quality_ref:
             quality_rows.append(await quality(wl, ours_url, thumbor_urls[0], sources, nonce))
     print()
-    print(f"peak RSS: ours {sum(map(peak_rss_mb, ours_pids)):.0f} MB (1 process), thumbor "
+    print(f"peak RSS: ours {sum(map(peak_rss_mb, ours_pids)):.0f} MB ({len(ours_pids)} "
+          f"processes), thumbor "
           f"{sum(map(peak_rss_mb, thumbor_pids)):.0f} MB ({len(thumbor_pids)} processes)")
     print()
     print("| workload | server | PSNR dB, lossless output | PSNR dB, JPEG q80 | JPEG bytes |")
@@ -259,7 +270,8 @@ def main() -> int:
     parser.add_argument("--thumbor", required=True, help="path to the thumbor executable")
     parser.add_argument("--requests", type=int, default=160, help="requests per 2K run")
     parser.add_argument("--thumbor-processes", type=int, default=os.cpu_count() or 2,
-                        help="thumbor processes, each on its own port (default: one per core)")
+                        help="thumbor processes, each on its own port, and our --workers "
+                             "(default: one per core)")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra argument for python -m server (repeatable)")
     args = parser.parse_args()

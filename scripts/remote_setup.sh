@@ -169,6 +169,7 @@ IMAGEFLEET_STORAGE=$storage
 IMAGEFLEET_HOST=$host
 IMAGEFLEET_PORT=$port
 IMAGEFLEET_INSTANCE_ID=${instance_id:-$(hostname)}
+IMAGEFLEET_WORKERS=$(nproc)
 AWS_REGION=$region
 AWS_DEFAULT_REGION=$region
 EOF
@@ -189,6 +190,9 @@ ExecStart=$venv/bin/python -m server
 Restart=always
 RestartSec=1
 KillSignal=SIGTERM
+# SIGTERM to the supervisor only, which passes it on once: a worker signalled twice
+# quits without draining. Whatever is left after the timeout gets SIGKILL.
+KillMode=mixed
 TimeoutStopSec=60
 NoNewPrivileges=yes
 ProtectSystem=strict

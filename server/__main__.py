@@ -6,14 +6,15 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import MISSING
 
-from server.app import create_app, get_state
 from server.config import ENV_PREFIX, ServerConfig
+from server.storage import open_storage
 from server.transport import JsonErrorChannel, unsent_bytes
 
 log = logging.getLogger("imagefleet.server")
@@ -61,13 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("process-slots", int, "images processed at once (default: CPU count)")
     add("opencv-threads", int, "threads OpenCV uses within one operation; 0: its default")
     add("drain-timeout", float, "seconds SIGTERM waits for in-flight requests (default 30)")
+    add("workers", int, "server processes sharing the port, e.g. one per core; "
+                        "/health reports the answering worker's counts (default 1)")
+    # A worker started by the supervisor inherits the listening socket as this fd.
+    parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default=_env("log-level", "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    values = {k: v for k, v in vars(args).items() if k != "log_level" and v is not None}
+    values = {k: v for k, v in vars(args).items()
+              if k not in ("log_level", "listen_fd") and v is not None}
     for optional in ("token", "peers", "s3_endpoint_url"):
         if values.get(optional) == "":
             values.pop(optional)
@@ -91,6 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         config = config_from_args(args)
+        if config.workers > 1 and args.listen_fd is None:
+            # The supervisor serves nothing, so it checks the storage location but
+            # leaves OpenCV, Flask and the app to the workers (memory, start-up).
+            open_storage(config.storage, s3_endpoint_url=config.s3_endpoint_url)
+            return _supervise(config, argv if argv is not None else sys.argv[1:])
+        from server.app import create_app, get_state
+
         app = create_app(config)
     except ValueError as exc:
         parser.error(str(exc))
@@ -102,15 +115,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         cv2.setNumThreads(config.opencv_threads)  # process-wide, so set by the entry point
 
+    if args.listen_fd is not None:
+        from server.supervisor import die_with_parent
+
+        die_with_parent()
+        where = {"sockets": [socket.socket(fileno=args.listen_fd)]}
+    else:
+        where = {"host": config.host, "port": config.port}
     server = create_server(
-        app, host=config.host, port=config.port, threads=config.threads,
+        app, **where, threads=config.threads,
         ident="imagefleet", max_request_body_size=config.max_bytes + 1024 * 1024,
         channel_timeout=120, connection_limit=1000, recv_bytes=RECV_BYTES,
     )
     server.channel_class = JsonErrorChannel
     state = get_state(app)
-    log.info("listening on http://%s:%s storage=%s instance=%s", config.host,
-             server.effective_port, state.storage.describe(), config.instance_id)
+    if args.listen_fd is None:
+        log.info("listening on http://%s:%s storage=%s instance=%s", config.host,
+                 server.effective_port, state.storage.describe(), config.instance_id)
 
     drained = threading.Event()
 
@@ -145,6 +166,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         server.close()
     return 0
+
+
+def _supervise(config: ServerConfig, argv: Sequence[str]) -> int:
+    from server.supervisor import Supervisor, listening_socket
+
+    try:
+        sock = listening_socket(config.host, config.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
+        return 1
+    log.info("listening on http://%s:%s storage=%s instance=%s workers=%d", config.host,
+             sock.getsockname()[1], config.storage, config.instance_id, config.workers)
+    return Supervisor(argv, sock, config.workers, config.instance_id).run()
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import itertools
 import json
 import logging
+import os
 import re
+import secrets
 import threading
 import time
-import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +25,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from server import codecs
 from server.config import ServerConfig
 from server.errors import ApiError, bad_request
+from server.multipart import InMemoryFormDataParser
 from server.operations import Registry, default_registry
 from server.peers import PeerClient
 from server.pipeline import Pipeline, check_output_pixels, parse_pipeline
@@ -60,6 +63,10 @@ class ServerState:
     processed: int = 0
     operations_json: bytes = b""
     processor: Processor | None = None
+    # Request ids: a random prefix per process and a counter; unique across a fleet
+    # for log correlation without a system call per request.
+    _id_prefix: str = field(default_factory=lambda: secrets.token_hex(4))
+    _id_counter: Iterator[int] = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
         peers = PeerClient(self.config.peers, self.config.token) if self.config.peers else None
@@ -68,6 +75,9 @@ class ServerState:
                                    peers, self.config.tile_mp * 1e6, self.config.tile_size)
         self.operations_json = json.dumps(
             {"operations": [op.to_json() for op in self.registry.values()]}).encode()
+
+    def new_request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._id_counter):08x}"
 
     def enter(self) -> None:
         with self.lock:
@@ -95,12 +105,16 @@ class ServerState:
             "processed": processed,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "version": __version__,
+            "pid": os.getpid(),  # tells apart the workers of one `--workers N` server
         }
 
 
 class InMemoryUploadRequest(Request):
     """Uploads stay in memory: werkzeug would spool any file over 500 KB to a temporary
-    file and read it back, and the body is bounded by MAX_CONTENT_LENGTH anyway."""
+    file and read it back, and the body is bounded by MAX_CONTENT_LENGTH anyway.
+    Multipart bodies are split in one pass (server/multipart.py)."""
+
+    form_data_parser_class = InMemoryFormDataParser
 
     def _get_file_stream(self, total_content_length, content_type, filename=None,
                          content_length=None):
@@ -122,6 +136,7 @@ def create_app(config: ServerConfig | Mapping[str, Any] | None = None, *,
     if storage is None:
         storage = open_storage(config.storage, s3_endpoint_url=config.s3_endpoint_url)
     state = ServerState(config, storage, registry or default_registry())
+    codecs.load_plugins()
 
     app = Flask(__name__)
     app.request_class = InMemoryUploadRequest
@@ -215,7 +230,7 @@ def _store(state: ServerState, info: codecs.ImageInfo, data: bytes, input_digest
            storage_key: str, result: bytes, out_format: str, width: int, height: int,
            pipeline: Pipeline) -> None:
     original_key = f"originals/{input_digest}.{ORIGINAL_EXTENSIONS[info.format]}"
-    if state.storage.head(original_key) is None:
+    if not state.storage.exists(original_key):
         state.storage.put(original_key, data, ORIGINAL_TYPES[info.format])
     state.storage.put(storage_key, result, codecs.CONTENT_TYPES[out_format],
                       {"width": str(width), "height": str(height),
@@ -231,7 +246,8 @@ def _register_routes(app: Flask, state: ServerState) -> None:
 
     @app.before_request
     def start_request():
-        g.request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+        g.request_id = (request.headers.get("X-Request-Id", "")[:64]
+                        or state.new_request_id())
         g.started = time.perf_counter()
         g.log = {}
 

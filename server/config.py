@@ -38,6 +38,8 @@ class ServerConfig:
     # Threads OpenCV may use inside one operation; 0 keeps OpenCV's default (one per
     # core). Requests already run in parallel, so more can oversubscribe the cores.
     opencv_threads: int = 0
+    # Server processes sharing the port (server/supervisor.py).
+    workers: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -60,6 +62,8 @@ class ServerConfig:
             problems.append(f"process_slots {self.process_slots} is not 1..256")
         if not 0 <= self.opencv_threads <= 256:
             problems.append(f"opencv_threads {self.opencv_threads} is not 0..256")
+        if not 1 <= self.workers <= 64:
+            problems.append(f"workers {self.workers} is not 1..64")
         if self.token is not None and len(self.token) < 8:
             problems.append("token must be at least 8 characters")
         if problems:

@@ -9,11 +9,11 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -74,6 +74,11 @@ class Storage(ABC):
     @abstractmethod
     def get(self, key: str) -> bytes | None: ...
 
+    def exists(self, key: str) -> bool:
+        """Whether `key` is stored complete; implementations may answer more cheaply
+        than head()."""
+        return self.head(key) is not None
+
     @abstractmethod
     def link(self, key: str, expires_in: int, base_url: str) -> Link: ...
 
@@ -109,23 +114,35 @@ class FolderStorage(Storage):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._links = SignedLinks(signer or LinkSigner(load_or_create_secret(self.root)), clock)
+        # Temporary names need only be unique among this folder's writers: the pid
+        # tells processes apart, the counter writes within one (next() is atomic
+        # under the GIL). Cheaper than tempfile's random names, on every request.
+        self._temp_prefix = f".tmp-{os.getpid()}-"
+        self._temp_counter = itertools.count()
 
     def describe(self) -> str:
         return f"folder {self.root}"
 
-    def _path(self, key: str) -> Path:
-        return self.root / check_key(key)
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, check_key(key))
 
-    def _write_atomic(self, path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        folder = os.path.dirname(path)
+        tmp = os.path.join(folder, f"{self._temp_prefix}{next(self._temp_counter)}")
         try:
-            with os.fdopen(fd, "wb") as handle:
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileNotFoundError:  # the first object under this prefix
+                os.makedirs(folder, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb", buffering=0) as handle:
                 handle.write(data)
             os.replace(tmp, path)
         except OSError as exc:
-            Path(tmp).unlink(missing_ok=True)
-            raise StorageError(f"could not write {path.name}: {exc.strerror or exc}") from exc
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise StorageError(f"could not write {os.path.basename(path)}: "
+                               f"{exc.strerror or exc}") from exc
 
     def put(self, key: str, data: bytes, content_type: str,
             metadata: dict[str, str] | None = None) -> None:
@@ -134,23 +151,27 @@ class FolderStorage(Storage):
         # Data first, metadata last: head() only reports objects whose metadata exists,
         # so a crash in between leaves an object that is simply recomputed.
         self._write_atomic(path, data)
-        self._write_atomic(path.with_name(path.name + self.META_SUFFIX),
-                           json.dumps(meta).encode())
+        self._write_atomic(path + self.META_SUFFIX, json.dumps(meta).encode())
 
     def head(self, key: str) -> StoredObject | None:
         path = self._path(key)
         try:
-            meta = json.loads(path.with_name(path.name + self.META_SUFFIX).read_bytes())
-            size = path.stat().st_size
+            with open(path + self.META_SUFFIX, "rb") as handle:
+                meta = json.loads(handle.read())
+            size = os.stat(path).st_size
         except (FileNotFoundError, ValueError):
             return None
-        if size != meta.get("size"):
+        if not isinstance(meta, dict) or size != meta.get("size"):
             return None
         return StoredObject(key, size, meta["content_type"], dict(meta.get("metadata", {})))
 
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self._path(key) + self.META_SUFFIX)
+
     def get(self, key: str) -> bytes | None:
         try:
-            return self._path(key).read_bytes()
+            with open(self._path(key), "rb") as handle:
+                return handle.read()
         except FileNotFoundError:
             return None
 

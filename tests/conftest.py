@@ -35,6 +35,12 @@ def images_dir() -> Path:
     return IMAGES_DIR
 
 
+@pytest.fixture(scope="session")
+def camera_png(images_dir: Path) -> bytes:
+    """The 512x512 grayscale test photograph, as PNG bytes."""
+    return (images_dir / "camera.png").read_bytes()
+
+
 @dataclass
 class ServerProcess:
     """A running `python -m server`; its stderr (the logs) goes to `log_path`."""

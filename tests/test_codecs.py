@@ -143,3 +143,50 @@ def test_output_format_defaults_to_input_or_png():
     for fmt, expected in [("png", "png"), ("jpeg", "jpeg"), ("webp", "webp"), ("bmp", "png"),
                           ("tiff", "png"), ("gif", "png")]:
         assert codecs.output_format_for(codecs.ImageInfo(fmt, 1, 1, 1)) == expected
+
+
+# --- the JPEG decoder is OpenCV's, pixel for pixel ------------------------------------------
+
+
+def _jpeg_variants() -> dict[str, bytes]:
+    colour = cv2.imread(str(IMAGES_DIR / "chelsea.png"))
+    variants = {p.name: p.read_bytes() for p in sorted(IMAGES_DIR.glob("*.jpg"))}
+    sampling = cv2.IMWRITE_JPEG_SAMPLING_FACTOR
+    variants.update({
+        "gray": cv2.imencode(".jpg", cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY))[1].tobytes(),
+        "444": cv2.imencode(".jpg", colour, [sampling, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])[1]
+        .tobytes(),
+        "422": cv2.imencode(".jpg", colour, [sampling, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422])[1]
+        .tobytes(),
+        "progressive": cv2.imencode(".jpg", colour, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1]
+        .tobytes(),
+        "odd size": cv2.imencode(".jpg", colour[:301, :437])[1].tobytes(),
+    })
+    return variants
+
+
+REDUCED = {(2, False): cv2.IMREAD_REDUCED_COLOR_2, (4, False): cv2.IMREAD_REDUCED_COLOR_4,
+           (8, False): cv2.IMREAD_REDUCED_COLOR_8, (2, True): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+           (4, True): cv2.IMREAD_REDUCED_GRAYSCALE_4, (8, True): cv2.IMREAD_REDUCED_GRAYSCALE_8}
+
+
+@pytest.mark.parametrize("name", list(_jpeg_variants()))
+@pytest.mark.parametrize("reduce", [1, 2, 4, 8])
+def test_jpeg_decoding_matches_opencv_at_every_scale(name: str, reduce: int) -> None:
+    data = _jpeg_variants()[name]
+    info = codecs.probe(data, 10**9)
+    flags = (cv2.IMREAD_UNCHANGED if reduce == 1
+             else REDUCED[reduce, info.grayscale] | cv2.IMREAD_IGNORE_ORIENTATION)
+    expected = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    assert codecs._decode_jpeg(data, reduce) is not None, "the fast decoder was not used"
+    decoded = codecs.decode(data, info, reduce)
+    assert decoded.shape == expected.shape and np.array_equal(decoded, expected)
+
+
+def test_jpegs_the_fast_decoder_does_not_take_go_to_opencv() -> None:
+    rgb = Image.open(IMAGES_DIR / "chelsea.png").convert("RGB")
+    cmyk = pil_bytes(rgb.convert("CMYK"), "JPEG")
+    truncated = _jpeg_variants()["444"][:3000]
+    assert codecs._decode_jpeg(cmyk, 1) is None and codecs._decode_jpeg(truncated, 1) is None
+    expected = cv2.imdecode(np.frombuffer(cmyk, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(codecs.decode(cmyk, codecs.probe(cmyk, 10**9)), expected)

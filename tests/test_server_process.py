@@ -3,6 +3,7 @@ token, SIGTERM drain, /health under load, and the per-request log line."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -38,11 +39,6 @@ def photo_12mp(images_dir: Path) -> bytes:
     return buffer.tobytes()
 
 
-@pytest.fixture(scope="module")
-def camera_png(images_dir: Path) -> bytes:
-    return (images_dir / "camera.png").read_bytes()
-
-
 def assert_json_error(response: requests.Response, status: int, code: str) -> str:
     assert response.status_code == status, response.text[:300]
     assert response.headers["Content-Type"].startswith("application/json")
@@ -74,9 +70,11 @@ SAMPLES = {  # flag -> (environment value, parsed value in the config)
 
 
 def server_flags() -> list[str]:
+    """The documented flags (not --help, --log-level, or the internal ones whose help
+    is suppressed, such as the socket a worker inherits)."""
     return [option[2:] for action in build_parser()._actions
             for option in action.option_strings if option.startswith("--")
-            and option not in ("--help", "--log-level")]
+            and option not in ("--help", "--log-level") and action.help != argparse.SUPPRESS]
 
 
 def env_name(flag: str) -> str:

@@ -71,11 +71,6 @@ def decode(data: bytes) -> np.ndarray:
 
 
 @pytest.fixture
-def camera_png(images_dir: Path) -> bytes:
-    return (images_dir / "camera.png").read_bytes()
-
-
-@pytest.fixture
 def camera(images_dir: Path) -> np.ndarray:
     return cv2.imread(str(images_dir / "camera.png"), cv2.IMREAD_UNCHANGED)
 

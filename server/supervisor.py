@@ -1,0 +1,147 @@
+"""`python -m server --workers N`: N server processes sharing one listening socket.
+
+One Python process cannot keep several cores busy with request handling: parsing,
+routing and storage hold the GIL, and waitress's I/O thread then waits behind the
+request threads. So the supervisor binds the socket once and starts N ordinary
+`python -m server` processes that inherit it; the kernel hands each new connection
+to whichever worker accepts first, and an idle worker accepts first. The supervisor
+itself serves nothing: it restarts a worker that dies, and on SIGTERM or SIGINT it
+passes the signal on, so every worker drains as a single server would, and exits when
+they all have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger("imagefleet.server")
+
+LISTEN_BACKLOG = 1024
+PR_SET_PDEATHSIG = 1
+# A worker that dies sooner than this after starting is crash-looping: back off.
+STABLE_SECONDS = 5.0
+MAX_BACKOFF_SECONDS = 30.0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def worker_argv(argv: Sequence[str], fd: int, instance_id: str) -> list[str]:
+    """The supervisor's own arguments for one worker: without --workers, and with the
+    inherited socket and the supervisor's instance id (one server to the outside)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--workers", "--listen-fd", "--instance-id"):
+            skip = True
+        elif not arg.startswith(("--workers=", "--listen-fd=", "--instance-id=")):
+            out.append(arg)
+    return [*out, "--workers", "1", "--listen-fd", str(fd), "--instance-id", instance_id]
+
+
+def restart_delay(lifetime: float, previous_delay: float) -> float:
+    """Pure: how long to wait before restarting a worker that lived `lifetime` s."""
+    if lifetime >= STABLE_SECONDS:
+        return 0.0
+    return min(MAX_BACKOFF_SECONDS, max(1.0, previous_delay * 2))
+
+
+def die_with_parent() -> None:
+    """Called by a worker at start: Linux sends it SIGTERM (a drain) if the supervisor
+    is killed outright, so no worker outlives it; elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class _Worker:
+    slot: int
+    process: subprocess.Popen
+    started: float
+    delay: float = 0.0
+
+
+class Supervisor:
+    def __init__(self, argv: Sequence[str], sock: socket.socket, workers: int,
+                 instance_id: str):
+        self._argv = worker_argv(argv, sock.fileno(), instance_id)
+        self._sock = sock
+        self._count = workers
+        self._stopping = threading.Event()
+        self._signals = 0
+        self._workers: dict[int, _Worker] = {}
+
+    def _spawn(self, slot: int, delay: float = 0.0) -> None:
+        # Own process group: a terminal's Ctrl-C reaches only the supervisor, which
+        # passes it on once (a worker seeing two signals would quit without draining).
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server", *self._argv], pass_fds=(self._sock.fileno(),),
+            process_group=0)
+        self._workers[process.pid] = _Worker(slot, process, time.monotonic(), delay)
+        log.info("worker %d started (pid %d)", slot, process.pid)
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self._signals += 1
+        self._stopping.set()
+        log.info("signal %s: stopping %d workers", signal.Signals(signum).name,
+                 len(self._workers))
+        # Each worker drains like a single server; a second signal makes them quit.
+        for worker in list(self._workers.values()):
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        for slot in range(self._count):
+            self._spawn(slot)
+        status = 0
+        while self._workers:
+            try:
+                pid, wait_status = os.wait()
+            except ChildProcessError:
+                break
+            worker = self._workers.pop(pid, None)
+            if worker is None:
+                continue
+            code = os.waitstatus_to_exitcode(wait_status)
+            worker.process.returncode = code
+            if self._stopping.is_set():
+                log.info("worker %d exited (%s)", worker.slot, code)
+                status = status or (0 if code == 0 else 1)
+                continue
+            lifetime = time.monotonic() - worker.started
+            delay = restart_delay(lifetime, worker.delay)
+            log.warning("worker %d (pid %d) exited with %s after %.1f s; restarting%s",
+                        worker.slot, pid, code, lifetime,
+                        f" in {delay:.0f} s" if delay else "")
+            if delay and self._stopping.wait(delay):
+                continue
+            self._spawn(worker.slot, delay)
+        self._sock.close()
+        return status

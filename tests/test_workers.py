@@ -1,0 +1,136 @@
+"""`python -m server --workers N`: real supervisor and worker processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+import requests
+from conftest import REPO_ROOT
+from test_server_process import Request
+from waiting import wait_until
+
+from server.supervisor import STABLE_SECONDS, restart_delay, worker_argv
+
+SLOW_STEPS = json.dumps([{"op": "bilateral", "diameter": 15}] * 2)
+
+
+@pytest.fixture(scope="module")
+def photo_jpeg(images_dir: Path) -> bytes:
+    image = cv2.resize(cv2.imread(str(images_dir / "astronaut.png")), (3000, 3000),
+                       interpolation=cv2.INTER_CUBIC)
+    return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+
+def fresh_health(server) -> dict:
+    # A new connection each time, so the kernel may hand it to either worker.
+    answer = server.get("/health", headers={"Connection": "close"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def worker_pids(server) -> set[int]:
+    seen: set[int] = set()
+    wait_until(lambda: (seen.add(fresh_health(server)["pid"]), len(seen) >= 2)[1],
+               timeout=30, interval=0.01, what="both workers to answer /health")
+    return seen
+
+
+def test_workers_share_one_port_as_one_server(server_process, camera_png: bytes) -> None:
+    server = server_process("--workers", "2")
+    pids = worker_pids(server)
+    assert server.pid not in pids, "the supervisor must not serve"
+    ids = {fresh_health(server)["instance_id"] for _ in range(6)}
+    assert len(ids) == 1, "all workers report the supervisor's instance id"
+    for _ in range(4):
+        answer = server.post("/process", files={"image": ("c.png", camera_png)},
+                             data={"operation": "invert"}, headers={"Connection": "close"})
+        assert answer.status_code == 200, answer.text
+        assert requests.get(answer.json()["url"], timeout=10).status_code == 200
+    assert "workers=2" in server.log()
+
+
+def test_a_killed_worker_is_replaced_while_the_other_serves(server_process,
+                                                            camera_png: bytes) -> None:
+    server = server_process("--workers", "2")
+    pids = worker_pids(server)
+    victim = min(pids)
+    os.kill(victim, signal.SIGKILL)
+    failures = []
+
+    def replaced() -> bool:
+        answer = server.post("/process", files={"image": ("c.png", camera_png)},
+                             data={"operation": "flip"}, headers={"Connection": "close"})
+        if answer.status_code != 200:
+            failures.append(answer.status_code)
+        return not alive(victim) and fresh_health(server)["pid"] not in pids
+
+    wait_until(replaced, timeout=30, interval=0.02, what="a replacement worker")
+    assert failures == [], "the surviving worker must serve while the other restarts"
+    assert "exited with -9" in server.log() and "restarting" in server.log()
+
+
+def test_sigterm_drains_every_worker_then_exits_0(server_process, photo_jpeg: bytes) -> None:
+    server = server_process("--workers", "2")
+    pids = worker_pids(server)
+    slow = Request("POST", server.url + "/process?response=image",
+                   files={"image": ("big.jpg", photo_jpeg)}, data={"steps": SLOW_STEPS})
+    wait_until(lambda: any(fresh_health(server)["inflight"] for _ in range(4)), timeout=30,
+               what="the slow request to be in flight")
+    assert server.stop() == 0
+    slow.join(120)
+    assert slow.error is None, f"in-flight request failed during the drain: {slow.error!r}"
+    assert slow.response.status_code == 200 and slow.response.content[:2] == b"\xff\xd8"
+    wait_until(lambda: not any(alive(pid) for pid in pids), timeout=10,
+               what="every worker to exit")
+
+
+def test_killing_the_supervisor_outright_takes_the_workers_down(server_process) -> None:
+    server = server_process("--workers", "2")
+    pids = worker_pids(server)
+    server.proc.kill()
+    server.proc.wait(10)
+    wait_until(lambda: not any(alive(pid) for pid in pids), timeout=30,
+               what="workers to follow the supervisor (parent-death signal)")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--workers", "0"], "workers 0 is not 1..64"),
+    (["--workers", "2", "--storage", "s3://"], "names no bucket"),
+])
+def test_bad_worker_settings_exit_2_and_start_nothing(args, message) -> None:
+    done = subprocess.run([sys.executable, "-m", "server", "--port", "0", *args],
+                          check=False, cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert message in done.stderr
+
+
+def test_worker_arguments_carry_everything_but_the_worker_count() -> None:
+    argv = ["--port", "8080", "--workers", "4", "--storage", "s3://b/p", "--instance-id=x",
+            "--workers=3", "--token", "abcdefgh"]
+    assert worker_argv(argv, 7, "host-1") == [
+        "--port", "8080", "--storage", "s3://b/p", "--token", "abcdefgh",
+        "--workers", "1", "--listen-fd", "7", "--instance-id", "host-1"]
+
+
+def test_crash_looping_workers_back_off() -> None:
+    assert restart_delay(STABLE_SECONDS + 1, 8.0) == 0.0
+    delays = [1.0]
+    for _ in range(6):
+        delays.append(restart_delay(0.1, delays[-1]))
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]

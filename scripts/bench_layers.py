@@ -10,7 +10,9 @@ Layers (each includes the ones above it):
 - validate: the pipeline is parsed, the header probed, the input hashed, the key derived;
 - store: the original and the result are written to folder storage;
 - server: the real `python -m server` (Flask, logging, cache lookup, processing slots);
-- server x2: the same with `--workers 2`.
+- server x2: the same with `--workers 2`;
+- thumbor (with `--thumbor PATH`, as scripts/bench_vs_thumbor.sh installs it): one
+  process per core reading the same images from a folder, for scale.
 Prints requests/s per layer and its ratio to `bare`, per round. The client builds
 each body once per request (a unique JPEG comment defeats every cache).
 """
@@ -36,7 +38,7 @@ import aiohttp
 import cv2
 import numpy as np
 
-from scripts.bench_vs_thumbor import PHOTOS, drive
+from scripts.bench_vs_thumbor import PHOTOS, drive, thumbor_config
 from scripts.benchlib import IMAGES, free_port, jpeg, multipart_body, wait_for_http, with_nonce
 
 LAYERS = ("bare", "multipart", "validate", "store")
@@ -94,13 +96,16 @@ def serve_layer(layer: str, port: int, storage_dir: str) -> None:
           recv_bytes=RECV_BYTES, inbuf_overflow=INBUF_OVERFLOW, _quiet=True)
 
 
-def make_inputs() -> list[bytes]:
+def make_inputs(folder: Path) -> list[bytes]:
+    """The 2K JPEGs, also written to `folder` for thumbor's file loader."""
     out = []
     for name in PHOTOS:
         image = cv2.imread(str(IMAGES / name), cv2.IMREAD_COLOR)
         h, w = image.shape[:2]
-        out.append(jpeg(cv2.resize(image, (2048, round(h * 2048 / w)),
-                                   interpolation=cv2.INTER_CUBIC), 90))
+        data = jpeg(cv2.resize(image, (2048, round(h * 2048 / w)),
+                               interpolation=cv2.INTER_CUBIC), 90)
+        (folder / f"{len(out)}.jpg").write_bytes(data)
+        out.append(data)
     return out
 
 
@@ -111,6 +116,11 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], inputs: list[b
             connector=aiohttp.TCPConnector(limit=args.concurrency)) as session:
         def requester(name: str, url: str):
             async def one(i: int) -> bytes:
+                if name == "thumbor":
+                    base = url[i % len(url)] if isinstance(url, list) else url
+                    async with session.get(f"{base}/unsafe/fit-in/512x512/filters:quality(80)/"
+                                           f"{i % len(inputs)}.jpg") as resp:
+                        return await resp.read()
                 data = with_nonce(inputs[i % len(inputs)], next(nonce))
                 if name == "bare":
                     body, content_type = data, "image/jpeg"
@@ -147,16 +157,19 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--thumbor", help="thumbor executable, to add it as a row")
     parser.add_argument("--serve", nargs=3, metavar=("LAYER", "PORT", "STORAGE"),
                         help=argparse.SUPPRESS)  # internal: run one layer's server
     args = parser.parse_args()
     if args.serve:
         serve_layer(args.serve[0], int(args.serve[1]), args.serve[2])
         return 0
-    inputs = make_inputs()
     processes: list[subprocess.Popen] = []
-    urls: dict[str, str] = {}
+    urls: dict[str, str | list[str]] = {}
     with tempfile.TemporaryDirectory(prefix="imagefleet-layers-") as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        inputs = make_inputs(folder)
         try:
             for layer in LAYERS:
                 port = free_port()
@@ -170,7 +183,19 @@ def main() -> int:
                      f"{tmp}/{name}", "--workers", workers, "--log-level", "WARNING"],
                     cwd=Path(__file__).resolve().parents[1]))
                 urls[name] = f"http://127.0.0.1:{port}/process?response=image"
+            if args.thumbor:
+                thumbor_config(folder, Path(tmp) / "thumbor.conf")
+                ports = [free_port() for _ in range(2)]
+                processes += [subprocess.Popen(
+                    [args.thumbor, "-p", str(port), "-i", "127.0.0.1", "-c",
+                     f"{tmp}/thumbor.conf", "-l", "error"], stdout=subprocess.DEVNULL)
+                    for port in ports]
+                urls["thumbor"] = [f"http://127.0.0.1:{port}" for port in ports]
+                for base in urls["thumbor"]:
+                    wait_for_http(f"{base}/healthcheck")
             for url in urls.values():
+                if isinstance(url, list):
+                    continue
                 if "/process" in url:
                     wait_for_http(url.split("/process")[0] + "/health")
                 else:

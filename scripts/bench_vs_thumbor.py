@@ -179,6 +179,9 @@ async def compare(args, ours_url, ours_pids, thumbor_urls, thumbor_pids, small, 
     ]
     nonce = count()
     timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=120)
+    print(f"Medians of {args.rounds} rounds; the ratio is the median of the per-round "
+          "ratios (range in brackets).")
+    print()
     print("| workload | conc. | server | req/s | p50 ms | p95 ms | ratio ours/thumbor |")
     print("|---|---:|---|---:|---:|---:|---:|")
     quality_rows = []
@@ -210,13 +213,26 @@ async def compare(args, ours_url, ours_pids, thumbor_urls, thumbor_pids, small, 
                             raise RuntimeError(f"thumbor: {resp.status} {url}")
                         return body
 
-                await drive(ours, min(n, 8), concurrency)  # warm up both
-                await drive(theirs, min(n, 8), concurrency)
-                rps_o, lat_o, _ = await drive(ours, n, concurrency)
-                rps_t, lat_t, _ = await drive(theirs, n, concurrency)
-            for label, rps, lat in (("ours", rps_o, lat_o), ("thumbor", rps_t, lat_t)):
-                ratio = f"{rps_o / rps_t:.2f}x" if label == "ours" else ""
-                print(f"| {wl.name} | {concurrency} | {label} | {rps:.1f} | "
+                await drive(ours, min(n, 32), concurrency)  # warm up both
+                await drive(theirs, min(n, 32), concurrency)
+                # Rounds alternate which server goes first, so a drift in the shared
+                # machine's speed does not favour either; the ratio is taken per round.
+                runs: dict[str, list[float]] = {"ours": [], "thumbor": []}
+                latencies: dict[str, list[float]] = {"ours": [], "thumbor": []}
+                ratios = []
+                for round_number in range(args.rounds):
+                    order = [("ours", ours), ("thumbor", theirs)]
+                    for label, request in order if round_number % 2 == 0 else order[::-1]:
+                        rps, lat, _ = await drive(request, n, concurrency)
+                        runs[label].append(rps)
+                        latencies[label] += lat
+                    ratios.append(runs["ours"][-1] / runs["thumbor"][-1])
+            for label in ("ours", "thumbor"):
+                ratio = (f"{statistics.median(ratios):.2f}x "
+                         f"({min(ratios):.2f}–{max(ratios):.2f})") if label == "ours" else ""
+                lat = latencies[label]
+                print(f"| {wl.name} | {concurrency} | {label} | "
+                      f"{statistics.median(runs[label]):.1f} | "
                       f"{statistics.median(lat) * 1000:.0f} | "
                       f"{percentile(lat, 0.95) * 1000:.0f} | {ratio} |", flush=True)
         if wl.quality_ref:
@@ -269,6 +285,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--thumbor", required=True, help="path to the thumbor executable")
     parser.add_argument("--requests", type=int, default=160, help="requests per 2K run")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measurements of each server per workload (default 3)")
     parser.add_argument("--thumbor-processes", type=int, default=os.cpu_count() or 2,
                         help="thumbor processes, each on its own port, and our --workers "
                              "(default: one per core)")

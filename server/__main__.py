@@ -22,6 +22,10 @@ log = logging.getLogger("imagefleet.server")
 # Uploads are images of hundreds of KB to tens of MB: reading them 8 KB at a time
 # (waitress's default) costs a Python-level loop turn per 8 KB.
 RECV_BYTES = 256 * 1024
+# Bodies up to this size are buffered in memory while they arrive; larger ones spool
+# to a temporary file (waitress's default is 512 KB, less than many photographs,
+# which then cost a file create, write and read-back each).
+INBUF_OVERFLOW = 8 * 1024 * 1024
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -126,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         app, **where, threads=config.threads,
         ident="imagefleet", max_request_body_size=config.max_bytes + 1024 * 1024,
         channel_timeout=120, connection_limit=1000, recv_bytes=RECV_BYTES,
+        inbuf_overflow=INBUF_OVERFLOW,
     )
     server.channel_class = JsonErrorChannel
     state = get_state(app)
@@ -134,8 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                  server.effective_port, state.storage.describe(), config.instance_id)
 
     drained = threading.Event()
+    received: list[str] = []
 
     def drain() -> None:
+        state.draining.wait()
+        log.info("signal %s: draining", received[0] if received else "?")
         deadline = time.monotonic() + config.drain_timeout
         idle = state.wait_idle(config.drain_timeout)
         # The app is done with every response; wait until waitress has also written
@@ -147,15 +155,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A real signal interrupts waitress's select() at once; on_signal then stops it.
         os.kill(os.getpid(), signal.SIGINT)
 
+    # Started now and woken by the handler, which only sets flags: a handler that
+    # started a thread itself could be re-entered by the drain's own signal inside
+    # Thread.start() and leave its locks broken.
+    threading.Thread(target=drain, name="drain", daemon=True).start()
+
     def on_signal(signum: int, _frame) -> None:
         if drained.is_set():
             raise KeyboardInterrupt
         if state.draining.is_set():
-            log.warning("second signal: exiting now")
+            os.write(2, b"second signal: exiting now\n")
             os._exit(1)
-        log.info("signal %s: draining", signal.Signals(signum).name)
+        received.append(signal.Signals(signum).name)
         state.draining.set()
-        threading.Thread(target=drain, name="drain", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

@@ -93,7 +93,6 @@ class Supervisor:
         self._sock = sock
         self._count = workers
         self._stopping = threading.Event()
-        self._signals = 0
         self._workers: dict[int, _Worker] = {}
 
     def _spawn(self, slot: int, delay: float = 0.0) -> None:
@@ -106,14 +105,11 @@ class Supervisor:
         log.info("worker %d started (pid %d)", slot, process.pid)
 
     def _on_signal(self, signum: int, _frame) -> None:
-        self._signals += 1
         self._stopping.set()
-        log.info("signal %s: stopping %d workers", signal.Signals(signum).name,
-                 len(self._workers))
         # Each worker drains like a single server; a second signal makes them quit.
-        for worker in list(self._workers.values()):
+        for pid in list(self._workers):
             with contextlib.suppress(ProcessLookupError):
-                worker.process.send_signal(signal.SIGTERM)
+                os.kill(pid, signal.SIGTERM)  # not Popen.send_signal: it may reap
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)

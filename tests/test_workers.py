@@ -97,6 +97,7 @@ def test_sigterm_drains_every_worker_then_exits_0(server_process, photo_jpeg: by
     assert slow.response.status_code == 200 and slow.response.content[:2] == b"\xff\xd8"
     wait_until(lambda: not any(alive(pid) for pid in pids), timeout=10,
                what="every worker to exit")
+    assert "Traceback" not in server.log() and "second signal" not in server.log()
 
 
 def test_killing_the_supervisor_outright_takes_the_workers_down(server_process) -> None:
@@ -106,6 +107,9 @@ def test_killing_the_supervisor_outright_takes_the_workers_down(server_process) 
     server.proc.wait(10)
     wait_until(lambda: not any(alive(pid) for pid in pids), timeout=30,
                what="workers to follow the supervisor (parent-death signal)")
+    log = server.log()
+    assert log.count("drained (idle); exiting") == 2, log[-2000:]
+    assert "Traceback" not in log and "second signal" not in log, log[-2000:]
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -103,6 +103,9 @@ class Supervisor:
             process_group=0)
         self._workers[process.pid] = _Worker(slot, process, time.monotonic(), delay)
         log.info("worker %d started (pid %d)", slot, process.pid)
+        if self._stopping.is_set():  # a signal came while it was being started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
 
     def _on_signal(self, signum: int, _frame) -> None:
         self._stopping.set()

@@ -253,7 +253,7 @@ def _register_routes(app: Flask, state: ServerState) -> None:
 
     @app.after_request
     def log_request(response: Response):
-        if request.path != "/health":
+        if request.path != "/health" and access_log.isEnabledFor(logging.INFO):
             ms = (time.perf_counter() - g.started) * 1000
             access_log.info(json.dumps({
                 "request_id": g.request_id, "method": request.method, "path": request.path,

@@ -145,3 +145,36 @@ def test_non_ascii_or_missing_boundary_is_werkzeugs_error():
     body = client_body([("a", "b")], [], "B")
     for boundary in ("", "bé"):
         assert_same_as_werkzeug(body, boundary)
+
+
+def test_the_bodies_our_clients_send_take_the_fast_path() -> None:
+    """aiohttp (the desktop app, the command line) and requests: if either stopped being
+    split directly, every upload would silently pay for werkzeug's parser again."""
+    import asyncio
+
+    import aiohttp
+    import requests
+
+    async def aiohttp_body() -> tuple[bytes, str]:
+        form = aiohttp.FormData()
+        form.add_field("image", b"\xff\xd8jpeg\r\n", filename="photo.jpg",
+                       content_type="image/jpeg")
+        form.add_field("steps", json.dumps([{"op": "invert"}]))
+        payload = form()
+        chunks: list[bytes] = []
+
+        class Sink:
+            async def write(self, data) -> None:
+                chunks.append(bytes(data))
+
+        await payload.write(Sink())
+        return b"".join(chunks), payload.headers["Content-Type"]
+
+    prepared = requests.Request("POST", "http://127.0.0.1/", data={"operation": "invert"},
+                                files={"image": ("photo.jpg", b"\xff\xd8jpeg")}).prepare()
+    for body, content_type in (asyncio.run(aiohttp_body()),
+                               (prepared.body, prepared.headers["Content-Type"])):
+        boundary = content_type.split("boundary=")[1].strip('"')
+        parts = split_parts(body, boundary.encode())
+        assert {(p.name, p.filename) for p in parts} >= {("image", "photo.jpg")}
+        assert_same_as_werkzeug(body, boundary)

@@ -106,12 +106,6 @@ def _state_and_parent(pid: int) -> tuple[str, int] | None:
     return state, int(ppid)
 
 
-def process_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    info = _state_and_parent(pid)
-    return info is not None and info[0] != "Z"
-
-
 def child_pids(pid: int | None = None) -> list[int]:
     """Live (non-zombie) direct children of ``pid`` (default: this process), from /proc."""
     parent = os.getpid() if pid is None else pid

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 import requests
+from helpers_fleet import pid_alive
 from helpers_gui import (
     child_pids,
-    process_alive,
     pump_until,
     threads_now,
     threads_started_since,
@@ -365,7 +365,7 @@ def test_python_m_gui_runs_an_embedded_fleet_and_sigterm_stops_it_all(
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=60)[0].decode(errors="replace")
         assert proc.returncode == 0, output
-        assert [pid for pid in workers if process_alive(pid)] == [], output
+        assert [pid for pid in workers if pid_alive(pid)] == [], output
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -28,6 +28,7 @@ from pathlib import Path
 import paramiko
 import pytest
 from helpers_aws import Sshd, console_output_with, free_port, keygen, wait_until
+from helpers_fleet import pid_alive
 
 from fleet import bootstrap
 from fleet.bootstrap import (
@@ -70,20 +71,8 @@ def cleanup() -> Iterator[list[Path]]:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 continue
-            wait_until(lambda p=pid: not _alive(p), 30, what=f"server {pid} to exit")
+            wait_until(lambda p=pid: not pid_alive(p), 30, what=f"server {pid} to exit")
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone for our purposes (its parent sshd session reaps it eventually).
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def _accepted_logins(sshd: Sshd) -> int:
@@ -352,4 +341,4 @@ def test_remote_setup_reports_a_server_that_dies_before_healthy(tmp_path: Path) 
     assert result.returncode == 1
     assert "server exited before becoming healthy" in result.stderr
     assert result.stderr.count("\n") >= 2  # the log tail came along
-    assert not _alive(int((tmp_path / "prefix" / "server.pid").read_text()))
+    assert not pid_alive(int((tmp_path / "prefix" / "server.pid").read_text()))

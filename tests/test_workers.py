@@ -13,6 +13,7 @@ import cv2
 import pytest
 import requests
 from conftest import REPO_ROOT
+from helpers_fleet import pid_alive
 from test_server_process import Request
 from waiting import wait_until
 
@@ -33,14 +34,6 @@ def fresh_health(server) -> dict:
     answer = server.get("/health", headers={"Connection": "close"})
     assert answer.status_code == 200, answer.text
     return answer.json()
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
 
 
 def worker_pids(server) -> set[int]:
@@ -77,7 +70,7 @@ def test_a_killed_worker_is_replaced_while_the_other_serves(server_process,
                              data={"operation": "flip"}, headers={"Connection": "close"})
         if answer.status_code != 200:
             failures.append(answer.status_code)
-        return not alive(victim) and fresh_health(server)["pid"] not in pids
+        return not pid_alive(victim) and fresh_health(server)["pid"] not in pids
 
     wait_until(replaced, timeout=30, interval=0.02, what="a replacement worker")
     assert failures == [], "the surviving worker must serve while the other restarts"
@@ -95,7 +88,7 @@ def test_sigterm_drains_every_worker_then_exits_0(server_process, photo_jpeg: by
     slow.join(120)
     assert slow.error is None, f"in-flight request failed during the drain: {slow.error!r}"
     assert slow.response.status_code == 200 and slow.response.content[:2] == b"\xff\xd8"
-    wait_until(lambda: not any(alive(pid) for pid in pids), timeout=10,
+    wait_until(lambda: not any(pid_alive(pid) for pid in pids), timeout=10,
                what="every worker to exit")
     assert "Traceback" not in server.log() and "second signal" not in server.log()
 
@@ -105,7 +98,7 @@ def test_killing_the_supervisor_outright_takes_the_workers_down(server_process) 
     pids = worker_pids(server)
     server.proc.kill()
     server.proc.wait(10)
-    wait_until(lambda: not any(alive(pid) for pid in pids), timeout=30,
+    wait_until(lambda: not any(pid_alive(pid) for pid in pids), timeout=30,
                what="workers to follow the supervisor (parent-death signal)")
     log = server.log()
     assert log.count("drained (idle); exiting") == 2, log[-2000:]

@@ -209,9 +209,9 @@ def decode(data: bytes, info: ImageInfo, reduce: int = 1) -> np.ndarray:
     image = None
     if info.format == "jpeg":
         image = _decode_jpeg(data, reduce)
-    if image is None and reduce > 1 and info.format == "jpeg":
-        flags = REDUCED_FLAGS[reduce, info.grayscale] | cv2.IMREAD_IGNORE_ORIENTATION
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        if image is None and reduce > 1:
+            flags = REDUCED_FLAGS[reduce, info.grayscale] | cv2.IMREAD_IGNORE_ORIENTATION
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if image is None and info.format != "gif":
         # IMREAD_UNCHANGED keeps alpha and 16 bits and ignores EXIF orientation,
         # which is applied below from the tag read in probe().

@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from werkzeug.datastructures import FileStorage, Headers, MultiDict
+from werkzeug.datastructures import FileStorage, Headers
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 from werkzeug.http import parse_options_header
@@ -131,4 +131,4 @@ class InMemoryFormDataParser(FormDataParser):
         return stream, self.cls(fields), self.cls(files)
 
 
-__all__ = ["InMemoryFormDataParser", "MultiDict", "NotSimple", "Part", "split_parts"]
+__all__ = ["InMemoryFormDataParser", "NotSimple", "Part", "split_parts"]

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "/health reports the answering worker's counts (default 1)")
     # A worker started by the supervisor inherits the listening socket as this fd.
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
+    # ... and drains when the process with this pid (its supervisor) is gone.
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default=_env("log-level", "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     values = {k: v for k, v in vars(args).items()
-              if k not in ("log_level", "listen_fd") and v is not None}
+              if k not in ("log_level", "listen_fd", "parent_pid") and v is not None}
     for optional in ("token", "peers", "s3_endpoint_url"):
         if values.get(optional) == "":
             values.pop(optional)
@@ -120,9 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         cv2.setNumThreads(config.opencv_threads)  # process-wide, so set by the entry point
 
     if args.listen_fd is not None:
-        from server.supervisor import die_with_parent
-
-        die_with_parent()
         where = {"sockets": [socket.socket(fileno=args.listen_fd)]}
     else:
         where = {"host": config.host, "port": config.port}
@@ -169,8 +168,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         received.append(signal.Signals(signum).name)
         state.draining.set()
 
+    def on_parent_death(_signum: int, _frame) -> None:
+        # Possibly delivered several times (see PARENT_DEATH_SIGNAL): never escalates.
+        if drained.is_set():
+            raise KeyboardInterrupt
+        if not state.draining.is_set():
+            received.append("parent death")
+            state.draining.set()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if args.listen_fd is not None:
+        from server.supervisor import PARENT_DEATH_SIGNAL, die_with_parent
+
+        signal.signal(PARENT_DEATH_SIGNAL, on_parent_death)
+        if not die_with_parent(args.parent_pid):
+            log.warning("supervisor (pid %d) is gone; draining", args.parent_pid)
+            on_parent_death(PARENT_DEATH_SIGNAL, None)
     try:
         server.run()
     except KeyboardInterrupt:

@@ -29,6 +29,13 @@ log = logging.getLogger("imagefleet.server")
 
 LISTEN_BACKLOG = 1024
 PR_SET_PDEATHSIG = 1
+# What a worker receives when its supervisor dies. Not SIGTERM: when a multi-threaded
+# parent is killed, Linux hands the children from each exiting thread to the next and
+# sends the parent-death signal every time, so a worker may get it several times, and a
+# second SIGTERM means "quit now, skip the drain". The worker treats this one as "drain",
+# however often it comes.
+PARENT_DEATH_SIGNAL = signal.SIGHUP
+WORKER_ONLY_FLAGS = ("--workers", "--listen-fd", "--parent-pid", "--instance-id")
 # A worker that dies sooner than this after starting is crash-looping: back off.
 STABLE_SECONDS = 5.0
 MAX_BACKOFF_SECONDS = 30.0
@@ -48,19 +55,22 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def worker_argv(argv: Sequence[str], fd: int, instance_id: str) -> list[str]:
+def worker_argv(argv: Sequence[str], fd: int, instance_id: str,
+                parent_pid: int) -> list[str]:
     """The supervisor's own arguments for one worker: without --workers, and with the
-    inherited socket and the supervisor's instance id (one server to the outside)."""
+    inherited socket, the supervisor's pid and its instance id (one server to the
+    outside)."""
     out: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
-        elif arg in ("--workers", "--listen-fd", "--instance-id"):
+        elif arg in WORKER_ONLY_FLAGS:
             skip = True
-        elif not arg.startswith(("--workers=", "--listen-fd=", "--instance-id=")):
+        elif not arg.startswith(tuple(flag + "=" for flag in WORKER_ONLY_FLAGS)):
             out.append(arg)
-    return [*out, "--workers", "1", "--listen-fd", str(fd), "--instance-id", instance_id]
+    return [*out, "--workers", "1", "--listen-fd", str(fd), "--parent-pid", str(parent_pid),
+            "--instance-id", instance_id]
 
 
 def restart_delay(lifetime: float, previous_delay: float) -> float:
@@ -70,12 +80,16 @@ def restart_delay(lifetime: float, previous_delay: float) -> float:
     return min(MAX_BACKOFF_SECONDS, max(1.0, previous_delay * 2))
 
 
-def die_with_parent() -> None:
-    """Called by a worker at start: Linux sends it SIGTERM (a drain) if the supervisor
-    is killed outright, so no worker outlives it; elsewhere a no-op."""
+def die_with_parent(parent_pid: int | None) -> bool:
+    """Called by a worker at start, after it handles PARENT_DEATH_SIGNAL: Linux sends
+    that signal if the supervisor is killed outright, so no worker outlives it
+    (elsewhere this asks for nothing). False if the supervisor is already gone: it died
+    before the request was made, so no signal will come."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL)
+    # Asked after the prctl: a death before it shows here, a death after it signals.
+    return parent_pid is None or os.getppid() == parent_pid
 
 
 @dataclass
@@ -89,7 +103,7 @@ class _Worker:
 class Supervisor:
     def __init__(self, argv: Sequence[str], sock: socket.socket, workers: int,
                  instance_id: str):
-        self._argv = worker_argv(argv, sock.fileno(), instance_id)
+        self._argv = worker_argv(argv, sock.fileno(), instance_id, os.getpid())
         self._sock = sock
         self._count = workers
         self._stopping = threading.Event()

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -17,7 +18,13 @@ from helpers_fleet import pid_alive
 from test_server_process import Request
 from waiting import wait_until
 
-from server.supervisor import STABLE_SECONDS, restart_delay, worker_argv
+from server.supervisor import (
+    PARENT_DEATH_SIGNAL,
+    STABLE_SECONDS,
+    listening_socket,
+    restart_delay,
+    worker_argv,
+)
 
 SLOW_STEPS = json.dumps([{"op": "bilateral", "diameter": 15}] * 2)
 
@@ -105,6 +112,79 @@ def test_killing_the_supervisor_outright_takes_the_workers_down(server_process) 
     assert "Traceback" not in log and "second signal" not in log, log[-2000:]
 
 
+@dataclass
+class BareWorker:
+    """One worker process as the supervisor starts it (inherited socket, parent pid),
+    started by the test instead, so the test plays the supervisor's part."""
+
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def bare_worker(tmp_path: Path):
+    started: list[BareWorker] = []
+
+    def start(parent_pid: int, wait_ready: bool = True) -> BareWorker:
+        sock = listening_socket("127.0.0.1", 0)
+        log_path = tmp_path / f"worker-{len(started)}.log"
+        with sock, log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "server", "--storage", str(tmp_path / "storage"),
+                 "--listen-fd", str(sock.fileno()), "--parent-pid", str(parent_pid)],
+                cwd=REPO_ROOT, pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=log_file)
+            worker = BareWorker(f"http://127.0.0.1:{sock.getsockname()[1]}", proc, log_path)
+        started.append(worker)
+        if wait_ready:
+            wait_until(lambda: requests.get(worker.url + "/health", timeout=5).ok,
+                       timeout=60, what="the worker to answer /health")
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+            worker.proc.wait(10)
+
+
+def test_a_worker_drains_once_however_often_the_parent_death_signal_comes(
+        bare_worker, photo_jpeg: bytes) -> None:
+    # Linux sends the parent-death signal once per exiting thread of a killed
+    # multi-threaded supervisor; here the test sends it by hand, mid-drain, instead.
+    worker = bare_worker(parent_pid=os.getpid())
+    slow = Request("POST", worker.url + "/process?response=image",
+                   files={"image": ("big.jpg", photo_jpeg)}, data={"steps": SLOW_STEPS})
+    wait_until(lambda: requests.get(worker.url + "/health", timeout=5).json()["inflight"],
+               timeout=30, what="the slow request to be in flight")
+    worker.proc.send_signal(PARENT_DEATH_SIGNAL)
+    wait_until(lambda: "parent death: draining" in worker.log(), timeout=30,
+               what="the drain to start")
+    for _ in range(3):
+        worker.proc.send_signal(PARENT_DEATH_SIGNAL)
+    assert worker.proc.wait(120) == 0
+    slow.join(120)
+    assert slow.error is None, f"in-flight request failed during the drain: {slow.error!r}"
+    assert slow.response.status_code == 200 and slow.response.content[:2] == b"\xff\xd8"
+    log = worker.log()
+    assert log.count("drained (idle); exiting") == 1, log[-2000:]
+    assert "second signal" not in log and "Traceback" not in log, log[-2000:]
+
+
+def test_a_worker_whose_supervisor_died_before_it_started_exits_at_once(bare_worker) -> None:
+    # The supervisor died before the worker asked for the parent-death signal, so no
+    # signal will ever come: the worker must notice by itself. pid 1 is never its parent.
+    worker = bare_worker(parent_pid=1, wait_ready=False)
+    assert worker.proc.wait(60) == 0
+    log = worker.log()
+    assert "supervisor (pid 1) is gone; draining" in log, log[-2000:]
+    assert "drained (idle); exiting" in log, log[-2000:]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--workers", "0"], "workers 0 is not 1..64"),
     (["--workers", "2", "--storage", "s3://"], "names no bucket"),
@@ -120,9 +200,11 @@ def test_bad_worker_settings_exit_2_and_start_nothing(args, message) -> None:
 def test_worker_arguments_carry_everything_but_the_worker_count() -> None:
     argv = ["--port", "8080", "--workers", "4", "--storage", "s3://b/p", "--instance-id=x",
             "--workers=3", "--token", "abcdefgh"]
-    assert worker_argv(argv, 7, "host-1") == [
+    assert worker_argv(argv, 7, "host-1", 42) == [
         "--port", "8080", "--storage", "s3://b/p", "--token", "abcdefgh",
-        "--workers", "1", "--listen-fd", "7", "--instance-id", "host-1"]
+        "--workers", "1", "--listen-fd", "7", "--parent-pid", "42", "--instance-id", "host-1"]
+    assert worker_argv([*argv, "--parent-pid=9", "--listen-fd", "3"], 7, "h", 42)[-6:] == [
+        "--listen-fd", "7", "--parent-pid", "42", "--instance-id", "h"]
 
 
 def test_crash_looping_workers_back_off() -> None:

@@ -159,22 +159,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Thread.start() and leave its locks broken.
     threading.Thread(target=drain, name="drain", daemon=True).start()
 
-    def on_signal(signum: int, _frame) -> None:
+    def start_drain(cause: str, again_means_exit: bool) -> None:
+        """Run in a signal handler (or before serving): only sets flags."""
         if drained.is_set():
             raise KeyboardInterrupt
         if state.draining.is_set():
-            os.write(2, b"second signal: exiting now\n")
-            os._exit(1)
-        received.append(signal.Signals(signum).name)
+            if again_means_exit:
+                os.write(2, b"second signal: exiting now\n")
+                os._exit(1)
+            return
+        received.append(cause)
         state.draining.set()
+
+    def on_signal(signum: int, _frame) -> None:
+        start_drain(signal.Signals(signum).name, again_means_exit=True)
 
     def on_parent_death(_signum: int, _frame) -> None:
         # Possibly delivered several times (see PARENT_DEATH_SIGNAL): never escalates.
-        if drained.is_set():
-            raise KeyboardInterrupt
-        if not state.draining.is_set():
-            received.append("parent death")
-            state.draining.set()
+        start_drain("parent death", again_means_exit=False)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -184,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(PARENT_DEATH_SIGNAL, on_parent_death)
         if not die_with_parent(args.parent_pid):
             log.warning("supervisor (pid %d) is gone; draining", args.parent_pid)
-            on_parent_death(PARENT_DEATH_SIGNAL, None)
+            start_drain("parent death", again_means_exit=False)
     try:
         server.run()
     except KeyboardInterrupt:

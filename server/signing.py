@@ -34,8 +34,10 @@ class LinkSigner:
             return False
         if int(expires) < now:
             return False
-        expected = self.signature(key, int(expires))
-        return hmac.compare_digest(expected, signature)
+        expected = self.signature(key, int(expires)).encode()
+        # Bytes, not str: compare_digest refuses a non-ASCII str with TypeError, and a
+        # query parameter can hold anything. surrogatepass: any str encodes.
+        return hmac.compare_digest(expected, signature.encode("utf-8", "surrogatepass"))
 
 
 def load_or_create_secret(folder: Path, environ: dict[str, str] | None = None) -> bytes:

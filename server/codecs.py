@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -38,6 +39,12 @@ DEFAULT_QUALITY = {"jpeg": 90, "webp": 90}
 PNG_COMPRESSION = 1
 
 ORIENTATION_TAG = 0x0112
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# libpng's default user_chunk_cache_max: it stops keeping ancillary chunks after this
+# many. Pillow has no such cap and walks the chunks before the image data in Python
+# (a million empty ones: seconds, outside the processing slots), so we count first.
+MAX_PNG_ANCILLARY_CHUNKS = 1000
 
 # Pillow's own bomb check uses one fixed, process-wide limit; ours is configurable and
 # runs in probe() from the header, before decoding. Pillow's would refuse images that
@@ -73,6 +80,8 @@ def probe(data: bytes, max_pixels: int) -> ImageInfo:
     """Read format, size and orientation from the header; enforce the pixel limit."""
     if not data:
         raise _unsupported("the image file is empty")
+    if data.startswith(PNG_SIGNATURE):
+        check_png_chunks(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -92,6 +101,31 @@ def probe(data: bytes, max_pixels: int) -> ImageInfo:
     if orientation >= 5:  # 5..8 swap the axes
         width, height = height, width
     return ImageInfo(INPUT_FORMATS[fmt], width, height, orientation, grayscale)
+
+
+def check_png_chunks(data: bytes, limit: int = MAX_PNG_ANCILLARY_CHUNKS) -> None:
+    """Walk the chunks before the first IDAT (what Pillow's header parser walks) and
+    refuse more than `limit` ancillary ones. The walk stops at the limit, so it is
+    bounded too. A truncated or malformed chunk list ends the walk: the decoders judge
+    such files."""
+    ancillary = critical = 0
+    pos, end = len(PNG_SIGNATURE), len(data)
+    while pos + 8 <= end:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"IDAT" or length > 0x7FFFFFFF:  # image data, or not a PNG length
+            return
+        if kind[0] & 0x20:  # lower-case first letter: ancillary
+            ancillary += 1
+            if ancillary > limit:
+                raise ApiError(415, "unsupported_image",
+                               f"the PNG has more than {limit} ancillary chunks before its "
+                               f"image data; at most {limit} are allowed (libpng's limit too)")
+        else:
+            critical += 1
+            if critical > 2:  # IHDR and PLTE are the only ones allowed there, once each
+                raise _unsupported(f"the PNG has an unexpected {kind!r} chunk before its "
+                                   "image data (only IHDR and PLTE may come first)")
+        pos += 12 + length  # length, type, data, CRC
 
 
 def _check_size(fmt: str, width: int, height: int, max_pixels: int) -> None:

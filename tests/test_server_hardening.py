@@ -7,6 +7,9 @@ real local fleet); the full disk is a real tmpfs of a few MB.
 
 from __future__ import annotations
 
+import struct
+import time
+import zlib
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -61,3 +64,51 @@ def test_non_ascii_link_parameters_are_403_not_500(server, camera_png: bytes, na
     message = assert_error(server.get(path, params=query), 403, "invalid_link")
     assert "signature" in message
     assert server.get("/health").status_code == 200
+
+
+# --- 2. PNG chunk floods -------------------------------------------------------------------
+
+
+def png_chunk(kind: bytes, data: bytes = b"") -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_with_ancillary_chunks(count: int, side: int = 16) -> bytes:
+    """A valid gray PNG with `count` tiny, valid ancillary chunks (alternately tEXt and a
+    private chunk) between IHDR and IDAT, where the header parser walks them."""
+    ihdr = png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+    idat = png_chunk(b"IDAT", zlib.compress((b"\0" + b"\x80" * side) * side, 9))
+    pair = png_chunk(b"tEXt", b"k\0v") + png_chunk(b"prIv")
+    extra = pair * (count // 2) + (png_chunk(b"prIv") if count % 2 else b"")
+    return b"\x89PNG\r\n\x1a\n" + ihdr + extra + idat + png_chunk(b"IEND")
+
+
+def timed(call):
+    started = time.perf_counter()
+    response = call()
+    return response, time.perf_counter() - started
+
+
+def test_png_with_a_million_ancillary_chunks_is_refused_at_once(server) -> None:
+    flood = png_with_ancillary_chunks(1_000_000)
+    ordinary = png_with_ancillary_chunks(2)
+    assert len(flood) > 10_000_000
+
+    normal, normal_s = timed(lambda: process(server, ordinary))
+    assert normal.status_code == 200, normal.text
+    refused, refused_s = timed(lambda: process(server, flood))
+
+    message = assert_error(refused, 415, "unsupported_image")
+    assert "1000 ancillary chunks" in message and "at most 1000" in message
+    # Unbounded, Pillow's header parser takes seconds (about 5 s here); the cap makes it
+    # as quick as an ordinary request plus the upload of 12 MB.
+    assert refused_s < 2.0, f"refused after {refused_s:.2f}s (ordinary: {normal_s:.2f}s)"
+    assert server.get("/health").status_code == 200
+
+
+def test_png_with_chunks_up_to_the_limit_is_processed(server) -> None:
+    response = process(server, png_with_ancillary_chunks(1000))
+    assert response.status_code == 200, response.text
+    assert (response.json()["width"], response.json()["height"]) == (16, 16)
+    over = process(server, png_with_ancillary_chunks(1001))
+    assert_error(over, 415, "unsupported_image")

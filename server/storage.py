@@ -154,16 +154,22 @@ class FolderStorage(Storage):
         self._write_atomic(path + self.META_SUFFIX, json.dumps(meta).encode())
 
     def head(self, key: str) -> StoredObject | None:
+        """The object, or None when it is missing or its metadata is damaged: such an
+        object is recomputed and written again, rather than failing every request."""
         path = self._path(key)
         try:
             with open(path + self.META_SUFFIX, "rb") as handle:
-                meta = json.loads(handle.read())
+                raw = handle.read()
             size = os.stat(path).st_size
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
             return None
-        if not isinstance(meta, dict) or size != meta.get("size"):
+        except OSError as exc:  # a directory in its place, a bad sector, ...
+            log.warning("ignoring unreadable metadata of %s: %s", key, exc)
             return None
-        return StoredObject(key, size, meta["content_type"], dict(meta.get("metadata", {})))
+        obj = _stored_object(key, size, raw)
+        if obj is None:
+            log.warning("ignoring damaged metadata of %s", key)
+        return obj
 
     def exists(self, key: str) -> bool:
         return os.path.exists(self._path(key) + self.META_SUFFIX)
@@ -180,6 +186,23 @@ class FolderStorage(Storage):
 
     def verify_link(self, key: str, expires: str, signature: str) -> bool:
         return self._links.verify(key, expires, signature)
+
+
+def _stored_object(key: str, size: int, raw: bytes) -> StoredObject | None:
+    """Parse a `.meta.json`; None unless it is what put() writes and matches `size`."""
+    try:
+        meta = json.loads(raw)
+    except ValueError:  # not UTF-8, not JSON
+        return None
+    if not isinstance(meta, dict):
+        return None
+    content_type, metadata = meta.get("content_type"), meta.get("metadata", {})
+    if (type(meta.get("size")) is not int or meta["size"] != size
+            or not isinstance(content_type, str) or not isinstance(metadata, dict)
+            or not all(isinstance(k, str) and isinstance(v, str)
+                       for k, v in metadata.items())):
+        return None
+    return StoredObject(key, size, content_type, dict(metadata))
 
 
 class MemoryStorage(Storage):

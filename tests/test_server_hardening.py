@@ -7,6 +7,7 @@ real local fleet); the full disk is a real tmpfs of a few MB.
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 import zlib
@@ -112,3 +113,61 @@ def test_png_with_chunks_up_to_the_limit_is_processed(server) -> None:
     assert (response.json()["width"], response.json()["height"]) == (16, 16)
     over = process(server, png_with_ancillary_chunks(1001))
     assert_error(over, 415, "unsupported_image")
+
+
+# --- 3. damaged metadata -------------------------------------------------------------------
+
+
+def corrupt(meta: dict, how: str) -> bytes:
+    text = json.dumps(meta).encode()
+    return {
+        "garbage": b"\xff\xfe\x00 not json at all",
+        "zeroed": b"\0" * len(text),  # what a crash can leave of a file's last write
+        "truncated": text[: len(text) // 2],
+        "empty": b"",
+        "a list": b"[1, 2, 3]",
+        "no content type": json.dumps({k: v for k, v in meta.items()
+                                       if k != "content_type"}).encode(),
+        "content type not text": json.dumps({**meta, "content_type": 7}).encode(),
+        "metadata not an object": json.dumps({**meta, "metadata": "width=1"}).encode(),
+        "metadata values not text": json.dumps({**meta, "metadata": {"width": [1],
+                                                                       "height": [1]}}).encode(),
+    }[how]
+
+
+# The first five were already recomputed (a JSON error is a ValueError); the others
+# parsed and then failed every request with a 500.
+DAMAGE = ["garbage", "zeroed", "truncated", "empty", "a list", "no content type",
+          "content type not text", "metadata not an object", "metadata values not text"]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_metadata_is_treated_as_missing_and_rewritten(server, camera_png: bytes,
+                                                              how: str) -> None:
+    # A request of its own per case (the kernel size), so no case sees another's result.
+    params = json.dumps({"ksize": 3 + 2 * DAMAGE.index(how)})
+    first = process(server, camera_png, "gaussian_blur", params=params)
+    assert first.status_code == 200, first.text
+    key = first.json()["key"]
+    meta_path = server.storage_dir / "results" / (key + ".meta.json")
+    meta = json.loads(meta_path.read_bytes())
+    meta_path.write_bytes(corrupt(meta, how))
+
+    again = process(server, camera_png, "gaussian_blur", params=params)
+
+    assert again.status_code == 200, again.text
+    body = again.json()
+    assert body["key"] == key and body["cached"] is False
+    assert json.loads(meta_path.read_bytes()) == meta, "the metadata was not rewritten"
+    assert requests.get(body["url"], timeout=10).status_code == 200
+    assert process(server, camera_png, "gaussian_blur", params=params).json()["cached"] is True
+
+
+def test_link_to_a_result_with_damaged_metadata_is_404_not_500(server,
+                                                               camera_png: bytes) -> None:
+    first = process(server, camera_png, "median_blur")
+    assert first.status_code == 200, first.text
+    key = first.json()["key"]
+    meta_path = server.storage_dir / "results" / (key + ".meta.json")
+    meta_path.write_bytes(corrupt(json.loads(meta_path.read_bytes()), "no content type"))
+    assert_error(requests.get(first.json()["url"], timeout=10), 404, "not_found")

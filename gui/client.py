@@ -20,26 +20,36 @@ Usage::
 
 Behaviour:
 
-* **Bounded concurrency.** At most ``concurrency`` HTTP requests are in flight per
-  client (an ``asyncio.Semaphore``, held per attempt, not while backing off), and
+* **Bounded, adaptive concurrency.** At most ``concurrency`` HTTP requests are in
+  flight per client (a slot held per attempt, not while backing off), and
   ``process_many``/``iter_process`` run at most ``concurrency`` jobs at once, pulling
   jobs lazily from the iterable so a long batch never loads every file at once.
+  While the servers shed load the client keeps fewer requests in flight
+  (:class:`AdaptiveConcurrency`, AIMD like TCP: each overload episode multiplies the
+  window by 0.7, floor 1; successes add it back slowly), so a big batch does not
+  hammer a busy fleet with requests it will only turn away.
 * **Explicit timeouts** (:class:`Timeout`): connect (DNS + TCP) and read (longest
   silence while waiting for or reading an answer, and the longest an upload may
   stall); an optional total. aiohttp's 300 s default total is never used.
-* **Retries** (:class:`RetryPolicy`): exponential backoff with full jitter on
-  connection errors, dropped connections, timeouts and HTTP 502/503/504 (a
-  ``Retry-After`` on those is honoured up to ``backoff_max``). Never on other 4xx
-  or 5xx answers. Retrying ``POST /process`` is harmless: the server's result key
-  is derived from the input, pipeline and format, so a repeat is a cache hit.
+* **Retries** (:class:`RetryPolicy`, decided by the pure :func:`next_retry`):
+  exponential backoff with full jitter on connection errors, dropped connections,
+  timeouts and HTTP 502/503/504, up to ``attempts``. Back-pressure (503
+  ``overloaded``, any 503 with ``Retry-After``, 429) is not a fault: it is retried
+  after ``Retry-After`` x [1, 2) seconds for up to ``overload_patience`` seconds and
+  uses none of the attempts, so a busy but working fleet never fails a batch that
+  a broken one would. Never retried: other 4xx (413 too large, ...) and 5xx (500,
+  507 insufficient storage, ...). Retrying ``POST /process`` is harmless: the
+  server's result key is derived from the input, pipeline and format, so a repeat
+  is a cache hit.
 * **Validated answers**: every JSON answer is parsed into frozen dataclasses; a
   missing or mistyped field raises :class:`InvalidResponse` naming the field.
 * **Checked downloads**: the byte count must match ``Content-Length`` (and the
   result's ``bytes`` when known) and the bytes must decode as an image (Pillow).
 * **Progress**: an optional callback receives :class:`ProgressEvent` values
   (phases ``uploading`` with a byte fraction, ``processing``, ``downloading`` with
-  a byte fraction, ``retrying``, ``done``, ``failed``). It is called on the event
-  loop's thread and must return quickly (a GUI should only post it to a queue).
+  a byte fraction, ``retrying`` (with ``busy`` set when it is back-pressure),
+  ``done``, ``failed``). It is called on the event loop's thread and must return
+  quickly (a GUI should only post it to a queue).
 * **Auth**: ``token`` is sent as ``Authorization: Bearer <token>``, only to the
   endpoint's own origin, never to a presigned S3 link (S3 would reject the request).
 
@@ -57,7 +67,8 @@ Exceptions (all carry ``attempts``, the number of HTTP attempts made)::
     │       └── ReadTimeout     ... waiting for or reading the answer, or uploading
     ├── ServerError             the server answered an error status: ``status``,
     │                           ``code`` and ``message`` from its JSON error body
-    │                           (4xx at once; 502/503/504 after the retries allowed)
+    │                           (4xx at once; 502/503/504 after the retries allowed;
+    │                           503 overloaded and 429 after ``overload_patience``)
     └── InvalidResponse         the answer breaks the contract: not JSON, missing or
                                 mistyped fields, or a download that does not decode
 """
@@ -65,6 +76,7 @@ Exceptions (all carry ``attempts``, the number of HTTP attempts made)::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import io
 import json
@@ -85,6 +97,7 @@ from aiohttp.abc import AbstractStreamWriter
 from yarl import URL
 
 __all__ = [
+    "AdaptiveConcurrency",
     "ClientError",
     "ConnectError",
     "ConnectTimeout",
@@ -98,6 +111,7 @@ __all__ = [
     "InvalidResponse",
     "Job",
     "JobOutcome",
+    "Load",
     "OperationSpec",
     "ParamSpec",
     "Phase",
@@ -107,13 +121,16 @@ __all__ = [
     "ReadTimeout",
     "RequestTimeout",
     "RetryPolicy",
+    "RetryStep",
     "ServerError",
     "Timeout",
     "TransportError",
     "backoff_delay",
     "check_image_bytes",
     "form_fields",
+    "is_backpressure",
     "is_retryable",
+    "next_retry",
     "parse_fleet",
     "parse_health",
     "parse_operations",
@@ -125,6 +142,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
+# Back-pressure without a Retry-After waits about this long; a Retry-After of 0 at least
+# the minimum, so a shedding server is never answered with an immediate storm.
+DEFAULT_OVERLOAD_WAIT = 1.0
+MIN_OVERLOAD_WAIT = 0.1
 _UPLOAD_CHUNK = 64 * 1024
 _DOWNLOAD_CHUNK = 64 * 1024
 _ERROR_BODY_PREVIEW = 300
@@ -226,22 +247,39 @@ class Timeout:
 class RetryPolicy:
     """How often and how patiently to retry a failed request.
 
-    ``attempts`` counts the first try (1 = no retries). Before attempt ``n + 1`` the
-    client waits :func:`backoff_delay` seconds: ``min(backoff_max, backoff_base *
-    2 ** (n - 1))``, multiplied by a uniform random factor in [0, 1) when ``jitter``
-    ("full jitter", which spreads retries from many clients apart).
+    Two budgets, because a busy fleet is not a broken one:
+
+    * **Faults** (connection errors, dropped connections, timeouts, 502/504, a 503
+      without ``Retry-After``): ``attempts`` counts the first try (1 = no retries).
+      Before the next try the client waits :func:`backoff_delay` seconds:
+      ``min(backoff_max, backoff_base * 2 ** (n - 1))`` after the n-th fault,
+      multiplied by a uniform random factor in [0, 1) when ``jitter`` ("full
+      jitter", which spreads retries from many clients apart).
+    * **Back-pressure** (503 ``overloaded``, any 503 with ``Retry-After``, 429): the
+      server is working and asks for time. These answers do not use up ``attempts``;
+      the request is retried for up to ``overload_patience`` seconds from its first
+      such answer, each time after ``Retry-After`` seconds (1 s when absent) times a
+      uniform factor in [1, 2) (so the clients a server turned away come back spread
+      over a second, not all at once). ``overload_patience=0`` gives up at the first
+      back-pressure answer.
     """
 
     attempts: int = 5
     backoff_base: float = 0.25
     backoff_max: float = 8.0
     jitter: bool = True
+    overload_patience: float = 180.0
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise InvalidRequest(f"RetryPolicy.attempts must be >= 1, got {self.attempts}")
         if self.backoff_base < 0 or self.backoff_max < 0:
             raise InvalidRequest("RetryPolicy backoff values must be >= 0 seconds")
+        if not self.overload_patience >= 0:
+            raise InvalidRequest(
+                "RetryPolicy.overload_patience must be >= 0 seconds, "
+                f"got {self.overload_patience!r}"
+            )
 
 
 def backoff_delay(
@@ -260,11 +298,124 @@ def backoff_delay(
     return delay
 
 
+def is_backpressure(exc: ClientError) -> bool:
+    """Whether ``exc`` is a busy server asking for time rather than a fault.
+
+    503 ``overloaded`` (an instance shedding load), any 503 that names a
+    ``Retry-After``, and 429 Too Many Requests.
+    """
+    if not isinstance(exc, ServerError):
+        return False
+    if exc.status == 429:
+        return True
+    return exc.status == 503 and (exc.code == "overloaded" or exc.retry_after is not None)
+
+
 def is_retryable(exc: ClientError) -> bool:
-    """Whether a request that failed with ``exc`` may be sent again."""
+    """Whether a request that failed with ``exc`` may be sent again (budgets permitting)."""
     if isinstance(exc, ConnectError | ConnectionLost | RequestTimeout):
         return True
+    if is_backpressure(exc):
+        return True
     return isinstance(exc, ServerError) and exc.status in RETRYABLE_STATUSES
+
+
+@dataclass(frozen=True)
+class RetryStep:
+    """What to do after a failed attempt (see :func:`next_retry`).
+
+    ``retry``: send again after ``delay`` seconds. ``busy``: the failure was
+    back-pressure (it used the overload budget, not an attempt). ``reason``: why the
+    client gives up, when ``retry`` is false ("" for errors never retried).
+    """
+
+    retry: bool
+    delay: float = 0.0
+    busy: bool = False
+    reason: str = ""
+
+
+def next_retry(
+    policy: RetryPolicy,
+    exc: ClientError,
+    *,
+    faults: int,
+    busy_for: float | None,
+    rand: float,
+) -> RetryStep:
+    """Decide whether and when to retry after ``exc`` (pure).
+
+    ``faults``: the fault failures of this request so far, this one included when it
+    is a fault. ``busy_for``: seconds since this request's first back-pressure answer
+    (0.0 for this one, None if there was none). ``rand``: uniform in [0, 1).
+    """
+    if is_backpressure(exc):
+        assert isinstance(exc, ServerError)
+        elapsed = busy_for or 0.0
+        remaining = policy.overload_patience - elapsed
+        if remaining <= 0:
+            reason = (
+                f"server still busy after {elapsed:.0f} s (overload_patience "
+                f"{policy.overload_patience:g} s)"
+                if policy.overload_patience > 0
+                else "server busy and overload_patience is 0"
+            )
+            return RetryStep(False, busy=True, reason=reason)
+        asked = DEFAULT_OVERLOAD_WAIT if exc.retry_after is None else exc.retry_after
+        wait = max(MIN_OVERLOAD_WAIT, asked)
+        return RetryStep(True, min(remaining, wait * (1.0 + rand)), busy=True)
+    if not is_retryable(exc):
+        return RetryStep(False)
+    if faults >= policy.attempts:
+        return RetryStep(False, reason=f"{faults} attempts failed")
+    retry_after = exc.retry_after if isinstance(exc, ServerError) else None
+    return RetryStep(True, backoff_delay(policy, faults, rand, retry_after))
+
+
+@dataclass
+class AdaptiveConcurrency:
+    """How many requests a client keeps in flight: AIMD, like TCP's congestion window.
+
+    Starts at ``ceiling`` (the configured concurrency), so a fleet with room is used
+    fully from the first request. A back-pressure answer multiplies the window by
+    ``decrease`` (floor 1); each success adds ``1 / window``, i.e. about one request
+    per window of successes, back up to ``ceiling``.
+
+    One overload episode cuts once: many requests sent together come back busy
+    together, and cutting for each would collapse the window to 1. So each request
+    carries the ``epoch`` it was sent in, and only an answer to a request sent since
+    the last cut cuts again (TCP reacts once per window of losses for the same
+    reason). Pure and clock-free: the caller reports outcomes.
+    """
+
+    ceiling: int
+    decrease: float = 0.7
+    window: float = 0.0
+    epoch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ceiling < 1:
+            raise InvalidRequest(f"concurrency must be >= 1, got {self.ceiling}")
+        if not 0 < self.decrease < 1:
+            raise InvalidRequest(f"decrease must be within (0, 1), got {self.decrease}")
+        if not self.window:
+            self.window = float(self.ceiling)
+
+    @property
+    def limit(self) -> int:
+        """Requests allowed in flight now."""
+        return max(1, min(self.ceiling, int(self.window)))
+
+    def on_success(self) -> None:
+        self.window = min(float(self.ceiling), self.window + 1.0 / self.window)
+
+    def on_overload(self, sent_epoch: int) -> bool:
+        """A request sent in ``sent_epoch`` was turned away; returns whether the window shrank."""
+        if sent_epoch != self.epoch:
+            return False
+        self.window = max(1.0, self.window * self.decrease)
+        self.epoch += 1
+        return True
 
 
 # --------------------------------------------------------------------------- results
@@ -330,8 +481,27 @@ class ProcessResult:
 
 
 @dataclass(frozen=True)
+class Load:
+    """How loaded an instance is, from ``GET /health``'s ``load`` object.
+
+    ``busy`` of ``slots`` processing slots are working, ``queued`` requests wait
+    (at most ``queue_limit``; beyond that the instance answers 503 ``overloaded``),
+    ``completed`` counts finished requests since start.
+    """
+
+    busy: int
+    slots: int
+    queued: int
+    queue_limit: int
+    completed: int
+
+
+@dataclass(frozen=True)
 class Health:
-    """The answer to ``GET /health`` (``status`` is ``"ok"`` or ``"draining"``)."""
+    """The answer to ``GET /health`` (``status`` is ``"ok"`` or ``"draining"``).
+
+    ``load`` is None from a server that does not report it.
+    """
 
     status: str
     instance_id: str
@@ -339,6 +509,7 @@ class Health:
     processed: int
     uptime_s: float
     version: str
+    load: Load | None = None
 
     @property
     def ok(self) -> bool:
@@ -433,7 +604,10 @@ class ProgressEvent:
     ``index``/``name`` identify the job (index 0 for single calls); ``fraction`` is
     the progress within ``phase`` (bytes sent or received; 0 when unknown, 1 at
     ``done``); ``attempt`` is the HTTP attempt (1-based); ``message`` explains
-    ``retrying`` (the error and the delay) and ``failed`` (the error).
+    ``retrying`` (the error and the delay) and ``failed`` (the error). ``busy`` marks
+    a ``retrying`` that is back-pressure, not a fault: the server is working and asked
+    for time (message ``"server busy, retrying in 1.3 s"``); show it as waiting, not
+    as an error.
     """
 
     index: int
@@ -442,6 +616,7 @@ class ProgressEvent:
     fraction: float = 0.0
     attempt: int = 1
     message: str = ""
+    busy: bool = False
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -456,13 +631,23 @@ class _Reporter:
     name: str
 
     def __call__(
-        self, phase: Phase, fraction: float = 0.0, attempt: int = 1, message: str = ""
+        self,
+        phase: Phase,
+        fraction: float = 0.0,
+        attempt: int = 1,
+        message: str = "",
+        busy: bool = False,
     ) -> None:
         if self.callback is not None:
-            self.callback(ProgressEvent(self.index, self.name, phase, fraction, attempt, message))
+            self.callback(
+                ProgressEvent(self.index, self.name, phase, fraction, attempt, message, busy)
+            )
 
-    def retrying(self, attempt: int, delay: float, exc: ClientError) -> None:
-        self("retrying", 0.0, attempt, f"{exc}; attempt {attempt + 1} in {delay:.2f} s")
+    def retrying(self, attempt: int, delay: float, exc: ClientError, busy: bool) -> None:
+        if busy:
+            self("retrying", 0.0, attempt, f"server busy, retrying in {delay:.1f} s", busy=True)
+        else:
+            self("retrying", 0.0, attempt, f"{exc}; attempt {attempt + 1} in {delay:.2f} s")
 
 
 # --------------------------------------------------------------------------- error mapping
@@ -682,6 +867,16 @@ def parse_process_result(
 def parse_health(body: Mapping[str, Any]) -> Health:
     """Validate a ``GET /health`` answer."""
     f = _Fields(body, "GET /health")
+    load = None
+    if f.obj.get("load") is not None:
+        raw = _Fields(f.dict("load"), "GET /health: load")
+        load = Load(
+            busy=raw.int("busy"),
+            slots=raw.int("slots"),
+            queued=raw.int("queued"),
+            queue_limit=raw.int("queue_limit"),
+            completed=raw.int("completed"),
+        )
     return Health(
         status=f.str("status"),
         instance_id=f.str("instance_id"),
@@ -689,6 +884,7 @@ def parse_health(body: Mapping[str, Any]) -> Health:
         processed=f.int("processed"),
         uptime_s=f.float("uptime_s"),
         version=f.str("version"),
+        load=load,
     )
 
 
@@ -893,6 +1089,70 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, (parts.hostname or "").lower(), port
 
 
+# --------------------------------------------------------------------------- request window
+
+
+@dataclass
+class _Slot:
+    """One request's place in the window: the epoch it was sent in and how it ended."""
+
+    epoch: int
+    outcome: Literal["ok", "busy", "other"] = "other"
+
+
+class _AdaptiveLimiter:
+    """Admits requests while fewer than ``control.limit`` are in flight (FIFO waiters).
+
+    The asyncio side of :class:`AdaptiveConcurrency`: each request holds a slot for
+    one attempt (never while backing off) and reports how it ended, which moves the
+    window. A smaller window only holds back new requests; those in flight finish.
+    """
+
+    def __init__(self, control: AdaptiveConcurrency) -> None:
+        self.control = control
+        self.inflight = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[_Slot]:
+        await self._acquire()
+        slot = _Slot(self.control.epoch)
+        try:
+            yield slot
+        finally:
+            self.inflight -= 1
+            if slot.outcome == "ok":
+                self.control.on_success()
+            elif slot.outcome == "busy" and self.control.on_overload(slot.epoch):
+                log.info("server busy: keeping at most %d requests in flight", self.control.limit)
+            self._wake()
+
+    async def _acquire(self) -> None:
+        if not self._waiters and self.inflight < self.control.limit:
+            self.inflight += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                # Granted just as we were cancelled: pass the slot on.
+                self.inflight -= 1
+                self._wake()
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def _wake(self) -> None:
+        while self._waiters and self.inflight < self.control.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.inflight += 1  # taken on the waiter's behalf, so nobody overtakes it
+                waiter.set_result(None)
+
+
 # --------------------------------------------------------------------------- the client
 
 
@@ -932,7 +1192,7 @@ class ImageFleetClient:
         self.retry = retry
         self._token = token
         self._rng = rng or random.Random()
-        self._semaphore = asyncio.Semaphore(concurrency)
+        self._limiter = _AdaptiveLimiter(AdaptiveConcurrency(concurrency))
         self._session: aiohttp.ClientSession | None = None
 
     # -- lifecycle
@@ -981,35 +1241,62 @@ class ImageFleetClient:
             return {"Authorization": f"Bearer {self._token}"}
         return {}
 
+    @property
+    def concurrency_limit(self) -> int:
+        """Requests allowed in flight now: ``concurrency``, less while the servers are busy."""
+        return self._limiter.control.limit
+
     async def _with_retries(
         self,
         what: str,
         attempt_once: Callable[[int], Awaitable[T]],
         *,
         policy: RetryPolicy | None = None,
-        on_retry: Callable[[int, float, ClientError], None] | None = None,
+        on_retry: Callable[[int, float, ClientError, bool], None] | None = None,
     ) -> tuple[T, int]:
-        """Run ``attempt_once(attempt)`` under the semaphore, retrying as the policy allows.
+        """Run ``attempt_once(attempt)`` in a window slot, retrying as the policy allows.
 
-        Returns (value, attempts made). The last error is raised with ``attempts`` set.
+        Returns (value, attempts made). The last error is raised with ``attempts`` set
+        (every HTTP attempt, back-pressure ones included).
         """
         policy = policy or self.retry
         attempt = 1
+        faults = 0
+        busy_since: float | None = None
         while True:
-            try:
-                async with self._semaphore:
+            async with self._limiter.slot() as slot:
+                try:
                     with _mapped_transport_errors(what):
-                        return await attempt_once(attempt), attempt
-            except ClientError as exc:
-                exc.attempts = attempt
-                if attempt >= policy.attempts or not is_retryable(exc):
-                    raise
-                retry_after = exc.retry_after if isinstance(exc, ServerError) else None
-                delay = backoff_delay(policy, attempt, self._rng.random(), retry_after)
-                log.info("%s failed (%s); attempt %d in %.2f s", what, exc, attempt + 1, delay)
-                if on_retry is not None:
-                    on_retry(attempt, delay, exc)
-            await asyncio.sleep(delay)
+                        value = await attempt_once(attempt)
+                except ClientError as exc:
+                    error = exc
+                    slot.outcome = "busy" if is_backpressure(exc) else "other"
+                else:
+                    slot.outcome = "ok"
+                    return value, attempt
+            error.attempts = attempt
+            now = time.monotonic()
+            busy = is_backpressure(error)
+            if busy and busy_since is None:
+                busy_since = now
+            elif not busy:
+                faults += 1
+            step = next_retry(
+                policy,
+                error,
+                faults=faults,
+                busy_for=None if busy_since is None else now - busy_since,
+                rand=self._rng.random(),
+            )
+            if not step.retry:
+                if step.reason and busy:
+                    # Say why a busy-but-working server still failed the request.
+                    error.args = (f"{error.args[0]}; {step.reason}",)
+                raise error
+            log.info("%s failed (%s); attempt %d in %.2f s", what, error, attempt + 1, step.delay)
+            if on_retry is not None:
+                on_retry(attempt, step.delay, error, step.busy)
+            await asyncio.sleep(step.delay)
             attempt += 1
 
     async def _get_json(self, path: str) -> dict[str, Any]:
@@ -1047,7 +1334,7 @@ class ImageFleetClient:
         the client's retry policy. A 503 without a health body (a balancer with no
         healthy target) raises ServerError.
         """
-        policy = self.retry if retry else RetryPolicy(attempts=1)
+        policy = self.retry if retry else RetryPolicy(attempts=1, overload_patience=0)
         url = self._url("/health")
         what = f"GET {url}"
 

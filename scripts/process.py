@@ -13,7 +13,8 @@ Output:
   ``FILE  URL  INSTANCE`` (plus ``SAVED_PATH`` with ``--out``), or
   ``FILE  FAILED  REASON``.
 * stderr: progress (one updating line on a terminal, plain lines otherwise), then a
-  summary: ``N ok, M failed in S s (R images/s)``.
+  summary: ``N ok, M failed in S s (R images/s)``, plus ``; server busy B times``
+  when the servers shed load and the client waited (``Retry-After``) and retried.
 * exit status: 0 all ok, 1 any image failed (or the endpoint is unreachable),
   2 usage error, 130 interrupted (Ctrl-C cancels the requests in flight).
 
@@ -25,6 +26,11 @@ result's format, ``.jpg`` for JPEG). When inputs share a stem (``a/photo.png`` a
 which image finishes first. Files are written under a temporary name and renamed, so
 an interrupted run leaves no half-written result; an existing file of the same name
 is replaced.
+
+A busy fleet (503 ``overloaded``) is waited for, not failed: such answers are retried
+for up to ``--patience`` seconds without using ``--attempts``, and the client keeps
+fewer requests in flight while they come (see gui/client.py), so ``--concurrency 64``
+against two workers finishes every image without hammering them.
 """
 
 from __future__ import annotations
@@ -288,6 +294,7 @@ class Tally:
     started: float = field(default_factory=time.monotonic)
     ok: int = 0
     failed: int = 0
+    busy: int = 0  # back-pressure answers (503 overloaded) waited out and retried
 
     @property
     def finished(self) -> int:
@@ -297,6 +304,8 @@ class Tally:
         elapsed = time.monotonic() - self.started
         rate = self.finished / elapsed if elapsed > 0 else 0.0
         text = f"{self.ok} ok, {self.failed} failed in {elapsed:.1f} s ({rate:.2f} images/s)"
+        if self.busy:
+            text += f"; server busy {self.busy} times"
         if cancelled:
             text += f"; cancelled with {self.total - self.finished} not finished"
         return text
@@ -306,6 +315,9 @@ class ProgressDisplay:
     """Progress on ``stream``: one redrawn line on a terminal, plain lines otherwise."""
 
     _REDRAW_EVERY = 0.1
+    # A shedding fleet turns many requests away at once: one plain line per second
+    # says so, instead of one line per request.
+    _BUSY_LINE_EVERY = 1.0
 
     def __init__(self, stream: TextIO, tally: Tally, *, is_tty: bool) -> None:
         self.stream = stream
@@ -314,14 +326,21 @@ class ProgressDisplay:
         self._active: dict[int, str] = {}
         self._last_draw = 0.0
         self._line_shown = False
+        self._busy_unreported = 0
+        self._last_busy_line = -math.inf
 
     def event(self, event: ProgressEvent) -> None:
         if event.phase in ("done", "failed"):
             self._active.pop(event.index, None)
         else:
             self._active[event.index] = self._describe(event)
+        if event.phase == "retrying" and event.busy:
+            self.tally.busy += 1
+            self._busy_unreported += 1
         if not self.is_tty:
-            if event.phase == "retrying":
+            if event.phase == "retrying" and event.busy:
+                self._busy_line(event)
+            elif event.phase == "retrying":
                 self._print(f"retrying {event.name}: {event.message}")
             return
         now = time.monotonic()
@@ -364,6 +383,15 @@ class ProgressDisplay:
         self.stream.flush()
         self._line_shown = True
 
+    def _busy_line(self, event: ProgressEvent) -> None:
+        now = time.monotonic()
+        if now - self._last_busy_line < self._BUSY_LINE_EVERY:
+            return
+        self._last_busy_line = now
+        count, self._busy_unreported = self._busy_unreported, 0
+        waiting = f"{count} requests asked to wait" if count > 1 else "1 request asked to wait"
+        self._print(f"server busy ({waiting}); {event.name}: {event.message}")
+
     def _print(self, line: str) -> None:
         self.stream.write(line + "\n")
         self.stream.flush()
@@ -372,6 +400,8 @@ class ProgressDisplay:
     def _describe(event: ProgressEvent) -> str:
         if event.phase in ("uploading", "downloading"):
             return f"{event.name} {event.phase} {event.fraction:.0%}"
+        if event.phase == "retrying" and event.busy:
+            return f"{event.name}: {event.message}"  # "server busy, retrying in 1.3 s"
         if event.phase == "retrying":
             return f"{event.name} retrying (attempt {event.attempt + 1})"
         return f"{event.name} {event.phase}"
@@ -415,7 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="look for images in subfolders too")
     parser.add_argument("--attempts", type=_bounded_int(1, 20), default=5,
                         help="HTTP attempts per request, for connection errors and "
-                             "502/503/504 (default 5)")
+                             "502/503/504 (default 5); a busy server's 503 overloaded "
+                             "does not use them up (see --patience)")
+    parser.add_argument("--patience", type=_non_negative_float,
+                        default=RetryPolicy().overload_patience, metavar="SECONDS",
+                        help="how long to keep retrying a request that busy servers turn "
+                             "away (503 overloaded, after their Retry-After); 0 gives up at "
+                             "once (default %(default)g)")
     parser.add_argument("--timeout", type=_positive_float, default=120.0, metavar="SECONDS",
                         help="longest wait for an answer (default 120)")
     parser.add_argument("inputs", nargs="+", metavar="FILES_OR_FOLDERS")
@@ -440,6 +476,16 @@ def _bounded_int(low: int, high: int):
         return value
 
     return parse
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds >= 0")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -493,7 +539,7 @@ async def run_batch(
             args.token,
             concurrency=args.concurrency,
             timeout=Timeout(connect=10.0, read=args.timeout),
-            retry=RetryPolicy(attempts=args.attempts),
+            retry=RetryPolicy(attempts=args.attempts, overload_patience=args.patience),
         )
     except InvalidRequest as exc:
         raise UsageError(f"--endpoint: {exc}") from None

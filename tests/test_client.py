@@ -262,11 +262,14 @@ def test_full_jitter_scales_the_ceiling_and_respects_retry_after() -> None:
         (ReadTimeout("slow"), True),
         (ServerError(502, "bad_gateway", "x"), True),
         (ServerError(503, "draining", "x"), True),
+        (ServerError(503, "overloaded", "x", retry_after=1.0), True),
+        (ServerError(429, "too_many_requests", "x"), True),
         (ServerError(504, "timeout", "x"), True),
         (ServerError(500, "internal", "x"), False),
         (ServerError(400, "bad_param", "x"), False),
         (ServerError(401, "unauthorized", "x"), False),
         (ServerError(413, "too_large", "x"), False),
+        (ServerError(507, "insufficient_storage", "x"), False),
         (InvalidResponse("not json"), False),
     ],
 )
@@ -420,7 +423,7 @@ def test_a_502_html_page_from_a_proxy_becomes_a_server_error() -> None:
     assert "502 Bad Gateway" in caught.value.message
 
 
-@pytest.mark.parametrize("status", [400, 401, 413, 415, 500])
+@pytest.mark.parametrize("status", [400, 401, 413, 415, 500, 507])
 def test_client_errors_and_500_are_not_retried(status: int) -> None:
     def routes(server: LoopbackServer) -> web.RouteTableDef:
         r = web.RouteTableDef()

@@ -184,6 +184,33 @@ def test_progress_on_a_terminal_is_one_redrawn_line() -> None:
     assert text.endswith("\r\x1b[K")  # cleared before the summary
 
 
+def test_a_busy_server_is_shown_as_waiting_not_as_errors() -> None:
+    """Back-pressure retries: counted for the summary, one plain line per second at most
+    (a shedding fleet turns dozens of requests away at once), "server busy" on a terminal."""
+    stream = io.StringIO()
+    tally = Tally(total=40)
+    display = ProgressDisplay(stream, tally, is_tty=False)
+    for i in range(30):
+        display.event(ProgressEvent(i, f"img{i}.jpg", "retrying", attempt=1, busy=True,
+                                    message="server busy, retrying in 1.3 s"))
+    display.event(ProgressEvent(31, "x.jpg", "retrying", attempt=1,
+                                message="502 bad_gateway: upstream; attempt 2 in 0.20 s"))
+    lines = stream.getvalue().splitlines()
+    assert lines == ["server busy (1 request asked to wait); img0.jpg: server busy, retrying "
+                     "in 1.3 s",
+                     "retrying x.jpg: 502 bad_gateway: upstream; attempt 2 in 0.20 s"]
+    assert tally.busy == 30
+    tally.ok = 40
+    assert tally.summary().endswith("; server busy 30 times")
+    assert "server busy" not in Tally(total=1, ok=1).summary()
+
+    terminal = io.StringIO()
+    display = ProgressDisplay(terminal, Tally(total=1), is_tty=True)
+    display.event(ProgressEvent(0, "a.jpg", "retrying", busy=True,
+                                message="server busy, retrying in 1.3 s"))
+    assert "a.jpg: server busy, retrying in 1.3 s" in terminal.getvalue()
+
+
 # --------------------------------------------------------------------------- usage errors
 
 
@@ -200,6 +227,8 @@ def test_progress_on_a_terminal_is_one_redrawn_line() -> None:
          "0 is not within 1..100"),
         (["--endpoint", "http://h", "--op", "x", "--concurrency", "0", "f.png"],
          "not within 1..256"),
+        (["--endpoint", "http://h", "--op", "x", "--patience", "-1", "f.png"],
+         "'-1' must be a number of seconds >= 0"),
         (["--op", "x", "f.png"], "--endpoint is required"),
         (["--endpoint", "http://h", "--op", "x", "definitely-missing.png"],
          "no such file or folder: definitely-missing.png"),

@@ -30,7 +30,7 @@ from server.operations import Registry, default_registry
 from server.peers import PeerClient
 from server.pipeline import Pipeline, check_output_pixels, parse_pipeline
 from server.processing import Job, Processor
-from server.storage import MAX_LINK_SECONDS, Storage, StorageError, open_storage
+from server.storage import MAX_LINK_SECONDS, Storage, StorageError, StorageFull, open_storage
 from server.tiling import TILE_HEADER
 from server.transport import CountedBody
 from server.version import __version__
@@ -186,6 +186,15 @@ def _register_error_handlers(app: Flask) -> None:
         log.error("storage failed: %s", exc)
         err = ApiError(503, "storage_unavailable", f"storage is unavailable: {exc}")
         return jsonify(err.to_json()), 503
+
+    @app.errorhandler(StorageFull)
+    def storage_full(exc: StorageFull):
+        # 507, not 503: every instance writes to the same full place, so a client must
+        # not retry it (507 is outside the client's retry set) and an operator must act.
+        log.error("storage full: %s", exc)
+        err = ApiError(507, "insufficient_storage",
+                       f"the result cannot be stored: {exc}; free space in the storage")
+        return jsonify(err.to_json()), 507
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -32,6 +33,19 @@ SAFE_KEY = re.compile(r"^[a-z]+/[0-9a-f]{16,128}\.[a-z0-9]{2,5}$")
 
 class StorageError(RuntimeError):
     """Storage failed for a reason outside the request (disk full, S3 down)."""
+
+
+class StorageFull(StorageError):
+    """The storage device or the quota is full (ENOSPC, EDQUOT). Not worth retrying
+    elsewhere: every instance of a fleet writes to the same place."""
+
+
+# A write failed with ENOSPC this recently: /health keeps reporting it.
+FULL_MEMORY_S = 30.0
+# Below this much free space /health reports the disk as almost full: a result of a
+# large image is tens of MB.
+MIN_FREE_BYTES = 64 * 1024 * 1024
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class _Missing(LookupError):
@@ -88,6 +102,11 @@ class Storage(ABC):
     def describe(self) -> str:
         return type(self).__name__
 
+    def health_problem(self) -> str | None:
+        """What stops this storage from taking writes, cheaply (no I/O beyond a
+        statvfs): for /health. None when nothing is known to be wrong."""
+        return None
+
 
 class SignedLinks:
     """Links to this server's `/results/<name>` route, signed with a shared secret."""
@@ -110,8 +129,14 @@ class FolderStorage(Storage):
     serves_links = True
     META_SUFFIX = ".meta.json"
 
-    def __init__(self, root: Path, signer: LinkSigner | None = None, clock=time.time):
+    def __init__(self, root: Path, signer: LinkSigner | None = None, clock=time.time, *,
+                 min_free_bytes: int = MIN_FREE_BYTES, monotonic=time.monotonic):
         self.root = Path(root).resolve()
+        self.min_free_bytes = min_free_bytes
+        self._monotonic = monotonic
+        # When a write last failed for want of space (monotonic seconds); None once a
+        # later write succeeded. One float, replaced whole: no lock needed.
+        self._full_at: float | None = None
         self.root.mkdir(parents=True, exist_ok=True)
         self._links = SignedLinks(signer or LinkSigner(load_or_create_secret(self.root)), clock)
         # Temporary names need only be unique among this folder's writers: the pid
@@ -135,14 +160,44 @@ class FolderStorage(Storage):
             except FileNotFoundError:  # the first object under this prefix
                 os.makedirs(folder, exist_ok=True)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with open(fd, "wb", buffering=0) as handle:
-                handle.write(data)
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise StorageError(f"could not write {os.path.basename(path)}: "
-                               f"{exc.strerror or exc}") from exc
+            name = os.path.basename(path)
+            if exc.errno in DISK_FULL_ERRNOS:
+                self._full_at = self._monotonic()
+                raise StorageFull(f"disk full: could not write {name}: "
+                                  f"{self._free_text()}") from exc
+            raise StorageError(f"could not write {name}: {exc.strerror or exc}") from exc
+        self._full_at = None
+
+    def _free_bytes(self) -> int | None:
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
+    def _free_text(self) -> str:
+        free = self._free_bytes()
+        where = f"free in {self.root}"
+        return f"{free / 1e6:.1f} MB {where}" if free is not None else f"unknown space {where}"
+
+    def health_problem(self) -> str | None:
+        full_at = self._full_at
+        ago = None if full_at is None else self._monotonic() - full_at
+        if ago is not None and ago < FULL_MEMORY_S:
+            return f"disk full: a write failed {ago:.0f} s ago; {self._free_text()}"
+        free = self._free_bytes()
+        if free is not None and free < self.min_free_bytes:
+            return (f"disk almost full: {free / 1e6:.1f} MB free in {self.root} "
+                    f"(below {self.min_free_bytes / 1e6:.0f} MB)")
+        return None
 
     def put(self, key: str, data: bytes, content_type: str,
             metadata: dict[str, str] | None = None) -> None:
@@ -186,6 +241,14 @@ class FolderStorage(Storage):
 
     def verify_link(self, key: str, expires: str, signature: str) -> bool:
         return self._links.verify(key, expires, signature)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write less than asked (a nearly full disk does exactly that); the
+    rest is written, or its error (ENOSPC) raised, instead of keeping a short file."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _stored_object(key: str, size: int, raw: bytes) -> StoredObject | None:

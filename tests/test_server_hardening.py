@@ -7,14 +7,21 @@ real local fleet); the full disk is a real tmpfs of a few MB.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
+import subprocess
 import time
 import zlib
+from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+
+from server.storage import FolderStorage, StorageFull
 
 # --- helpers -----------------------------------------------------------------------------
 
@@ -171,3 +178,100 @@ def test_link_to_a_result_with_damaged_metadata_is_404_not_500(server,
     meta_path = server.storage_dir / "results" / (key + ".meta.json")
     meta_path.write_bytes(corrupt(json.loads(meta_path.read_bytes()), "no content type"))
     assert_error(requests.get(first.json()["url"], timeout=10), 404, "not_found")
+
+
+# --- 4. a full disk --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MB filesystem (tmpfs), unmounted at teardown. Requested before the
+    servers that use it, so they are stopped before it is unmounted."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        if subprocess.run(["umount", str(mount)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], check=True)  # busy: detach
+
+
+def fill(folder: Path) -> Path:
+    """Write a file until the filesystem refuses (ENOSPC): the disk is then full."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    block = b"\0" * 65536
+    try:
+        while True:
+            os.write(fd, block)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_disk_is_a_507_that_says_so_and_the_server_recovers(small_disk: Path,
+                                                                 server_process,
+                                                                 camera_png: bytes) -> None:
+    storage = small_disk / "storage"
+    server = server_process(storage_dir=storage)
+    assert process(server, camera_png).status_code == 200
+    filler = fill(small_disk)
+
+    full = process(server, camera_png, "gaussian_blur")
+
+    message = assert_error(full, 507, "insufficient_storage")
+    assert "disk full" in message and str(storage) in message
+    assert server.get("/health").status_code == 200
+    # Nothing half-written is left: only whole objects with their metadata.
+    names = {p.relative_to(storage).as_posix() for p in storage.rglob("*") if p.is_file()}
+    assert not [n for n in names if ".tmp-" in n], names
+
+    filler.unlink()
+    again = process(server, camera_png, "gaussian_blur")
+    assert again.status_code == 200, again.text
+    assert requests.get(again.json()["url"], timeout=10).status_code == 200
+
+
+def test_full_disk_is_reported_by_health_problem(small_disk: Path, camera_png: bytes) -> None:
+    storage = FolderStorage(small_disk / "storage", min_free_bytes=0)
+    assert storage.health_problem() is None
+    filler = fill(small_disk)
+
+    with pytest.raises(StorageFull, match="disk full"):
+        storage.put("originals/" + "ab" * 32 + ".png", camera_png, "image/png")
+
+    problem = storage.health_problem()
+    assert problem is not None and problem.startswith("disk full")
+    assert f"MB free in {storage.root}" in problem
+    # Below the free-space threshold it is reported without any failed write.
+    assert "disk almost full" in (FolderStorage(storage.root).health_problem() or "")
+
+    filler.unlink()
+    storage.put("originals/" + "ab" * 32 + ".png", camera_png, "image/png")
+    assert storage.health_problem() is None, "a write that succeeded clears the problem"
+
+
+def test_write_that_fits_only_in_part_leaves_no_short_file(small_disk: Path,
+                                                            camera_png: bytes) -> None:
+    storage = FolderStorage(small_disk / "storage", min_free_bytes=0)
+    key = "originals/" + "cd" * 32 + ".png"
+    (small_disk / "storage" / "originals").mkdir()
+    filler = fill(small_disk)
+    # Free 64 KB: the kernel then writes that much of the object and reports a short
+    # write, which must not end up as a short object.
+    os.truncate(filler, filler.stat().st_size - 65536)
+    assert len(camera_png) > 2 * 65536
+
+    with pytest.raises(StorageFull):
+        storage.put(key, camera_png, "image/png")
+
+    assert not (storage.root / key).exists()
+    assert [p.name for p in (storage.root / "originals").iterdir()] == []

@@ -23,7 +23,9 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from server import codecs
+from server.admission import RETRY_AFTER_S, Admission, Control, client_disconnected
 from server.config import ServerConfig
+from server.cost import check_cost
 from server.errors import ApiError, bad_request
 from server.multipart import InMemoryFormDataParser
 from server.operations import Registry, default_registry
@@ -62,7 +64,8 @@ class ServerState:
     inflight: int = 0
     processed: int = 0
     operations_json: bytes = b""
-    processor: Processor | None = None
+    admission: Admission = field(init=False)
+    processor: Processor = field(init=False)
     # Request ids: a random prefix per process and a counter; unique across a fleet
     # for log correlation without a system call per request.
     _id_prefix: str = field(default_factory=lambda: secrets.token_hex(4))
@@ -70,9 +73,9 @@ class ServerState:
 
     def __post_init__(self) -> None:
         peers = PeerClient(self.config.peers, self.config.token) if self.config.peers else None
-        self.processor = Processor(self.registry,
-                                   threading.BoundedSemaphore(self.config.process_slots),
-                                   peers, self.config.tile_mp * 1e6, self.config.tile_size)
+        self.admission = Admission(self.config.process_slots, self.config.queue_limit)
+        self.processor = Processor(self.registry, self.admission, peers,
+                                   self.config.tile_mp * 1e6, self.config.tile_size)
         self.operations_json = json.dumps(
             {"operations": [op.to_json() for op in self.registry.values()]}).encode()
 
@@ -98,11 +101,19 @@ class ServerState:
     def health(self) -> dict[str, Any]:
         with self.lock:
             inflight, processed = self.inflight, self.processed
+        problem = self.storage.health_problem()
+        status = "draining" if self.draining.is_set() else "degraded" if problem else "ok"
         return {
-            "status": "draining" if self.draining.is_set() else "ok",
+            "status": status,
+            # What keeps this instance from doing its work although it runs (a full
+            # disk): still 200, since every instance shares it and killing helps no one.
+            "problems": [problem] if problem else [],
             "instance_id": self.config.instance_id,
             "inflight": inflight,
             "processed": processed,
+            # Busy is not dead: how loaded this process is, answered without waiting
+            # for any slot (the manager and the gateway read it).
+            "load": self.admission.snapshot(),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "version": __version__,
             "pid": os.getpid(),  # tells apart the workers of one `--workers N` server
@@ -172,7 +183,8 @@ def _count_inflight(wsgi_app, state: ServerState):
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
-        return jsonify(exc.to_json()), exc.status
+        headers = {} if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+        return jsonify(exc.to_json()), exc.status, headers
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(exc: RequestEntityTooLarge):
@@ -286,7 +298,16 @@ def _register_routes(app: Flask, state: ServerState) -> None:
     def process():
         _check_token(state)
         if state.draining.is_set():
-            raise ApiError(503, "draining", "this instance is shutting down; retry the request")
+            raise ApiError(503, "draining", "this instance is shutting down; retry the request",
+                           retry_after=RETRY_AFTER_S)
+        # Admitted before the form is touched: under gunicorn the body is still unread,
+        # so an overloaded instance refuses without reading or decoding it.
+        with state.admission.admitted():
+            return _process_admitted()
+
+    def _process_admitted():
+        control = Control(time.monotonic() + config.request_timeout,
+                          config.request_timeout, client_disconnected(request.environ))
         t0 = time.perf_counter()
         if not (request.mimetype or "").startswith("multipart/form-data"):
             raise ApiError(415, "unsupported_media_type",
@@ -309,6 +330,9 @@ def _register_routes(app: Flask, state: ServerState) -> None:
 
         info = codecs.probe(data, config.max_pixels)
         check_output_pixels(pipeline, info.width, info.height, config.max_pixels)
+        cost = pipeline.cost(info.width, info.height)
+        check_cost(cost, config.max_cost)
+        g.log["cost_s"] = round(cost.seconds, 3)
         out_format = fmt or codecs.output_format_for(info)
         input_digest = hashlib.sha256(data).hexdigest()
         key = result_key(input_digest, pipeline, out_format, quality)
@@ -325,7 +349,8 @@ def _register_routes(app: Flask, state: ServerState) -> None:
             size = stored.size
         else:
             result = state.processor.run(
-                Job(data, info, pipeline, out_format, quality, is_tile=is_tile))
+                Job(data, info, pipeline, out_format, quality, is_tile=is_tile,
+                    control=control))
             timings.update(result.timings)
             g.log.update(result.log)
             result_bytes, width, height, tiles = (result.data, result.width, result.height,
@@ -351,7 +376,7 @@ def _register_routes(app: Flask, state: ServerState) -> None:
                 "X-Cached": "true" if cached else "false",
                 "X-Timings": json.dumps({k: round(v, 2) for k, v in timings.items()}),
             })
-        link = state.storage.link(storage_key, expires_in, request.host_url)
+        link = state.storage.link(storage_key, expires_in, config.public_url or request.host_url)
         return jsonify({
             "key": key,
             "url": link.url,

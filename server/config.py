@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from server.storage import MAX_LINK_SECONDS
 
 ENV_PREFIX = "IMAGEFLEET_"
+SPARE_THREADS = 8
 
 
 def default_instance_id() -> str:
@@ -26,7 +27,9 @@ class ServerConfig:
     peers: str | None = None
     tile_mp: float = 40.0
     tile_size: int = 2048
-    threads: int = 16
+    # waitress (or gunicorn) threads; 0: enough for every admitted request plus spare
+    # ones for /health and fast refusals (at least 16).
+    threads: int = 0
     instance_id: str = field(default_factory=default_instance_id)
     link_ttl: int = 24 * 3600
     max_bytes: int = 50 * 1024 * 1024
@@ -34,6 +37,17 @@ class ServerConfig:
     # CPU-bound work admitted at once; the other waitress threads stay free for
     # /health and uploads, so a saturated server still answers its health checks.
     process_slots: int = field(default_factory=lambda: os.cpu_count() or 2)
+    # Requests admitted beyond the slots, waiting for one; -1: twice the slots. Beyond
+    # slots + queue a request gets 503 overloaded with Retry-After at once.
+    queue_limit: int = -1
+    # Largest estimated CPU cost of one request (server/cost.py), and the wall-clock
+    # deadline after which a request is stopped between steps.
+    max_cost: float = 15.0
+    request_timeout: float = 120.0
+    # Base URL that result links are built on (the load balancer's or gateway's address
+    # as clients know it); None: the address the request came to, which behind a proxy is
+    # only right when the proxy passes Host and X-Forwarded-Proto.
+    public_url: str | None = None
     drain_timeout: float = 30.0
     # Threads OpenCV may use inside one operation; 0 keeps OpenCV's default (one per
     # core). Requests already run in parallel, so more can oversubscribe the cores.
@@ -42,6 +56,11 @@ class ServerConfig:
     workers: int = 1
 
     def __post_init__(self) -> None:
+        if self.queue_limit == -1:
+            object.__setattr__(self, "queue_limit", 2 * self.process_slots)
+        if self.threads == 0:
+            object.__setattr__(self, "threads",
+                               max(16, self.process_slots + self.queue_limit + SPARE_THREADS))
         problems = []
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} is not 0..65535")
@@ -60,6 +79,20 @@ class ServerConfig:
             problems.append(f"tile_size {self.tile_size} is not 128..16384 pixels")
         if not 1 <= self.process_slots <= 256:
             problems.append(f"process_slots {self.process_slots} is not 1..256")
+        if not 0 <= self.queue_limit <= 4096:
+            problems.append(f"queue_limit {self.queue_limit} is not 0..4096")
+        if self.threads < self.process_slots + self.queue_limit + 2:
+            problems.append(f"threads {self.threads} must exceed process_slots + queue_limit "
+                            f"({self.process_slots} + {self.queue_limit}) by at least 2, so "
+                            "that /health and refusals always find a thread")
+        if not self.max_cost > 0:
+            problems.append(f"max_cost must be positive, got {self.max_cost}")
+        if not self.request_timeout > 0:
+            problems.append(f"request_timeout must be positive, got {self.request_timeout}")
+        if self.public_url is not None and not self.public_url.startswith(
+                ("http://", "https://")):
+            problems.append(f"public_url {self.public_url!r} must start with http:// or "
+                            "https://")
         if not 0 <= self.opencv_threads <= 256:
             problems.append(f"opencv_threads {self.opencv_threads} is not 0..256")
         if not 1 <= self.workers <= 64:
@@ -76,4 +109,4 @@ class ServerConfig:
         if unknown:
             raise ValueError(f"unknown configuration keys: {', '.join(unknown)}; "
                              f"known: {', '.join(sorted(known))}")
-        return replace(cls(), **values)
+        return cls(**values)

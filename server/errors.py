@@ -16,6 +16,8 @@ class ApiError(Exception):
     status: int
     code: str
     message: str
+    # Seconds for a Retry-After header: set on answers that mean "busy, come back".
+    retry_after: int | None = None
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"

@@ -7,10 +7,11 @@ type) is what the result key is derived from, so equal requests share one key.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from server.cost import CostEstimate, estimate
 from server.errors import ApiError, bad_request
 from server.operations import Image, Operation, OperationInputError, Registry
 from server.params import ParamSet
@@ -52,8 +53,17 @@ class Pipeline:
             sizes.append((width, height))
         return sizes
 
-    def run(self, image: Image) -> Image:
+    def cost(self, width: int, height: int) -> CostEstimate:
+        """Estimated CPU seconds of running this pipeline on a width x height image."""
+        return estimate([(s.operation.name, s.params.as_dict()) for s in self.steps],
+                        self.output_size(width, height), width, height)
+
+    def run(self, image: Image, between_steps: Callable[[], None] | None = None) -> Image:
+        """Run every step; ``between_steps`` is called before each one and may raise to
+        stop (a request whose client left or whose deadline passed)."""
         for step in self.steps:
+            if between_steps is not None:
+                between_steps()
             try:
                 image = step.operation.apply(image, step.params.as_dict())
             except OperationInputError as exc:

@@ -7,11 +7,11 @@ answers.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 
 from server import codecs
+from server.admission import Admission, Control
 from server.codecs import ImageInfo, OutputFormat
 from server.operations import Image, Registry
 from server.peers import PeerClient
@@ -29,6 +29,9 @@ class Job:
     quality: int | None
     # A tile from a coordinator: never tiled again, answered in uncompressed PNG.
     is_tile: bool = False
+    # Deadline and client liveness, checked while waiting for a slot, between steps and
+    # between tiles.
+    control: Control = field(default_factory=Control.unbounded)
 
 
 @dataclass
@@ -44,7 +47,7 @@ class Result:
 @dataclass(frozen=True)
 class Processor:
     registry: Registry
-    slots: threading.BoundedSemaphore
+    admission: Admission
     peers: PeerClient | None
     tile_pixels: float
     tile_size: int
@@ -57,14 +60,14 @@ class Processor:
         if self.should_tile(job):
             return self._run_tiled(job)
         reduce = shrink_factor(job.pipeline, job.info)
-        with self.slots:
+        with self.admission.slot(job.control):
             t0 = time.perf_counter()
             image = codecs.decode(job.data, job.info, reduce)
             t1 = time.perf_counter()
             if reduce > 1:
-                out = run_after_shrink(job.pipeline, image, job.info)
+                out = run_after_shrink(job.pipeline, image, job.info, job.control.check)
             else:
-                out = job.pipeline.run(image)
+                out = job.pipeline.run(image, job.control.check)
             t2 = time.perf_counter()
             data = self._encode(job, out)
             t3 = time.perf_counter()
@@ -74,17 +77,29 @@ class Processor:
         return result
 
     def _run_tiled(self, job: Job) -> Result:
-        with self.slots:
+        control = job.control
+        with self.admission.slot(control):
             t0 = time.perf_counter()
             image = codecs.decode(job.data, job.info)
             t1 = time.perf_counter()
         # No slot is held while tiles are out: they may come back to this very instance
         # through the load balancer and need its slots.
+        assert self.peers is not None  # should_tile
+
+        def remote(steps: tuple[Step, ...], window: Image, timings: dict[str, float]) -> Image:
+            control.check()  # an abandoned request sends no more tiles
+            return self.peers(steps, window, timings)
+
+        def local(steps: tuple[Step, ...], window: Image, timings: dict[str, float]) -> Image:
+            with self.admission.slot(control):
+                control.check()
+                return run_local(steps, window, timings)
+
         out, stats = run_tiled(job.pipeline, image, self.registry, tile_size=self.tile_size,
-                               remote=self.peers, local=self._run_tile_here)
+                               remote=remote, local=local)
         del image  # the coordinator keeps the output and the tiles in flight only
         t2 = time.perf_counter()
-        with self.slots:
+        with self.admission.slot(control):
             data = self._encode(job, out)
         t3 = time.perf_counter()
         result = self._result(data, out, t0, t1, t2, t3)
@@ -94,11 +109,6 @@ class Processor:
         result.log.update(tiles=stats.tiles, tiles_local=stats.local,
                           tile_retries=stats.retries)
         return result
-
-    def _run_tile_here(self, steps: tuple[Step, ...], window: Image,
-                       timings: dict[str, float]) -> Image:
-        with self.slots:
-            return run_local(steps, window, timings)
 
     @staticmethod
     def _encode(job: Job, out: Image) -> bytes:

@@ -4,6 +4,8 @@ and resize from there to the size planned for the full image."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from server.codecs import ImageInfo
 from server.operations import Image
 from server.operations.geometry import resize_plan, resize_to_plan
@@ -36,10 +38,11 @@ def shrink_factor(pipeline: Pipeline, info: ImageInfo) -> int:
     return 1
 
 
-def run_after_shrink(pipeline: Pipeline, image: Image, info: ImageInfo) -> Image:
+def run_after_shrink(pipeline: Pipeline, image: Image, info: ImageInfo,
+                     between_steps: Callable[[], None] | None = None) -> Image:
     """Run a pipeline on an image decoded with shrink_factor(...) > 1: the first
     (resize) step targets the size planned from the full-size header."""
     first = pipeline.steps[0]
     params = first.params.as_dict()
     out = resize_to_plan(image, resize_plan(info.width, info.height, params), params)
-    return Pipeline(pipeline.steps[1:]).run(out)
+    return Pipeline(pipeline.steps[1:]).run(out, between_steps)

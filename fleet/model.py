@@ -61,6 +61,11 @@ class Instance:
     registered: bool = False  # in the load balancer's target set (incl. draining)
     bootstrapped: bool = True
     detail: str = ""  # provider's free-text reason (exit code, EC2 state reason)
+    # Clock time of the last evidence that the instance makes progress (a passed health
+    # check, a completed request, its completed-work counter moving), or None when the
+    # provider cannot know. Busy is not dead: an instance failing its checks while it
+    # keeps completing work is taken out of rotation by the load balancer, never killed.
+    last_progress_at: float | None = None
 
     @property
     def live(self) -> bool:
@@ -97,6 +102,9 @@ class FleetSpec:
     unhealthy_threshold: int = 2
     # A new instance is never replaced for not being healthy *yet* within this time.
     grace_period_s: float = 30.0
+    # An instance that was healthy and now fails its checks is replaced only once it has
+    # shown no progress (see Instance.last_progress_at) for this long: hung, not busy.
+    no_progress_timeout_s: float = 10.0
     # How long a deregistered instance may keep finishing requests before it is stopped.
     drain_timeout_s: float = 30.0
     # Scale out when the mean in-flight requests per healthy instance stays above this.
@@ -148,7 +156,8 @@ def spec_problems(spec: FleetSpec) -> list[str]:
     for name in ("healthy_threshold", "unhealthy_threshold"):
         if getattr(spec, name) < 1:
             problems.append(f"{name} must be >= 1, got {getattr(spec, name)}")
-    for name in ("grace_period_s", "drain_timeout_s", "scale_out_window_s",
+    for name in ("grace_period_s", "no_progress_timeout_s", "drain_timeout_s",
+                 "scale_out_window_s",
                  "scale_in_window_s", "scale_cooldown_s"):
         if getattr(spec, name) < 0:
             problems.append(f"{name} must be >= 0, got {getattr(spec, name)}")
@@ -290,6 +299,7 @@ class Memory:
     replacing: frozenset[str] = frozenset()  # replacement due; still serving until replaced
     draining: Mapping[str, float] = field(default_factory=_frozen_map)  # id -> since
     reported: frozenset[str] = frozenset()  # ids whose death/hang was already reported
+    slow: frozenset[str] = frozenset()  # failing checks but progressing: kept, reported once
     high_load_since: float | None = None
     low_load_since: float | None = None
     last_scale_at: float | None = None

@@ -13,9 +13,14 @@ order they are applied to each instance:
 4. ``pending`` / ``bootstrapping`` / not bootstrapped: booting. Left alone within
    ``grace_period_s`` of launch; after that replaced as a launch failure.
 5. Running, unregistered: register it.
-6. Registered: ``unhealthy`` after having been healthy, or still not healthy after the
-   grace period, means hung or failed to boot: kill and replace. Within the grace period
-   a never-healthy instance is never replaced for not being healthy yet.
+6. Registered, not healthy. After having been healthy: if it still makes progress
+   (``last_progress_at`` within ``no_progress_timeout_s``: it completes requests, or its
+   checks pass now and then) it is busy, not dead — the load balancer routes around it
+   and it is kept; once it has made no progress for that long it is hung: kill and
+   replace. (A provider that cannot see progress reports None: replaced at once, as
+   before.) Never healthy and past the grace period: failed to boot, replaced. Within
+   the grace period a never-healthy instance is never replaced for not being healthy
+   yet.
 7. Replacement due (asked through the admin API, or older than ``max_lifetime_s``): launch
    the replacement first; drain the old one only once the other healthy instances
    cover ``desired`` — capacity never drops for a planned replacement.
@@ -75,6 +80,7 @@ class _Tick:
     launch: Backoff = field(default_factory=Backoff)
     counted: set[str] = field(default_factory=set)
     reported: set[str] = field(default_factory=set)
+    slow: set[str] = field(default_factory=set)
     draining: dict[str, float] = field(default_factory=dict)
     replacing: set[str] = field(default_factory=set)
     capacity: list[Instance] = field(default_factory=list)  # serving or booting
@@ -106,6 +112,7 @@ def decide(spec: FleetSpec, observed: Observed, now: float) -> Plan:
     tick = _Tick(
         spec=spec, now=now, memory=memory, launch=memory.launch,
         counted=set(memory.counted_failures & ids), reported=set(memory.reported & ids),
+        slow=set(memory.slow & ids),
         draining={k: v for k, v in memory.draining.items() if k in ids},
         replacing={i.id for i in instances if i.id in memory.replacing and i.live},
     )
@@ -136,6 +143,7 @@ def decide(spec: FleetSpec, observed: Observed, now: float) -> Plan:
         replacing=frozenset(tick.replacing & {i.id for i in tick.capacity}),
         draining=MappingProxyType(dict(tick.draining)),
         reported=frozenset(tick.reported),
+        slow=frozenset(tick.slow),
         **memory_load,
     )
     return Plan(actions=tuple(tick.actions), desired=desired, memory=next_memory,
@@ -195,6 +203,7 @@ def _judge(tick: _Tick, instance: Instance, *, booted: bool) -> None:
         return
 
     if instance.health is Health.HEALTHY:
+        tick.slow.discard(iid)
         if (spec.max_lifetime_s is not None and age >= spec.max_lifetime_s
                 and iid not in tick.replacing):
             tick.replacing.add(iid)
@@ -203,10 +212,22 @@ def _judge(tick: _Tick, instance: Instance, *, booted: bool) -> None:
         return
 
     # registered, not healthy: initial / unhealthy / unused
+    if booted and _still_progressing(instance, spec, now):
+        if iid not in tick.slow:
+            tick.slow.add(iid)
+            tick.event("instance_busy", iid,
+                       f"failing health checks ({instance.health.value}) but still "
+                       "completing work: out of rotation, kept; replaced only after "
+                       f"{spec.no_progress_timeout_s:.0f}s without progress")
+        tick.capacity.append(instance)
+        return
     if booted:
+        tick.slow.discard(iid)
+        progress = ("" if instance.last_progress_at is None else
+                    f", no progress for {now - instance.last_progress_at:.0f}s")
         tick.report_once("instance_unhealthy", instance,
                          f"failed health checks after having been healthy "
-                         f"({instance.health.value}); replacing")
+                         f"({instance.health.value}{progress}); replacing")
         tick.actions.append(Terminate(iid, "unhealthy", graceful=False))
         return
     if not in_grace:
@@ -217,6 +238,11 @@ def _judge(tick: _Tick, instance: Instance, *, booted: bool) -> None:
         tick.actions.append(Terminate(iid, "never became healthy", graceful=False))
         return
     tick.capacity.append(instance)  # booting: give it its grace period
+
+
+def _still_progressing(instance: Instance, spec: FleetSpec, now: float) -> bool:
+    return (instance.last_progress_at is not None
+            and now - instance.last_progress_at < spec.no_progress_timeout_s)
 
 
 def _autoscale(tick: _Tick, keep: list[Instance], desired: int) -> tuple[int, dict]:

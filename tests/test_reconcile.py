@@ -28,17 +28,19 @@ from fleet.reconcile import decide, record_launch_failure, request_replacement
 H, U, INIT, D = Health.HEALTHY, Health.UNHEALTHY, Health.INITIAL, Health.DRAINING
 RUNNING, STOPPED, PENDING = InstanceState.RUNNING, InstanceState.STOPPED, InstanceState.PENDING
 
-BASE = FleetSpec(name="t", desired=2, min=2, max=2, grace_period_s=30, drain_timeout_s=20,
+BASE = FleetSpec(name="t", desired=2, min=2, max=2, grace_period_s=30, no_progress_timeout_s=10,
+                 drain_timeout_s=20,
                  target_inflight=2, scale_out_window_s=5, scale_in_window_s=30,
                  scale_cooldown_s=5, launch_backoff_base_s=1, launch_backoff_max_s=60)
 SCALING = replace(BASE, min=1, max=4)
 
 
 def inst(iid: str, health: Health = H, *, state: InstanceState = RUNNING, at: float = 0.0,
-         inflight: int | None = 0, registered: bool = True, bootstrapped: bool = True) -> Instance:
+         inflight: int | None = 0, registered: bool = True, bootstrapped: bool = True,
+         progress: float | None = None) -> Instance:
     return Instance(id=iid, state=state, health=health, address=f"127.0.0.1:{len(iid)}",
                     launched_at=at, inflight=inflight, registered=registered,
-                    bootstrapped=bootstrapped)
+                    bootstrapped=bootstrapped, last_progress_at=progress)
 
 
 def summary(plan: Plan) -> set[tuple[str, str | None]]:
@@ -74,6 +76,34 @@ CASES = [
     Case("hung within grace period but it was healthy before: still replaced",
          (inst("a"), inst("b", U, at=95)), 100, {("Terminate", "b"), ("Launch", None)},
          memory={"ever_healthy": SEEN}, events={"instance_unhealthy"}),
+    # Busy is not dead (BASE.no_progress_timeout_s = 10): an instance failing its
+    # checks is replaced only after 10 s without progress.
+    Case("busy: fails checks but completed work 2 s ago: kept, reported once",
+         (inst("a"), inst("b", U, inflight=40, progress=98)), 100, set(),
+         memory={"ever_healthy": SEEN}, events={"instance_busy"}),
+    Case("busy and already reported: kept quietly",
+         (inst("a"), inst("b", U, inflight=40, progress=99.5)), 100, set(),
+         memory={"ever_healthy": SEEN, "slow": frozenset({"b"})}),
+    Case("busy, both instances: neither is killed, nothing is launched",
+         (inst("a", U, inflight=60, progress=95), inst("b", U, inflight=60, progress=99)),
+         100, set(), memory={"ever_healthy": SEEN}, events={"instance_busy"}),
+    Case("hung: no progress for 10 s: replaced",
+         (inst("a"), inst("b", U, inflight=3, progress=90)), 100,
+         {("Terminate", "b"), ("Launch", None)}, memory={"ever_healthy": SEEN},
+         events={"instance_unhealthy"}),
+    Case("hung after having been reported busy: replaced",
+         (inst("a"), inst("b", U, progress=80)), 100,
+         {("Terminate", "b"), ("Launch", None)},
+         memory={"ever_healthy": SEEN, "slow": frozenset({"b"})},
+         events={"instance_unhealthy"}),
+    Case("mix: the busy one stays, the hung one goes, the healthy one serves",
+         (inst("a"), inst("b", U, inflight=30, progress=97), inst("c", U, progress=50)), 100,
+         {("Terminate", "c"), ("Launch", None)}, spec=replace(BASE, desired=3, min=3, max=3),
+         memory={"ever_healthy": SEEN}, events={"instance_busy", "instance_unhealthy"}),
+    Case("never healthy yet progressing is still judged by the grace period",
+         (inst("a"), inst("n", U, at=0, progress=99)), 100,
+         {("Terminate", "n")}, memory={"ever_healthy": {"a"}},
+         events={"instance_unhealthy", "launch_failed"}),
     Case("booting unhealthy within grace period is left alone",
          (inst("a"), inst("n", U, at=80)), 100, set(), memory={"ever_healthy": {"a"}}),
     Case("booting initial within grace period is left alone",
@@ -190,6 +220,37 @@ def test_decide(case: Case) -> None:
     assert {e.kind for e in plan.events} >= case.events
     if case.desired is not None:
         assert plan.desired == case.desired
+
+
+def test_a_busy_instance_is_reported_once_then_kept_quietly() -> None:
+    busy = (inst("a"), inst("b", U, inflight=40, progress=99))
+    first = decide(BASE, Observed(busy, _memory({"ever_healthy": SEEN})), 100)
+    assert [e.kind for e in first.events] == ["instance_busy"]
+    second = decide(BASE, Observed(busy, first.memory), 100.5)
+    assert second.actions == () and second.events == ()
+
+
+def test_busy_for_a_minute_is_never_killed_then_stalled_is_killed_after_the_timeout() -> None:
+    # Simulated ticks every 0.5 s: worker b fails every check for 60 s but completes a
+    # request every 3 s; then it stops completing anything.
+    memory = _memory({"ever_healthy": SEEN})
+    last_done = 0.0
+    now = 0.0
+    while now < 60:
+        last_done = now if now % 3 < 0.5 else last_done
+        plan = decide(BASE, Observed((inst("a"), inst("b", U, inflight=50,
+                                                          progress=last_done)), memory), now)
+        assert not any(isinstance(a, Terminate) for a in plan.actions), now
+        memory, now = plan.memory, now + 0.5
+    stalled_at = last_done
+    killed_at = None
+    while killed_at is None:
+        plan = decide(BASE, Observed((inst("a"), inst("b", U, inflight=50,
+                                                          progress=stalled_at)), memory), now)
+        if any(isinstance(a, Terminate) and a.instance_id == "b" for a in plan.actions):
+            killed_at = now
+        memory, now = plan.memory, now + 0.5
+    assert 10 <= killed_at - stalled_at <= 10.5
 
 
 def test_empty_fleet_launches_each_missing_instance_with_distinct_tokens() -> None:

@@ -149,6 +149,10 @@ class AwsProvider:
         self._bootstrap_slots = threading.BoundedSemaphore(max_bootstraps)
         self._jobs: dict[str, _BootstrapJob] = {}
         self._bootstrap_failures: dict[str, str] = {}
+        # The ALB reports no completed-request counts per target, so the last time a
+        # target was seen healthy is this provider's evidence of progress: a target that
+        # flaps between busy and healthy is kept, one unhealthy for longer is replaced.
+        self._last_healthy: dict[str, float] = {}
         self._launched: dict[str, Instance] = {}  # id -> placeholder until EC2 lists it
         self._terminating: set[str] = set()
 
@@ -200,6 +204,7 @@ class AwsProvider:
         if ec2_state in ("shutting-down", "terminated"):
             if asked:
                 if ec2_state == "terminated":
+                    self._last_healthy.pop(iid, None)
                     return None  # gone for good; forget it
                 state = InstanceState.STOPPING
             else:
@@ -231,9 +236,11 @@ class AwsProvider:
             health = TARGET_STATES.get(target.get("State", ""), Health.UNHEALTHY)
             if target.get("Reason") and health is not Health.HEALTHY and not detail:
                 detail = f"{target['Reason']}: {target.get('Description', '')}".strip(": ")
+        if health is Health.HEALTHY:
+            self._last_healthy[iid] = self._clock()
         ip = record.get("PrivateIpAddress")
         return Instance(
-            id=iid, state=state, health=health,
+            id=iid, state=state, health=health, last_progress_at=self._last_healthy.get(iid),
             address=f"{ip}:{self.config.app_port}" if ip else None,
             launched_at=_timestamp(record["LaunchTime"]),
             inflight=None,  # the ALB does not report per-target in-flight requests

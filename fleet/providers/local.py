@@ -160,10 +160,14 @@ class LocalProvider:
             else:
                 state = InstanceState.STOPPING if worker.stopping else InstanceState.RUNNING
             target = self.gateway.status(worker.id)
+            # Load as the worker sees it too: a request whose client left is no longer
+            # open at the gateway, but the worker may still be computing it.
+            inflight = max(target.inflight, target.reported_inflight or 0)
             instances.append(Instance(
                 id=worker.id, state=state, health=target.health, address=worker.address,
-                launched_at=worker.launched_at, inflight=target.inflight,
-                registered=target.registered, detail=worker.exit_detail))
+                launched_at=worker.launched_at, inflight=inflight,
+                registered=target.registered, detail=worker.exit_detail,
+                last_progress_at=target.last_progress_at))
         return tuple(instances)
 
     async def launch(self, token: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import json
 import logging
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
 
-from server.signing import LinkSigner, load_or_create_secret
+from server.signing import SECRET_ENV, LinkSigner, TileCredentials, load_link_keys, parse_keys
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,25 @@ class Storage(ABC):
         statvfs): for /health. None when nothing is known to be wrong."""
         return None
 
+    def link_keys(self) -> tuple[bytes, ...]:
+        """The fleet's shared keys, the signing one first; () when there are none."""
+        return ()
+
+    @functools.cached_property
+    def _tile_credentials(self) -> dict[str | None, TileCredentials]:
+        return {}
+
+    def tile_credentials(self, token: str | None = None) -> TileCredentials:
+        """What marks a tile request from a peer as internal (answered unstored, in
+        uncompressed PNG): derived from the link keys; without any (S3 without
+        IMAGEFLEET_LINK_SECRET), from the API token; without a token either, nothing
+        does, and tiles are processed as ordinary requests. Computed once per token."""
+        found = self._tile_credentials.get(token)
+        if found is None:
+            keys = self.link_keys() or ((token.encode(),) if token else ())
+            found = self._tile_credentials[token] = TileCredentials.from_keys(keys)
+        return found
+
 
 class SignedLinks:
     """Links to this server's `/results/<name>` route, signed with a shared secret."""
@@ -138,7 +158,8 @@ class FolderStorage(Storage):
         # later write succeeded. One float, replaced whole: no lock needed.
         self._full_at: float | None = None
         self.root.mkdir(parents=True, exist_ok=True)
-        self._links = SignedLinks(signer or LinkSigner(load_or_create_secret(self.root)), clock)
+        self._signer = signer or LinkSigner.from_keys(load_link_keys(self.root))
+        self._links = SignedLinks(self._signer, clock)
         # Temporary names need only be unique among this folder's writers: the pid
         # tells processes apart, the counter writes within one (next() is atomic
         # under the GIL). Cheaper than tempfile's random names, on every request.
@@ -147,6 +168,9 @@ class FolderStorage(Storage):
 
     def describe(self) -> str:
         return f"folder {self.root}"
+
+    def link_keys(self) -> tuple[bytes, ...]:
+        return self._signer.keys
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, check_key(key))
@@ -276,7 +300,11 @@ class MemoryStorage(Storage):
     def __init__(self, secret: bytes = b"memory-storage-secret-for-tests-only", clock=time.time):
         self._objects: dict[str, tuple[bytes, StoredObject]] = {}
         self._lock = threading.Lock()
+        self._secret = secret
         self._links = SignedLinks(LinkSigner(secret), clock)
+
+    def link_keys(self) -> tuple[bytes, ...]:
+        return (self._secret,)
 
     def put(self, key: str, data: bytes, content_type: str,
             metadata: dict[str, str] | None = None) -> None:
@@ -331,6 +359,13 @@ class S3Storage(Storage):
         self.prefix = prefix.strip("/")
         self.client = client
         self._clock = clock
+        # S3 links are presigned and need no secret; a fleet may still hand its workers
+        # one (IMAGEFLEET_LINK_SECRET), from which tile credentials are derived.
+        value = os.environ.get(SECRET_ENV, "")
+        self._keys = parse_keys(value) if value else ()
+
+    def link_keys(self) -> tuple[bytes, ...]:
+        return self._keys
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}".rstrip("/")

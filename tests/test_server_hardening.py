@@ -10,8 +10,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
+import stat
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -20,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+from waiting import wait_until
 
 from server.storage import FolderStorage, StorageFull
 
@@ -44,6 +48,11 @@ def process(server, data: bytes, operation: str = "invert", **fields: str) -> re
 def link_parts(url: str) -> tuple[str, dict[str, str]]:
     parts = urlsplit(url)
     return parts.path, {k: v[0] for k, v in parse_qs(parts.query).items()}
+
+
+@pytest.fixture(scope="module")
+def chelsea_png(images_dir: Path) -> bytes:
+    return (images_dir / "chelsea.png").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -275,3 +284,138 @@ def test_write_that_fits_only_in_part_leaves_no_short_file(small_disk: Path,
 
     assert not (storage.root / key).exists()
     assert [p.name for p in (storage.root / "originals").iterdir()] == []
+
+
+# --- 5. the fleet's link secret -------------------------------------------------------------
+
+OLD_KEY = "old-" + "a" * 40
+NEW_KEY = "new-" + "b" * 40
+
+
+def download_via(server_url: str, link: str) -> requests.Response:
+    """A link's path and query, asked of `server_url`: does that server honour it?"""
+    path, query = link_parts(link)
+    return requests.get(server_url + path, params=query, timeout=10)
+
+
+def test_rotation_the_first_key_signs_and_every_key_verifies(server_process, tmp_path: Path,
+                                                             camera_png: bytes) -> None:
+    storage = tmp_path / "shared"
+    old = server_process(env={"IMAGEFLEET_LINK_SECRET": OLD_KEY}, storage_dir=storage)
+    rotated = server_process(env={"IMAGEFLEET_LINK_SECRET": f"{NEW_KEY}, {OLD_KEY}"},
+                             storage_dir=storage)
+    old_link = process(old, camera_png).json()["url"]
+    new_link = process(rotated, camera_png).json()["url"]
+
+    assert download_via(rotated.url, old_link).status_code == 200, "old key must verify"
+    assert download_via(rotated.url, new_link).status_code == 200
+    # The new key signs: a server that knows only the old key refuses its links.
+    assert_error(download_via(old.url, new_link), 403, "invalid_link")
+    assert download_via(old.url, old_link).status_code == 200
+    assert not (storage / ".link-secret").exists(), "a secret from the environment is no file"
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"IMAGEFLEET_LINK_SECRET_REQUIRED": "1"}, "IMAGEFLEET_LINK_SECRET is not set"),
+    ({"IMAGEFLEET_LINK_SECRET_REQUIRED": "1", "IMAGEFLEET_LINK_SECRET": "short"},
+     "at least 32 characters"),
+    ({"IMAGEFLEET_LINK_SECRET": f"{NEW_KEY},tiny"}, "key 2 of 2"),
+])
+def test_worker_without_a_usable_fleet_secret_refuses_to_start(tmp_path: Path, env: dict,
+                                                               says: str) -> None:
+    from conftest import REPO_ROOT, free_port
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEFLEET_")}
+    storage = tmp_path / "storage"
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "--port", str(free_port()), "--storage",
+         str(storage)], cwd=REPO_ROOT, env={**full_env, **env}, capture_output=True,
+        text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert says in proc.stderr
+    assert not (storage / ".link-secret").exists(), "it made a secret of its own"
+
+
+QUICK = {"health_check_interval_s": 0.5, "health_check_timeout_s": 0.5,
+         "tick_interval_s": 0.25, "grace_period_s": 60}
+FLEET_STARTUP = 90.0
+
+
+def healthy_workers(fleet) -> dict[str, str]:
+    """id -> address of the running, healthy workers."""
+    return {i["id"]: i["address"] for i in fleet.snapshot()["instances"]
+            if i["health"] == "healthy" and i["state"] == "running"}
+
+
+def links_from_each(workers: dict[str, str], image: bytes) -> dict[str, str]:
+    links = {}
+    for worker_id, address in workers.items():
+        answer = requests.post(f"http://{address}/process", timeout=60,
+                               files={"image": ("a.png", image, "image/png")},
+                               data={"operation": "invert"})
+        assert answer.status_code == 200, answer.text
+        links[worker_id] = answer.json()["url"]
+    return links
+
+
+def assert_every_link_downloads_from_every_worker(workers: dict[str, str],
+                                                  links: dict[str, str]) -> None:
+    for made_by, link in links.items():
+        for worker_id, address in workers.items():
+            status = download_via(f"http://{address}", link).status_code
+            assert status == 200, f"link made by {made_by} answered {status} on {worker_id}"
+
+
+@pytest.mark.slow
+def test_fleet_secret_survives_a_lost_secret_file_and_a_killed_worker(
+        tmp_path: Path, camera_png: bytes) -> None:
+    from fleet.local import LocalFleet
+
+    storage = tmp_path / "storage"
+    with LocalFleet(workers=2, storage_dir=storage, spec_overrides=QUICK).start(
+            FLEET_STARTUP) as fleet:
+        workers = wait_until(lambda: (w := healthy_workers(fleet)) and len(w) == 2 and w,
+                             FLEET_STARTUP, what="2 healthy workers")
+        secret_file = storage / ".fleet" / "link-secret"
+        assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+        secret = secret_file.read_text().strip()
+        pids = fleet.worker_pids()
+        for pid in pids.values():  # handed over in the environment, never in argv
+            assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+            assert f"IMAGEFLEET_LINK_SECRET={secret}".encode() in Path(
+                f"/proc/{pid}/environ").read_bytes()
+        before = links_from_each(workers, camera_png)
+
+        # What used to split the fleet: the storage folder's secret file goes, and a
+        # worker restarts (its replacement made a new secret of its own).
+        (storage / ".link-secret").unlink(missing_ok=True)
+        victim, survivor = sorted(workers)
+        os.kill(pids[victim], signal.SIGKILL)
+        replaced = wait_until(
+            lambda: (w := healthy_workers(fleet)) and len(w) == 2 and victim not in w and w,
+            FLEET_STARTUP, what="a healthy replacement")
+        assert survivor in replaced
+
+        links = {**before, **{f"{k} (after)": v
+                              for k, v in links_from_each(replaced, camera_png).items()}}
+        assert_every_link_downloads_from_every_worker(replaced, links)
+        assert not (storage / ".link-secret").exists()
+
+
+@pytest.mark.slow
+def test_fleet_secret_is_reused_when_the_fleet_restarts(tmp_path: Path,
+                                                        camera_png: bytes) -> None:
+    from fleet.local import LocalFleet
+
+    storage = tmp_path / "storage"
+    with LocalFleet(workers=1, storage_dir=storage, spec_overrides=QUICK).start(
+            FLEET_STARTUP) as fleet:
+        first = wait_until(lambda: healthy_workers(fleet), FLEET_STARTUP, what="a worker")
+        link = links_from_each(first, camera_png)
+        secret = (storage / ".fleet" / "link-secret").read_text()
+    with LocalFleet(workers=1, storage_dir=storage, spec_overrides=QUICK).start(
+            FLEET_STARTUP) as fleet:
+        second = wait_until(lambda: healthy_workers(fleet), FLEET_STARTUP, what="a worker")
+        assert (storage / ".fleet" / "link-secret").read_text() == secret
+        assert_every_link_downloads_from_every_worker(second, link)
+

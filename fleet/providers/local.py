@@ -1,8 +1,11 @@
 """Local provider: worker processes (``python -m server``) on free loopback ports.
 
-Workers share one storage folder, so they share the link secret the server keeps there
-(or ``IMAGEFLEET_LINK_SECRET`` when the fleet's environment sets it), and every worker's
-signed link is valid on every other. Each worker runs in its own session (process
+The fleet owns the link secret: it makes one the first time (``link-secret``, 0600, in the
+run folder; kept across restarts, so links outlive them) and hands it to every worker in
+the environment (never argv) with ``IMAGEFLEET_LINK_SECRET_REQUIRED=1``, so a worker never
+makes a secret of its own and every worker's signed link is valid on every other. When the
+fleet's own environment sets ``IMAGEFLEET_LINK_SECRET`` (one key, or ``new,old`` to rotate),
+that is handed on instead. Each worker runs in its own session (process
 group): a Ctrl-C at the terminal reaches only the fleet, which then stops its workers in
 order (SIGTERM lets them drain, SIGKILL after ``stop_timeout_s``).
 
@@ -22,6 +25,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from fleet.aws_config import write_private_file
 from fleet.gateway import Gateway
 from fleet.model import Instance, InstanceState
 from fleet.providers.base import PermanentProviderError, TransientProviderError
@@ -41,6 +46,12 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 STATE_FILE = "workers.json"
 LOCK_FILE = "fleet.lock"
+LINK_SECRET_FILE = "link-secret"
+# The server's names (server/signing.py; not imported: it would load the whole server).
+SECRET_ENV = "IMAGEFLEET_LINK_SECRET"
+SECRET_REQUIRED_ENV = "IMAGEFLEET_LINK_SECRET_REQUIRED"
+STORAGE_SECRET_FILE = ".link-secret"
+MIN_SECRET_CHARS = 32
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,7 @@ class LocalProvider:
         self._workers: dict[str, _Worker] = {}
         self._seq = 0
         self._lock_handle: IO[str] | None = None
+        self._link_secret: str | None = None
         self._closed = False
         self.notes: list[str] = []  # what start() found, for the manager's event log
 
@@ -134,6 +146,15 @@ class LocalProvider:
                 "another --storage folder") from None
         self._lock_handle = handle
         self.notes.extend(cleanup_leftovers(self.run_dir / STATE_FILE))
+        self._link_secret = self._load_link_secret()
+
+    def _load_link_secret(self) -> str:
+        """The secret handed to every worker (see the module docstring)."""
+        given = self.extra_env.get(SECRET_ENV) or os.environ.get(SECRET_ENV)
+        if given:
+            return given  # the workers check it, and refuse to start if it is unusable
+        return fleet_link_secret(self.run_dir / LINK_SECRET_FILE,
+                                 self.storage_dir / STORAGE_SECRET_FILE)
 
     def _save_state(self) -> None:
         state = {"fleet_pid": os.getpid(),
@@ -189,6 +210,9 @@ class LocalProvider:
         env.pop("IMAGEFLEET_TOKEN", None)  # the fleet's token, or none: never a stray one
         if self.token:
             env["IMAGEFLEET_TOKEN"] = self.token
+        assert self._link_secret is not None  # set by start()
+        env[SECRET_ENV] = self._link_secret
+        env[SECRET_REQUIRED_ENV] = "1"
         # One log per worker id, overwritten when a later fleet reuses the id: bounded.
         log_file = open(self.log_path(instance_id), "wb")  # noqa: SIM115 closed on exit
         try:
@@ -305,6 +329,28 @@ class LocalProvider:
             worker.log_file = None
 
 
+def fleet_link_secret(path: Path, legacy: Path | None = None) -> str:
+    """The fleet's link secret, kept in `path` (0600) and made the first time. A fleet
+    whose workers kept a secret in the storage folder (`legacy`, before the fleet owned
+    it) adopts that one, so the links they handed out stay valid."""
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    if len(text) >= MIN_SECRET_CHARS:
+        return text
+    if text:
+        log.warning("link secret %s is too short; making a new one", path)
+    adopted = ""
+    if legacy is not None:
+        with contextlib.suppress(OSError):
+            adopted = legacy.read_text().strip()
+    secret = adopted if len(adopted) >= MIN_SECRET_CHARS else secrets.token_hex(32)
+    write_private_file(path, secret + "\n")
+    log.info("%s the fleet's link secret %s", "adopted" if secret == adopted else "made", path)
+    return secret
+
+
 def describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -360,5 +406,5 @@ def cleanup_leftovers(state_file: Path) -> list[str]:
     return notes
 
 
-__all__ = ["LocalProvider", "WorkerLaunch", "cleanup_leftovers", "free_port",
-           "server_command"]
+__all__ = ["LocalProvider", "WorkerLaunch", "cleanup_leftovers", "fleet_link_secret",
+           "free_port", "server_command"]

@@ -339,7 +339,10 @@ def _register_routes(app: Flask, state: ServerState) -> None:
         storage_key = f"results/{key}"
         timings = {"read": (t_read - t0) * 1000}
 
-        is_tile = request.headers.get(TILE_HEADER) == "1"
+        # Only a peer of this fleet holds the credential (signing.py); any other value
+        # is an ordinary request, stored and encoded as asked.
+        is_tile = state.storage.tile_credentials(config.token).accepts(
+            request.headers.get(TILE_HEADER))
         stored = None if is_tile else state.storage.head(storage_key)
         cached = stored is not None and {"width", "height"} <= set(stored.metadata)
         result_bytes: bytes | None = None

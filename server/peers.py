@@ -31,10 +31,15 @@ def _worker_ms(header: str | None) -> float | None:
 
 
 class PeerClient:
+    """Sends tiles to `base_url`. `tile_credential` (Storage.tile_credentials().send)
+    marks them as internal, so the peer answers without storing them and in
+    uncompressed PNG; without it, tiles are ordinary requests (stored, compressed)."""
+
     def __init__(self, base_url: str, token: str | None = None, *, connect_timeout: float = 3.0,
-                 read_timeout: float = 120.0, pool_size: int = 16):
+                 read_timeout: float = 120.0, pool_size: int = 16,
+                 tile_credential: str | None = None):
         self.base_url = base_url.rstrip("/")
-        self._headers = {TILE_HEADER: "1"}
+        self._headers = {TILE_HEADER: tile_credential} if tile_credential else {}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         self._pool = urllib3.PoolManager(

@@ -25,7 +25,9 @@ import pytest
 import requests
 from waiting import wait_until
 
+from server.signing import tile_credential
 from server.storage import FolderStorage, StorageFull
+from server.tiling import TILE_HEADER
 
 # --- helpers -----------------------------------------------------------------------------
 
@@ -419,3 +421,71 @@ def test_fleet_secret_is_reused_when_the_fleet_restarts(tmp_path: Path,
         assert (storage / ".fleet" / "link-secret").read_text() == secret
         assert_every_link_downloads_from_every_worker(second, link)
 
+
+# --- 6. the internal tile header --------------------------------------------------------------
+
+
+CHELSEA_RAW_BYTES = 451 * 300 * 3  # its pixels, uncompressed
+
+
+def stored_results(server) -> set[str]:
+    folder = server.storage_dir / "results"
+    return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+@pytest.mark.parametrize("forged", ["1", "true", tile_credential(b"x" * 40)])
+def test_forged_tile_header_gets_an_ordinary_stored_result(server_process, chelsea_png: bytes,
+                                                           forged: str) -> None:
+    server = server_process()
+    answer = server.post("/process", headers={TILE_HEADER: forged},
+                         files={"image": ("c.png", chelsea_png, "image/png")},
+                         data={"operation": "invert"})
+
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    result = server.storage_dir / "results" / body["key"]
+    assert result.stat().st_size == body["bytes"], "the result was not stored"
+    assert body["bytes"] < 0.9 * CHELSEA_RAW_BYTES, "answered as an uncompressed tile"
+    download = requests.get(body["url"], timeout=10)
+    assert download.status_code == 200 and download.content == result.read_bytes()
+    # The same request without the header is answered from what was stored.
+    again = process(server, chelsea_png)
+    assert again.json()["cached"] is True and again.json()["bytes"] == body["bytes"]
+    as_image = server.post("/process?response=image", headers={TILE_HEADER: forged},
+                           files={"image": ("c.png", chelsea_png, "image/png")},
+                           data={"operation": "invert"})
+    assert as_image.content == result.read_bytes()
+    assert as_image.headers["X-Cached"] == "true"
+
+
+def test_tile_header_with_the_fleet_credential_is_internal(server_process,
+                                                           chelsea_png: bytes) -> None:
+    secret = f"{NEW_KEY},{OLD_KEY}"
+    server = server_process(env={"IMAGEFLEET_LINK_SECRET": secret})
+    for key in (NEW_KEY, OLD_KEY):  # a peer that has not rotated yet sends the old one
+        tile = server.post("/process?response=image",
+                           headers={TILE_HEADER: tile_credential(key.encode())},
+                           files={"image": ("c.png", chelsea_png, "image/png")},
+                           data={"operation": "invert", "format": "png"})
+        assert tile.status_code == 200, tile.text
+        assert len(tile.content) > CHELSEA_RAW_BYTES, "a tile is answered in uncompressed PNG"
+        assert tile.headers["X-Cached"] == "false"
+    assert stored_results(server) == set(), "tiles are intermediate: nothing is stored"
+
+
+@pytest.mark.xfail(strict=True, reason="needs ServerState to pass "
+                   "storage.tile_credentials(token).send to PeerClient(tile_credential=...)")
+def test_tiles_between_peers_sharing_the_secret_are_internal(server_process,
+                                                             chelsea_png: bytes) -> None:
+    env = {"IMAGEFLEET_LINK_SECRET": NEW_KEY}
+    peer = server_process(env=env)
+    coordinator = server_process("--peers", peer.url, "--tile-mp", "0.05", "--tile-size",
+                                 "128", env=env)
+    answer = coordinator.post("/process", files={"image": ("c.png", chelsea_png, "image/png")},
+                              data={"operation": "box_blur"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["tiles"] == 12
+    assert peer.get("/health").json()["processed"] >= 12, "the peer did the tiles"
+    assert stored_results(peer) == set(), "tiles are intermediate: nothing is stored"
+    key = answer.json()["key"]
+    assert stored_results(coordinator) == {key, key + ".meta.json"}

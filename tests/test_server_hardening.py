@@ -8,6 +8,7 @@ real local fleet); the full disk is a real tmpfs of a few MB.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+from PIL import Image as PILImage
 from waiting import wait_until
 
 from server.signing import tile_credential
@@ -131,6 +133,43 @@ def test_png_with_chunks_up_to_the_limit_is_processed(server) -> None:
     assert (response.json()["width"], response.json()["height"]) == (16, 16)
     over = process(server, png_with_ancillary_chunks(1001))
     assert_error(over, 415, "unsupported_image")
+
+
+
+def gif_with(extensions: bytes) -> bytes:
+    """A valid 16x16 GIF with a short comment, and `extensions` before its image."""
+    buffer = io.BytesIO()
+    PILImage.new("L", (16, 16), 128).save(buffer, "GIF", comment=b"hello")
+    data = buffer.getvalue()
+    at = data.index(b"\x21\xfe")  # the comment extension, before the image descriptor
+    return data[:at] + extensions + data[at:]
+
+
+COMMENT_BLOCK = b"\x21\xfe\x01x\x00"  # one comment extension of one byte
+
+
+@pytest.mark.parametrize(("extensions", "says"), [
+    # Each took Pillow's header parser seconds to minutes: it joins comments with +=.
+    (COMMENT_BLOCK * 1_000_000, "more than 1000 extension blocks"),
+    (b"\x21\xfe" + (b"\xff" + b"x" * 255) * 64_000 + b"\x00", "more than 64 KB of comments"),
+    (b"\x21\xff\x0bXMP DataXMP" + b"\x01x" * 2_000_000 + b"\x00",
+     "more than 100000 extension data blocks"),
+], ids=["a million comments", "a 16 MB comment", "two million tiny data blocks"])
+def test_gif_with_floods_of_extension_blocks_is_refused_at_once(server, extensions: bytes,
+                                                                says: str) -> None:
+    flood = gif_with(extensions)
+    refused, refused_s = timed(lambda: process(server, flood))
+    message = assert_error(refused, 415, "unsupported_image")
+    assert says in message and "at most" in message
+    assert refused_s < 2.0, f"refused after {refused_s:.2f}s"
+
+
+def test_gif_with_extension_blocks_up_to_the_limits_is_processed(server) -> None:
+    ordinary = gif_with(COMMENT_BLOCK * 990 + b"\x21\xfe" + (b"\xff" + b"x" * 255) * 200
+                        + b"\x00")
+    response = process(server, ordinary)
+    assert response.status_code == 200, response.text
+    assert response.json()["format"] == "png" and response.json()["width"] == 16
 
 
 # --- 3. damaged metadata -------------------------------------------------------------------

@@ -9,6 +9,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -56,6 +57,39 @@ async def running_gateway(targets: list[ServerProcess] = (), **options) -> Async
         await gateway.close()
 
 
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+def parse_response(raw: bytes) -> RawResponse:
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1."), raw[:200]
+    headers = {k.strip().lower(): v.strip()
+               for k, v in (line.split(":", 1) for line in lines[1:])}
+    length = int(headers.get("content-length", len(rest)))
+    return RawResponse(int(lines[0].split()[1]), headers, rest[:length])
+
+
+async def raw_request(port: int, data: bytes, timeout: float = 10.0) -> RawResponse:
+    """Send ``data`` as it is (what a well-behaved client library would refuse to send)
+    and read the answer up to the connection's close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    return parse_response(raw)
+
+
 async def until(predicate, what: str, timeout: float = 15.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -73,17 +107,66 @@ def multipart(operation: str = "invert") -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-async def gated_upload(session: aiohttp.ClientSession, url: str, gate: asyncio.Event):
-    """POST /process whose body stops half-way until ``gate`` is set."""
-    body, content_type = multipart()
+class HeldUpstream:
+    """A tiny upstream on a real loopback socket, for what the processing server cannot be
+    made to do on cue: ``/work?hold=1`` keeps working until :meth:`release` — also after
+    the client gave up, like a worker still computing — and ``/health`` reports how many
+    requests it is working on, as the workers do."""
 
-    async def chunks():
-        yield body[:1000]
-        await gate.wait()
-        yield body[1000:]
+    def __init__(self, instance_id: str) -> None:
+        self.instance_id = instance_id
+        self.working = 0
+        self.served = 0
+        self._gate = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.address = ""
 
-    async with session.post(url + "/process", data=chunks(), headers={
-            "Content-Type": content_type, "Content-Length": str(len(body))}) as resp:
+    async def start(self) -> HeldUpstream:
+        async def health(request: web.Request) -> web.Response:
+            return web.json_response({"status": "ok", "instance_id": self.instance_id,
+                                      "inflight": self.working})
+
+        async def work(request: web.Request) -> web.Response:
+            await request.read()
+            self.working += 1
+            try:
+                if request.query.get("hold"):
+                    await self._gate.wait()
+                self.served += 1
+                return web.json_response({"instance_id": self.instance_id})
+            finally:
+                self.working -= 1
+
+        app = web.Application()
+        app.add_routes([web.get("/health", health), web.route("*", "/work", work)])
+        # Without handler cancellation a request goes on when its client leaves.
+        self._runner = web.AppRunner(app, handler_cancellation=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.address = f"127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    def release(self) -> None:
+        self._gate.set()
+
+    async def close(self) -> None:
+        self.release()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@asynccontextmanager
+async def held_upstreams(*names: str) -> AsyncIterator[list[HeldUpstream]]:
+    upstreams = [await HeldUpstream(name).start() for name in names]
+    try:
+        yield upstreams
+    finally:
+        for upstream in upstreams:
+            await upstream.close()
+
+
+async def work(session: aiohttp.ClientSession, url: str, hold: bool = False):
+    async with session.post(url + "/work" + ("?hold=1" if hold else ""), data=b"x" * 100) as resp:
         return resp.status, await resp.json()
 
 
@@ -132,36 +215,34 @@ def test_no_healthy_target_answers_json_503(servers) -> None:
     asyncio.run(scenario())
 
 
-def test_routes_by_least_outstanding_requests(servers) -> None:
+def test_routes_by_least_outstanding_requests() -> None:
     async def scenario() -> None:
-        async with running_gateway(servers) as gateway, \
+        async with held_upstreams("u1", "u2") as upstreams, \
+                running_gateway(upstreams) as gateway, \
                 aiohttp.ClientSession(timeout=TIMEOUT) as session:
-            gate = asyncio.Event()
-            held = asyncio.create_task(gated_upload(session, gateway.url, gate))
-            await until(lambda: sum(gateway.status(s.instance_id).inflight
-                                    for s in servers) == 1, "held request in flight")
-            busy = next(s.instance_id for s in servers
-                        if gateway.status(s.instance_id).inflight == 1)
+            held = asyncio.create_task(work(session, gateway.url, hold=True))
+            await until(lambda: sum(gateway.status(u.instance_id).inflight
+                                    for u in upstreams) == 1, "held request in flight")
+            busy = next(u for u in upstreams if gateway.status(u.instance_id).inflight == 1)
             seen = set()
             for _ in range(6):
-                status, result = await process(session, gateway.url)
+                status, result = await work(session, gateway.url)
                 assert status == 200
                 seen.add(result["instance_id"])
-            assert busy not in seen and len(seen) == 1
-            gate.set()
+            assert seen == {u.instance_id for u in upstreams} - {busy.instance_id}
+            busy.release()
             status, result = await held
-            assert status == 200 and result["instance_id"] == busy
+            assert status == 200 and result["instance_id"] == busy.instance_id
 
     asyncio.run(scenario())
 
 
-def test_deregistered_target_gets_no_new_requests_but_in_flight_ones_finish(servers) -> None:
+def test_deregistered_target_gets_no_new_requests_but_in_flight_ones_finish() -> None:
     async def scenario() -> None:
-        first, second = servers
-        async with running_gateway([first]) as gateway, \
+        async with held_upstreams("s1", "s2") as (first, second), \
+                running_gateway([first]) as gateway, \
                 aiohttp.ClientSession(timeout=TIMEOUT) as session:
-            gate = asyncio.Event()
-            held = asyncio.create_task(gated_upload(session, gateway.url, gate))
+            held = asyncio.create_task(work(session, gateway.url, hold=True))
             await until(lambda: gateway.status("s1").inflight == 1, "held request in flight")
             gateway.deregister("s1")
             assert gateway.status("s1").health is Health.DRAINING
@@ -170,9 +251,9 @@ def test_deregistered_target_gets_no_new_requests_but_in_flight_ones_finish(serv
             gateway.register("s2", second.address)
             await until(lambda: gateway.healthy_count() == 1, "s2 healthy")
             for _ in range(3):
-                status, result = await process(session, gateway.url)
+                status, result = await work(session, gateway.url)
                 assert (status, result["instance_id"]) == (200, "s2")
-            gate.set()
+            first.release()
             status, result = await held
             assert (status, result["instance_id"]) == (200, "s1")
             assert gateway.status("s1").health is Health.UNUSED  # drained and removed
@@ -200,9 +281,11 @@ def test_dead_target_answers_502_and_is_not_retried(tmp_path) -> None:
         victim.close()
 
 
-def test_proxy_streams_both_ways_and_forwards_headers() -> None:
+def test_proxy_buffers_uploads_streams_downloads_and_forwards_headers() -> None:
     """Checked against a tiny echo upstream, because what a proxy does to headers and
-    when it forwards body bytes cannot be seen from the processing server's answers."""
+    when it forwards body bytes cannot be seen from the processing server's answers.
+    Uploads are buffered whole before they go upstream (a slow client must not hold a
+    worker's connection); downloads stream."""
     seen: dict[str, str] = {}
 
     async def scenario() -> None:
@@ -249,9 +332,13 @@ def test_proxy_streams_both_ways_and_forwards_headers() -> None:
                     "X-Test": "kept", "Connection": "keep-alive, X-Hop", "X-Hop": "dropped",
                     "X-Forwarded-For": "203.0.113.7"})
                 task = asyncio.ensure_future(request.__aenter__())
-                # The upstream sees the first bytes while the rest is not sent yet.
-                await asyncio.wait_for(first_chunk_upstream.wait(), 10)
+                # The gateway has the first bytes; the upstream sees none of them while
+                # the rest is not sent yet.
+                await until(lambda: gateway.open_connections == 1, "client connected")
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(first_chunk_upstream.wait(), 0.5)
                 release_upload.set()
+                await asyncio.wait_for(first_chunk_upstream.wait(), 10)
                 resp = await task
                 assert resp.headers["X-Upstream"] == "echo"
                 # The first response bytes arrive before the upstream has finished.
@@ -268,6 +355,8 @@ def test_proxy_streams_both_ways_and_forwards_headers() -> None:
     assert "X-Hop" not in seen
     assert seen["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
     assert seen["Host"] == seen["gateway"]  # as the client sent it, not the worker's
+    assert seen["Content-Length"] == "200"  # the buffered body's length, not chunked
+    assert "Transfer-Encoding" not in seen
 
 
 def test_admin_api_validates_and_answers_json(tmp_path: Path) -> None:
@@ -284,33 +373,38 @@ def test_admin_api_validates_and_answers_json(tmp_path: Path) -> None:
                 state = await resp.json()
                 assert resp.status == 200 and state["desired"] == 2
                 assert state["provider"] == "memory"
+            as_json = {"Content-Type": "application/json"}
             for body, code in ((b"{nope", "invalid_json"), (b'{"desired": "3"}',
                                                               "invalid_desired"),
                                (b'{"desired": 9}', "invalid_desired"), (b"[3]",
                                                                        "invalid_desired")):
-                async with session.post(base + "/scale", data=body) as resp:
+                async with session.post(base + "/scale", data=body, headers=as_json) as resp:
                     answer = await resp.json()
                     assert resp.status == 400, answer
                     assert answer["error"]["code"] == code
-            async with session.post(base + "/scale", data=json.dumps({"desired": 9})) as resp:
+            async with session.post(base + "/scale", data=json.dumps({"desired": 9}),
+                                    headers=as_json) as resp:
                 assert "1..4" in (await resp.json())["error"]["message"]
             async with session.post(base + "/scale", json={"desired": 3}) as resp:
                 assert resp.status == 200 and (await resp.json())["desired"] == 3
             assert manager.spec.desired == 3
-            async with session.post(base + "/instances/ghost/terminate") as resp:
+            async with session.post(base + "/instances/ghost/terminate", json={}) as resp:
                 assert resp.status == 404
                 assert (await resp.json())["error"]["code"] == "unknown_instance"
-            async with session.post(base + "/instances/m1/terminate") as resp:
+            async with session.post(base + "/instances/m1/terminate", json={}) as resp:
                 assert resp.status == 202
             async with session.get(base + "/nothing") as resp:
                 assert resp.status == 404
 
+        # With a token, changing state needs it; reading stays open on loopback.
         async with running_gateway(admin=manager, token="secret-token-1") as gateway, \
                 aiohttp.ClientSession(timeout=TIMEOUT) as session:
-            async with session.get(gateway.url + "/fleet") as resp:
+            async with session.post(gateway.url + "/fleet/scale", json={"desired": 2}) as resp:
                 assert resp.status == 401
-            async with session.get(gateway.url + "/fleet", headers={
+            async with session.post(gateway.url + "/fleet/scale", json={"desired": 2}, headers={
                     "Authorization": "Bearer secret-token-1"}) as resp:
+                assert resp.status == 200
+            async with session.get(gateway.url + "/fleet") as resp:
                 assert resp.status == 200
 
     asyncio.run(scenario())

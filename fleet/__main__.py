@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from fleet.gateway import GatewayLimits, raise_descriptor_limit
 from fleet.local import DEFAULT_STORAGE, LocalFleetRuntime, local_spec
 from fleet.providers.base import ProviderError
 
@@ -30,7 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shared storage folder (default ./storage)")
     local.add_argument("--token", default=os.environ.get("IMAGEFLEET_TOKEN") or None,
                        help="require 'Authorization: Bearer TOKEN' on workers and /fleet "
-                            "(default: env IMAGEFLEET_TOKEN; prefer it, argv is visible)")
+                            "(default: env IMAGEFLEET_TOKEN; prefer it, argv is visible). "
+                            "Without it the workers are open and the fleet makes an admin "
+                            "token for POST /fleet/..., written to <storage>/.fleet/admin-token")
+    defaults = GatewayLimits()
+    local.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
+                       help="largest request body the gateway takes (default 51 MiB: the "
+                            "workers' 50 MiB plus form overhead); larger ones get 413")
+    local.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
+                       help="close keep-alive client connections idle this long (s, "
+                            "default 60)")
+    local.add_argument("--header-timeout", type=float, default=defaults.header_timeout_s,
+                       help="408 for a request whose headers take longer (s, default 10)")
+    local.add_argument("--max-connections", type=int, default=None,
+                       help="most open client connections (default: from the descriptor "
+                            "limit, keeping a reserve); more get 503")
     local.add_argument("--verbose", action="store_true", help="debug logging")
     run = sub.add_parser("run", help="manage an AWS fleet (EC2 + ALB target group)")
     run.add_argument("--config", type=Path, required=True,
@@ -41,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def run_local(args: argparse.Namespace) -> int:
     spec = local_spec(args.workers, args.min_workers, args.max_workers)
+    limits = GatewayLimits(max_body_bytes=args.max_body_bytes, idle_timeout_s=args.idle_timeout,
+                           header_timeout_s=args.header_timeout,
+                           max_connections=args.max_connections)
     runtime = await LocalFleetRuntime.start(spec, port=args.port, storage_dir=args.storage,
-                                            token=args.token)
+                                            token=args.token, limits=limits)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # SIGHUP too: closing the terminal must not orphan the workers (own sessions).
@@ -53,6 +71,8 @@ async def run_local(args: argparse.Namespace) -> int:
     print(f"ImageFleet local fleet on {runtime.endpoint} — {spec.desired} worker(s), "
           f"{scaling}; storage {args.storage.resolve()}", flush=True)
     print(f"fleet state: {runtime.endpoint}/fleet — Ctrl-C to stop", flush=True)
+    if runtime.admin_token_path is not None:
+        print(f"admin token (for POST /fleet/...): {runtime.admin_token_path}", flush=True)
     try:
         await stop.wait()
     finally:
@@ -79,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         if args.command == "local":
+            # One descriptor per client connection: take what the hard limit allows.
+            raise_descriptor_limit()
             return asyncio.run(run_local(args))
         return run_aws(args.config)
     except (ValueError, ProviderError, OSError) as exc:

@@ -6,13 +6,21 @@ Two ways to run the same pieces:
 - :class:`LocalFleet` — owns an asyncio loop in a background thread, so a synchronous
   program (the desktop app) can embed a fleet: ``with LocalFleet(...) as fleet:``
   ``fleet.endpoint``.
+
+The admin API's state-changing routes always need a token. Given one (``token``, which
+the workers require too) it is used as before; otherwise the fleet makes one at start
+(``admin_token``), writes it to ``<run folder>/admin-token`` (mode 0600, removed at
+stop) and hands it to whoever embeds the fleet; the workers then need no token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
+import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fleet.gateway import Gateway, HealthCheckConfig
+from fleet.gateway import Gateway, GatewayLimits, HealthCheckConfig
 from fleet.manager import FleetManager
 from fleet.model import Event, FleetSpec, Health
 from fleet.providers.local import LocalProvider, WorkerCommand, server_command
@@ -28,6 +36,7 @@ from fleet.providers.local import LocalProvider, WorkerCommand, server_command
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = Path("storage")
+ADMIN_TOKEN_FILE = "admin-token"
 
 
 def local_spec(workers: int = 2, min_workers: int | None = None,
@@ -51,17 +60,31 @@ class LocalFleetRuntime:
     provider: LocalProvider
     manager: FleetManager
     stop_event: asyncio.Event
+    admin_token: str
+    # Where the generated admin token was written; None when the caller gave the token.
+    admin_token_path: Path | None = None
     task: asyncio.Task | None = None
 
     @classmethod
     async def start(cls, spec: FleetSpec, *, port: int = 0,
                     storage_dir: Path = DEFAULT_STORAGE, token: str | None = None,
                     command: WorkerCommand = server_command, run_dir: Path | None = None,
-                    stop_timeout_s: float = 10.0) -> LocalFleetRuntime:
-        gateway = Gateway(port=port, health=HealthCheckConfig.from_spec(spec), token=token)
+                    stop_timeout_s: float = 10.0,
+                    limits: GatewayLimits | None = None) -> LocalFleetRuntime:
+        admin_token = token or secrets.token_urlsafe(32)
+        gateway = Gateway(port=port, health=HealthCheckConfig.from_spec(spec),
+                          token=admin_token, limits=limits)
         provider = LocalProvider(gateway, storage_dir=storage_dir, run_dir=run_dir,
                                  command=command, token=token, stop_timeout_s=stop_timeout_s)
-        provider.start()
+        provider.start()  # takes the run folder's lock: the token file below is ours
+        token_path = None
+        if token is None:
+            token_path = provider.run_dir / ADMIN_TOKEN_FILE
+            try:
+                write_secret(token_path, admin_token)
+            except OSError:
+                await provider.close()
+                raise
         manager = FleetManager(provider, spec)
         for note in provider.notes:
             manager.record(Event(time.time(), "cleanup", None, note))
@@ -69,10 +92,11 @@ class LocalFleetRuntime:
         try:
             await gateway.start()
         except OSError:
+            _remove_secret(token_path)
             await provider.close()
             await gateway.close()
             raise
-        runtime = cls(gateway, provider, manager, asyncio.Event())
+        runtime = cls(gateway, provider, manager, asyncio.Event(), admin_token, token_path)
         runtime.task = asyncio.get_running_loop().create_task(
             manager.run(runtime.stop_event), name="fleet manager")
         return runtime
@@ -101,8 +125,28 @@ class LocalFleetRuntime:
         if self.task is not None:
             await self.task
             self.task = None
+        # Before the run folder's lock goes (provider.close): a fleet started next may
+        # write its own token there.
+        _remove_secret(self.admin_token_path)
         await self.provider.close()
         await self.gateway.close()
+
+
+def write_secret(path: Path, value: str) -> None:
+    """Write ``value`` to ``path`` readable by its owner only (also if it existed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0),
+                 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, value.encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
+def _remove_secret(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 class LocalFleet:
@@ -113,11 +157,12 @@ class LocalFleet:
                  storage_dir: Path = DEFAULT_STORAGE, token: str | None = None, *,
                  spec_overrides: dict[str, Any] | None = None,
                  command: WorkerCommand = server_command, run_dir: Path | None = None,
-                 stop_timeout_s: float = 10.0) -> None:
+                 stop_timeout_s: float = 10.0,
+                 gateway_limits: GatewayLimits | None = None) -> None:
         self.spec = local_spec(workers, min_workers, max_workers, **(spec_overrides or {}))
         self._options = {"port": port, "storage_dir": Path(storage_dir), "token": token,
                          "command": command, "run_dir": run_dir,
-                         "stop_timeout_s": stop_timeout_s}
+                         "stop_timeout_s": stop_timeout_s, "limits": gateway_limits}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runtime: LocalFleetRuntime | None = None
@@ -173,6 +218,11 @@ class LocalFleet:
     @property
     def endpoint(self) -> str:
         return self._require().endpoint
+
+    @property
+    def admin_token(self) -> str:
+        """The token ``POST /fleet/...`` needs (``Authorization: Bearer``)."""
+        return self._require().admin_token
 
     def snapshot(self) -> dict[str, Any]:
         runtime = self._require()

@@ -3,7 +3,8 @@ the embedded local fleet it starts. Every coroutine here runs on the worker's lo
 
 Endpoint precedence: ``--endpoint`` flag, then ``IMAGEFLEET_ENDPOINT``, then the
 settings file; when none is set, a ``fleet.local.LocalFleet`` of ``fleet_size`` workers
-is started and its gateway is used.
+is started and its gateway is used. The embedded fleet's admin API needs the token the
+fleet made at start (``admin_token``): the Fleet view's admin client sends that one.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class EmbeddedFleet(Protocol):
 
     @property
     def endpoint(self) -> str: ...
+    # Optional: ``admin_token``, the bearer token its POST /fleet/... routes need.
     def start(self, timeout: float = ...) -> Any: ...
     def stop(self) -> Any: ...
 
@@ -119,6 +121,14 @@ class Connection:
             admin = ImageFleetClient(admin_endpoint, token, concurrency=2)
             await admin.__aenter__()
             self._admin = admin
+        elif embedded:
+            # The fleet's own admin token, not the user's API token: scale and terminate
+            # in the Fleet view keep working on the embedded fleet.
+            admin_token = getattr(self._fleet, "admin_token", None) or token
+            if admin_token != token:
+                admin = ImageFleetClient(endpoint, admin_token, concurrency=2)
+                await admin.__aenter__()
+                self._admin = admin
         operations = await client.operations()
         return Connected(endpoint, embedded, operations)
 

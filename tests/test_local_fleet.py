@@ -157,9 +157,11 @@ def test_scales_out_under_load_and_in_when_idle_without_failed_requests(storage:
 
     with LocalFleet(workers=1, min_workers=1, max_workers=2, storage_dir=storage,
                     spec_overrides=spec).start(STARTUP) as fleet, \
-            ThreadPoolExecutor(max_workers=7) as pool:
+            ThreadPoolExecutor(max_workers=6) as pool:
         assert fleet.snapshot()["desired"] == 1
-        heavy = [pool.submit(client, stop_heavy) for _ in range(6)]
+        # 5 + 1 clients: exactly what one worker admits on 2 cores (2 slots + 4 queued);
+        # a 7th would be shed with 503 overloaded, which is the admission tests' subject.
+        heavy = [pool.submit(client, stop_heavy) for _ in range(5)]
         light = pool.submit(client, stop_all)
         wait_until(lambda: fleet.snapshot()["desired"] == 2, 30, what="scale out to 2")
         wait_until(lambda: len(healthy_ids(fleet)) == 2, STARTUP, what="2 healthy workers")
@@ -197,7 +199,11 @@ def test_admin_terminate_replaces_first_and_drops_no_request(storage: Path) -> N
         (old,) = healthy_ids(fleet)
         old_pid = fleet.worker_pids()[old]
         clients = [pool.submit(client) for _ in range(2)]
-        answer = requests.post(f"{fleet.endpoint}/fleet/instances/{old}/terminate", timeout=10)
+        terminate = f"{fleet.endpoint}/fleet/instances/{old}/terminate"
+        # Without the token the fleet made at start, nothing is terminated.
+        assert requests.post(terminate, json={}, timeout=10).status_code == 401
+        answer = requests.post(terminate, json={}, timeout=10,
+                               headers={"Authorization": f"Bearer {fleet.admin_token}"})
         assert answer.status_code == 202 and answer.json()["status"] == "replacing"
         new = wait_until(lambda: healthy_ids(fleet) - {old}, STARTUP, what="replacement")
         wait_until(lambda: old not in fleet.worker_pids(), 30, what="old worker stopped")
@@ -305,9 +311,13 @@ def test_local_fleet_with_token_and_stop_leaves_no_thread_or_process(storage: Pa
                                  files={"image": ("a.png", PNG, "image/png")},
                                  data={"operation": "invert"})
         assert response.status_code == 200, response.text
-        assert requests.get(fleet.endpoint + "/fleet", timeout=10).status_code == 401
-        assert requests.get(fleet.endpoint + "/fleet", headers=auth,
-                            timeout=10).status_code == 200
+        # The given token is the admin token too; reading /fleet stays open on loopback.
+        assert fleet.admin_token == token
+        scale = fleet.endpoint + "/fleet/scale"
+        assert requests.post(scale, json={"desired": 1}, timeout=10).status_code == 401
+        assert requests.post(scale, json={"desired": 1}, headers=auth,
+                             timeout=10).status_code == 200
+        assert requests.get(fleet.endpoint + "/fleet", timeout=10).status_code == 200
         argv = Path(f"/proc/{pids[0]}/cmdline").read_bytes()
         assert token.encode() not in argv  # passed in the environment, not visible in ps
     assert not any(t.name == "imagefleet-local" for t in threading.enumerate())

@@ -72,7 +72,9 @@ class ServerState:
     _id_counter: Iterator[int] = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
-        peers = PeerClient(self.config.peers, self.config.token) if self.config.peers else None
+        credential = self.storage.tile_credentials(self.config.token).send
+        peers = (PeerClient(self.config.peers, self.config.token, tile_credential=credential)
+                 if self.config.peers else None)
         self.admission = Admission(self.config.process_slots, self.config.queue_limit)
         self.processor = Processor(self.registry, self.admission, peers,
                                    self.config.tile_mp * 1e6, self.config.tile_size)
@@ -344,7 +346,8 @@ def _register_routes(app: Flask, state: ServerState) -> None:
         is_tile = state.storage.tile_credentials(config.token).accepts(
             request.headers.get(TILE_HEADER))
         stored = None if is_tile else state.storage.head(storage_key)
-        cached = stored is not None and {"width", "height"} <= set(stored.metadata)
+        cached = stored is not None and all(
+            DIGITS.fullmatch(str(stored.metadata.get(k, ""))) for k in ("width", "height"))
         result_bytes: bytes | None = None
         tiles = 1
         if cached:

@@ -512,8 +512,6 @@ def test_tile_header_with_the_fleet_credential_is_internal(server_process,
     assert stored_results(server) == set(), "tiles are intermediate: nothing is stored"
 
 
-@pytest.mark.xfail(strict=True, reason="needs ServerState to pass "
-                   "storage.tile_credentials(token).send to PeerClient(tile_credential=...)")
 def test_tiles_between_peers_sharing_the_secret_are_internal(server_process,
                                                              chelsea_png: bytes) -> None:
     env = {"IMAGEFLEET_LINK_SECRET": NEW_KEY}

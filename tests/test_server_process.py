@@ -386,3 +386,11 @@ def test_one_structured_log_line_per_request(server_process, camera_png: bytes) 
     assert by_id[generated][0]["operation"] == "flip"
     out = server.log_path.with_suffix(".out")
     assert "request_id" not in out.read_text(), "access lines belong on stderr"
+
+
+def test_links_use_the_public_url_not_the_host_header(server_process, camera_png) -> None:
+    server = server_process("--public-url", "https://images.example.com")
+    answer = server.post("/process", files={"image": ("c.png", camera_png)},
+                         data={"operation": "invert"}, headers={"Host": "evil.example"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["url"].startswith("https://images.example.com/results/")

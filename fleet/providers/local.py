@@ -72,7 +72,9 @@ def server_command(launch: WorkerLaunch) -> list[str]:
     # local user could read it with ps.
     return [sys.executable, "-m", "server", "--host", launch.host, "--port",
             str(launch.port), "--storage", str(launch.storage_dir), "--instance-id",
-            launch.instance_id, "--peers", launch.gateway_url]
+            launch.instance_id, "--peers", launch.gateway_url,
+            # Links name the gateway, whatever Host header a client sent.
+            "--public-url", launch.gateway_url]
 
 
 WorkerCommand = Callable[[WorkerLaunch], Sequence[str]]

@@ -1,0 +1,180 @@
+"""A whole local fleet under a burst beyond its capacity and under repeated kills: busy
+must never look like dead, and nothing is lost. Real gateway, real workers, real CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import aiohttp
+import cv2
+import numpy as np
+import pytest
+import requests
+from helpers_fleet import IMAGES, REPO, free_port
+from waiting import wait_until
+
+from fleet.local import LocalFleet
+
+pytestmark = pytest.mark.slow
+STARTUP = 90.0
+
+
+def distinct_jpegs(count: int, size: tuple[int, int] = (640, 480)) -> list[bytes]:
+    """``count`` different 640x480 JPEGs cut from the test photographs."""
+    photos = [cv2.imread(str(IMAGES / name)) for name in ("astronaut.png", "chelsea.png",
+                                                          "coffee.png", "rocket.jpg")]
+    rng = np.random.default_rng(11)
+    out = []
+    for i in range(count):
+        photo = cv2.resize(photos[i % len(photos)], (size[0] + 64, size[1] + 64))
+        x, y = rng.integers(0, 64, 2)
+        crop = np.ascontiguousarray(photo[y:y + size[1], x:x + size[0]])
+        crop[0, 0] = (i % 256, i // 256 % 256, 7)  # distinct bytes, so no cache hits
+        out.append(cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes())
+    return out
+
+
+class FleetProcess:
+    """``python -m fleet local --workers 2`` as its own process, stopped by its pid."""
+
+    def __init__(self, storage: Path, log_path: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fleet", "local", "--workers", "2", "--port",
+             str(self.port), "--storage", str(storage), *args],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def state(self) -> dict:
+        return requests.get(self.url + "/fleet", timeout=10).json()
+
+    def healthy(self) -> list[dict]:
+        return [i for i in self.state()["instances"]
+                if i["health"] == "healthy" and i["state"] == "running"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def fleet_process(tmp_path: Path):
+    fleet = FleetProcess(tmp_path / "storage", tmp_path / "fleet.log")
+    try:
+        wait_until(lambda: len(fleet.healthy()) == 2, STARTUP,
+                   what="python -m fleet local with 2 healthy workers")
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+async def burst(url: str, images: list[bytes]) -> list[tuple[int, str | None, str]]:
+    """Every image at once, one attempt each: (status, Retry-After, error code)."""
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=300, sock_connect=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async def one(i: int, image: bytes) -> tuple[int, str | None, str]:
+            form = aiohttp.FormData()
+            form.add_field("image", image, filename=f"b{i}.jpg", content_type="image/jpeg")
+            form.add_field("operation", "bilateral")
+            async with session.post(url + "/process", data=form) as resp:
+                body = await resp.json(content_type=None)
+                code = body.get("error", {}).get("code", "") if resp.status != 200 else ""
+                return resp.status, resp.headers.get("Retry-After"), code
+
+        return await asyncio.gather(*(one(i, image) for i, image in enumerate(images)))
+
+
+def test_a_burst_of_150_heavy_requests_kills_no_worker(fleet_process: FleetProcess) -> None:
+    before = {i["id"] for i in fleet_process.healthy()}
+    answers = asyncio.run(burst(fleet_process.url, distinct_jpegs(150)))
+    statuses = [status for status, _, _ in answers]
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))
+    assert statuses.count(200) >= 12, statuses.count(200)  # both workers' capacity at least
+    shed = [(retry, code) for status, retry, code in answers if status == 503]
+    assert all(code == "overloaded" and retry == "1" for retry, code in shed), set(shed)
+    state = fleet_process.state()
+    assert {i["id"] for i in state["instances"]} == before, state["instances"]
+    kinds = {e["kind"] for e in state["events"]}
+    assert not kinds & {"instance_unhealthy", "instance_died", "replaced"}, state["events"]
+
+
+def test_the_batch_command_at_concurrency_64_finishes_160_images_with_0_failed(
+        fleet_process: FleetProcess, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, image in enumerate(distinct_jpegs(160)):
+        (folder / f"img_{i:03}.jpg").write_bytes(image)
+    done = subprocess.run(
+        [sys.executable, "-m", "scripts.process", "--endpoint", fleet_process.url,
+         "--op", "bilateral", "--concurrency", "64", str(folder)],
+        cwd=REPO, capture_output=True, text=True, timeout=400, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len([line for line in done.stdout.splitlines() if "img_" in line]) == 160
+    state = fleet_process.state()
+    assert len(state["instances"]) == 2
+    assert not {e["kind"] for e in state["events"]} & {"instance_unhealthy", "replaced"}
+
+
+def chaos_run(storage: Path, folder: Path, seed: int) -> tuple[subprocess.CompletedProcess,
+                                                               list[str]]:
+    """The batch command over ``folder`` while a random worker is SIGKILLed every 2 s."""
+    with LocalFleet(workers=2, storage_dir=storage).start(STARTUP) as fleet:
+        wait_until(lambda: fleet.healthy_count() == 2, STARTUP, what="2 healthy workers")
+        stop, kills = threading.Event(), []
+        rng = random.Random(seed)
+
+        def killer() -> None:
+            # A serving worker each time: killing the replacement while it still boots
+            # would test the launch backoff, not the loss of in-flight requests.
+            while not stop.wait(2.0):
+                pids = fleet.worker_pids()
+                serving = sorted(i["id"] for i in fleet.snapshot()["instances"]
+                                 if i["health"] == "healthy" and i["id"] in pids)
+                if serving:
+                    victim = rng.choice(serving)
+                    try:
+                        os.kill(pids[victim], signal.SIGKILL)
+                        kills.append(victim)
+                    except ProcessLookupError:
+                        pass
+
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "scripts.process", "--endpoint", fleet.endpoint,
+                 "--op", "bilateral", "--concurrency", "8", str(folder)],
+                cwd=REPO, capture_output=True, text=True, timeout=400, check=False)
+        finally:
+            stop.set()
+            thread.join()
+    return done, kills
+
+
+def test_chaos_a_worker_killed_every_2_s_loses_no_image(tmp_path: Path) -> None:
+    """200 images through the batch command while a worker is SIGKILLed every 2 s, twice
+    (scripts/bench_fleet.py --chaos-runs 20 repeats it 20 times)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, image in enumerate(distinct_jpegs(200)):
+        (folder / f"img_{i:03}.jpg").write_bytes(image)
+    for run in range(2):
+        done, kills = chaos_run(tmp_path / f"storage-{run}", folder, seed=run)
+        assert done.returncode == 0, f"run {run}: {done.stderr[-3000:]}"
+        assert len(kills) >= 2, f"run {run}: the batch outran the killer ({kills})"

@@ -114,21 +114,7 @@ def test_a_burst_of_150_heavy_requests_kills_no_worker(fleet_process: FleetProce
     assert not kinds & {"instance_unhealthy", "instance_died", "replaced"}, state["events"]
 
 
-def test_the_batch_command_at_concurrency_64_finishes_160_images_with_0_failed(
-        fleet_process: FleetProcess, tmp_path: Path) -> None:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i, image in enumerate(distinct_jpegs(160)):
-        (folder / f"img_{i:03}.jpg").write_bytes(image)
-    done = subprocess.run(
-        [sys.executable, "-m", "scripts.process", "--endpoint", fleet_process.url,
-         "--op", "bilateral", "--concurrency", "64", str(folder)],
-        cwd=REPO, capture_output=True, text=True, timeout=400, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert len([line for line in done.stdout.splitlines() if "img_" in line]) == 160
-    state = fleet_process.state()
-    assert len(state["instances"]) == 2
-    assert not {e["kind"] for e in state["events"]} & {"instance_unhealthy", "replaced"}
+# The batch command at concurrency 64 over 160 images: tests/test_overload_client.py.
 
 
 def chaos_run(storage: Path, folder: Path, seed: int) -> tuple[subprocess.CompletedProcess,

@@ -1079,8 +1079,9 @@ def test_real_server_bad_requests_are_not_retried_and_explain_themselves(
 def test_through_a_local_fleet_gateway_with_admin_calls(tmp_path: Path) -> None:
     from fleet.local import LocalFleet
 
-    async def scenario(endpoint: str) -> tuple[Any, ...]:
-        async with ImageFleetClient(endpoint) as client:
+    async def scenario(endpoint: str, token: str) -> tuple[Any, ...]:
+        # The admin routes that change state need the fleet's admin token (issue 11).
+        async with ImageFleetClient(endpoint, token=token) as client:
             # The gateway may see the worker healthy before the manager's next observation.
             deadline = time.monotonic() + 30
             state = await client.fleet()
@@ -1098,7 +1099,8 @@ def test_through_a_local_fleet_gateway_with_admin_calls(tmp_path: Path) -> None:
         return state, desired, out_of_range.value, unknown.value, result, data
 
     with LocalFleet(workers=1, storage_dir=tmp_path / "storage") as fleet:
-        state, desired, out_of_range, unknown, result, data = run(scenario(fleet.endpoint))
+        state, desired, out_of_range, unknown, result, data = run(
+            scenario(fleet.endpoint, fleet.admin_token))
     assert (state.provider, state.desired, state.min, state.max) == ("local", 1, 1, 1)
     assert [i.health for i in state.instances] == ["healthy"]
     assert state.instances[0].launched_at is not None

@@ -2,11 +2,12 @@
 and each step's parameters.
 
 A 67-byte PNG can ask for a 2000x2000 resize followed by twenty 51-pixel elliptical
-morphology passes: minutes of CPU. The pixel cap alone cannot see that, so each step is
+morphology chains: about 24 s of CPU here (67 s on a loaded machine). The pixel cap
+alone cannot see that, so each step is
 priced as ``pixels x nanoseconds per pixel``, where the per-pixel price grows with the
 parameters that drive the work (kernel area, iterations, diameter). The prices are
-single-thread measurements on 1000x1000 colour photographs (``scripts/bench_cost.py``
-re-measures them); they are an estimate to refuse the absurd, not a promise.
+single-thread measurements on 1000x1000 colour photographs (cv2.setNumThreads(1), best
+of two runs of each operation); they are an estimate to refuse the absurd, not a promise.
 
 Pure: no I/O, no Flask.
 """

@@ -154,8 +154,7 @@ def chaos_run(storage: Path, folder: Path, seed: int) -> tuple[subprocess.Comple
 
 
 def test_chaos_a_worker_killed_every_2_s_loses_no_image(tmp_path: Path) -> None:
-    """200 images through the batch command while a worker is SIGKILLed every 2 s, twice
-    (scripts/bench_fleet.py --chaos-runs 20 repeats it 20 times)."""
+    """200 images through the batch command while a worker is SIGKILLed every 2 s, twice."""
     folder = tmp_path / "in"
     folder.mkdir()
     for i, image in enumerate(distinct_jpegs(200)):

@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fleet.local import LocalFleet
 from gui.client import ImageFleetClient, Job, RetryPolicy
+from scripts.chaos import WorkerKiller
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "images"
 PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "rocket.jpg",
@@ -128,28 +127,10 @@ def chaos_batch(storage: Path, count: int, kill_every: float, concurrency: int,
                 retry: RetryPolicy) -> dict:
     with LocalFleet(workers=2, storage_dir=storage).start(timeout=120) as fleet:
         wait_for(lambda: len(healthy_ids(fleet)) == 2, 60, "2 healthy workers")
-        stop, kills = threading.Event(), []
-        rng = random.Random(7)
-
-        def killer() -> None:
-            while not stop.wait(kill_every):
-                pids = fleet.worker_pids()
-                if pids:
-                    victim = rng.choice(sorted(pids))
-                    try:
-                        os.kill(pids[victim], signal.SIGKILL)
-                        kills.append(victim)
-                    except ProcessLookupError:
-                        pass
-
-        thread = threading.Thread(target=killer, daemon=True)
-        thread.start()
-        try:
+        with WorkerKiller(fleet, kill_every, seed=7) as killer:
             outcomes, elapsed, fetched = asyncio.run(
                 run_batch(fleet.endpoint, make_jobs(count), concurrency, retry))
-        finally:
-            stop.set()
-            thread.join()
+        kills = killer.kills
     failed = [o for o in outcomes if not o.ok]
     return {"images": count, "failed": len(failed), "kills": len(kills),
             "downloaded_after": fetched, "elapsed_s": elapsed,

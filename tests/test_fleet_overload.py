@@ -4,41 +4,21 @@ must never look like dead, and nothing is lost. Real gateway, real workers, real
 from __future__ import annotations
 
 import asyncio
-import os
-import random
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import aiohttp
-import cv2
-import numpy as np
 import pytest
 import requests
-from helpers_fleet import IMAGES, REPO, free_port
+from helpers_fleet import REPO, free_port
 from waiting import wait_until
 
-from fleet.local import LocalFleet
+from scripts.chaos import chaos_run, distinct_jpegs, write_images
 
 pytestmark = pytest.mark.slow
 STARTUP = 90.0
-
-
-def distinct_jpegs(count: int, size: tuple[int, int] = (640, 480)) -> list[bytes]:
-    """``count`` different 640x480 JPEGs cut from the test photographs."""
-    photos = [cv2.imread(str(IMAGES / name)) for name in ("astronaut.png", "chelsea.png",
-                                                          "coffee.png", "rocket.jpg")]
-    rng = np.random.default_rng(11)
-    out = []
-    for i in range(count):
-        photo = cv2.resize(photos[i % len(photos)], (size[0] + 64, size[1] + 64))
-        x, y = rng.integers(0, 64, 2)
-        crop = np.ascontiguousarray(photo[y:y + size[1], x:x + size[0]])
-        crop[0, 0] = (i % 256, i // 256 % 256, 7)  # distinct bytes, so no cache hits
-        out.append(cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes())
-    return out
 
 
 class FleetProcess:
@@ -117,49 +97,12 @@ def test_a_burst_of_150_heavy_requests_kills_no_worker(fleet_process: FleetProce
 # The batch command at concurrency 64 over 160 images: tests/test_overload_client.py.
 
 
-def chaos_run(storage: Path, folder: Path, seed: int) -> tuple[subprocess.CompletedProcess,
-                                                               list[str]]:
-    """The batch command over ``folder`` while a random worker is SIGKILLed every 2 s."""
-    with LocalFleet(workers=2, storage_dir=storage).start(STARTUP) as fleet:
-        wait_until(lambda: fleet.healthy_count() == 2, STARTUP, what="2 healthy workers")
-        stop, kills = threading.Event(), []
-        rng = random.Random(seed)
-
-        def killer() -> None:
-            # A serving worker each time: killing the replacement while it still boots
-            # would test the launch backoff, not the loss of in-flight requests.
-            while not stop.wait(2.0):
-                pids = fleet.worker_pids()
-                serving = sorted(i["id"] for i in fleet.snapshot()["instances"]
-                                 if i["health"] == "healthy" and i["id"] in pids)
-                if serving:
-                    victim = rng.choice(serving)
-                    try:
-                        os.kill(pids[victim], signal.SIGKILL)
-                        kills.append(victim)
-                    except ProcessLookupError:
-                        pass
-
-        thread = threading.Thread(target=killer, daemon=True)
-        thread.start()
-        try:
-            done = subprocess.run(
-                [sys.executable, "-m", "scripts.process", "--endpoint", fleet.endpoint,
-                 "--op", "bilateral", "--concurrency", "8", str(folder)],
-                cwd=REPO, capture_output=True, text=True, timeout=400, check=False)
-        finally:
-            stop.set()
-            thread.join()
-    return done, kills
-
-
 def test_chaos_a_worker_killed_every_2_s_loses_no_image(tmp_path: Path) -> None:
-    """200 images through the batch command while a worker is SIGKILLed every 2 s, twice."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i, image in enumerate(distinct_jpegs(200)):
-        (folder / f"img_{i:03}.jpg").write_bytes(image)
+    """200 images through the batch command while a worker is SIGKILLed every 2 s, twice.
+    (``python -m scripts.bench_chaos`` repeats this 20 times; see the README.)"""
+    folder = write_images(tmp_path / "in", distinct_jpegs(200))
     for run in range(2):
-        done, kills = chaos_run(tmp_path / f"storage-{run}", folder, seed=run)
+        done = chaos_run(tmp_path / f"storage-{run}", folder, seed=run, startup=STARTUP)
         assert done.returncode == 0, f"run {run}: {done.stderr[-3000:]}"
-        assert len(kills) >= 2, f"run {run}: the batch outran the killer ({kills})"
+        assert done.failed == 0, f"run {run}: {done.stderr[-3000:]}"
+        assert len(done.kills) >= 2, f"run {run}: the batch outran the killer ({done.kills})"

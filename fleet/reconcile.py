@@ -26,7 +26,7 @@ order they are applied to each instance:
    cover ``desired`` — capacity never drops for a planned replacement.
 
 Then, with what is left as capacity: scale ``desired`` on sustained load (when
-``min < max``), drain the surplus (least useful first), and launch what is missing —
+``min < max``; judged once nothing is booting, busy instances counting as serving), drain the surplus (least useful first), and launch what is missing —
 all at once normally, one at a time and only when the backoff allows after failures.
 """
 
@@ -249,14 +249,17 @@ def _autoscale(tick: _Tick, keep: list[Instance], desired: int) -> tuple[int, di
     spec, now, memory = tick.spec, tick.now, tick.memory
     quiet = {"high_load_since": None, "low_load_since": None,
              "last_scale_at": memory.last_scale_at}
-    healthy = [i for i in keep if i.health is Health.HEALTHY]
-    if (not spec.scaling_enabled or not healthy or len(healthy) != len(keep)
-            or any(i.inflight is None for i in healthy)):
-        # Only judge load on a settled fleet: while instances boot, the mean per healthy
+    # Serving: healthy, or busy (failing checks while still completing work: rule 6).
+    # A busy instance is the clearest sign of load, so it counts rather than pausing
+    # the decision the moment scaling out is most needed.
+    serving = [i for i in keep if i.health is Health.HEALTHY or i.id in tick.slow]
+    if (not spec.scaling_enabled or not serving or len(serving) != len(keep)
+            or any(i.inflight is None for i in serving)):
+        # Only judge load on a settled fleet: while instances boot, the mean per serving
         # instance overstates load and would scale out twice for one surge.
         return desired, quiet
-    total = sum(i.inflight or 0 for i in healthy)
-    mean = total / len(healthy)
+    total = sum(i.inflight or 0 for i in serving)
+    mean = total / len(serving)
     cooled = (memory.last_scale_at is None
               or now - memory.last_scale_at >= spec.scale_cooldown_s)
     if mean > spec.target_inflight:
@@ -268,7 +271,7 @@ def _autoscale(tick: _Tick, keep: list[Instance], desired: int) -> tuple[int, di
                        f"for {now - since:.0f}s: desired {desired} -> {new}")
             return new, {**quiet, "last_scale_at": now}
         return desired, {**quiet, "high_load_since": since}
-    fewer = len(healthy) - 1
+    fewer = len(serving) - 1
     low = total == 0 if fewer == 0 else total / fewer <= spec.target_inflight * spec.scale_in_ratio
     if low and desired > spec.min:
         since = memory.low_load_since if memory.low_load_since is not None else now

@@ -253,6 +253,28 @@ def test_busy_for_a_minute_is_never_killed_then_stalled_is_killed_after_the_time
     assert 10 <= killed_at - stalled_at <= 10.5
 
 
+def test_busy_instances_count_as_load_so_the_fleet_scales_out() -> None:
+    # Both instances fail their checks under load yet complete work: that is the moment
+    # to scale out, not to pause the decision until they pass checks again.
+    busy = (inst("a", U, inflight=30, progress=99), inst("b", U, inflight=30, progress=99))
+    spec = replace(SCALING, desired=2)
+    plan = decide(spec, Observed(busy, _memory({"ever_healthy": SEEN,
+                                                "high_load_since": 90.0})), 100)
+    assert plan.desired == 4
+    assert {e.kind for e in plan.events} >= {"instance_busy", "scale_out"}
+    assert summary(plan) == {("Launch", None)}
+    assert not any(isinstance(a, Terminate) for a in plan.actions)
+
+
+def test_a_hung_instance_does_not_count_as_load() -> None:
+    # Hung (no progress for 10 s): replaced, and the decision waits for a settled fleet.
+    hung = (inst("a", inflight=1), inst("b", U, inflight=30, progress=80))
+    plan = decide(replace(SCALING, desired=2),
+                  Observed(hung, _memory({"ever_healthy": SEEN, "high_load_since": 90.0})), 100)
+    assert plan.desired == 2
+    assert ("Terminate", "b") in summary(plan)
+
+
 def test_empty_fleet_launches_each_missing_instance_with_distinct_tokens() -> None:
     plan = decide(replace(BASE, desired=3, max=3), Observed(()), 0)
     tokens = [a.token for a in plan.actions if isinstance(a, Launch)]

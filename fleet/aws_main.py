@@ -53,6 +53,12 @@ def spec_from_config(config: AwsFleetConfig) -> FleetSpec:
         drain_timeout_s=DEREGISTRATION_DELAY_S + 15.0,
         launch_backoff_base_s=10.0, launch_backoff_max_s=300.0,
         tick_interval_s=config.observe_interval_s,
+        # The AWS provider sees progress only as the ALB calling a target healthy (it
+        # cannot count completed requests), and the ALB calls it unhealthy only after two
+        # failed checks, about 8 s without a passed one. Workers answer /health outside
+        # their work queue, so a busy one keeps passing; one more observe confirms the
+        # verdict rather than waiting the local fleet's 10 s again.
+        no_progress_timeout_s=config.observe_interval_s,
     )
 
 

@@ -195,6 +195,9 @@ class HealthSettings:
     healthy_threshold: int
     unhealthy_threshold: int
     observe_s: float
+    # How long after its last healthy observation a failing instance is kept
+    # (FleetSpec.no_progress_timeout_s); 0 for an Auto Scaling group, which replaces at once.
+    no_progress_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,7 @@ class _SimInstance:
     failed_at: float | None = None
     gone: bool = False
     results: list[tuple[float, bool]] | None = None
+    last_healthy: float | None = None  # last observe that saw it healthy
 
 
 @dataclass(frozen=True)
@@ -251,7 +255,8 @@ def simulate_repair(settings: HealthSettings, boot: BootAssumptions, fail_at: fl
                      healthy_threshold=settings.healthy_threshold,
                      unhealthy_threshold=settings.unhealthy_threshold,
                      grace_period_s=480.0, drain_timeout_s=45.0,
-                     tick_interval_s=settings.observe_s)
+                     tick_interval_s=settings.observe_s,
+                     no_progress_timeout_s=settings.no_progress_s)
     fleet = {
         iid: _SimInstance(iid, launched_at=-1000.0, bootstrapped_at=-900.0, registered=True,
                           health="healthy", next_check=phase, results=[])
@@ -303,11 +308,13 @@ def simulate_repair(settings: HealthSettings, boot: BootAssumptions, fail_at: fl
                     state = InstanceState.BOOTSTRAPPING
                 else:
                     state = InstanceState.RUNNING
+                if inst.registered and inst.health == "healthy":
+                    inst.last_healthy = t  # what the AWS provider reports as progress
                 observed.append(Instance(
                     id=inst.id, state=state,
                     health=Health(inst.health) if inst.registered else Health.UNUSED,
                     address="10.0.0.1:8080", launched_at=inst.launched_at, inflight=None,
-                    registered=inst.registered,
+                    registered=inst.registered, last_progress_at=inst.last_healthy,
                     bootstrapped=inst.bootstrapped_at is not None and t >= inst.bootstrapped_at))
             plan = decide(spec, Observed(tuple(observed), memory), t)
             memory = plan.memory

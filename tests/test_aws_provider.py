@@ -512,6 +512,7 @@ def test_repair_timeline_meets_the_targets_with_the_chosen_settings() -> None:
         unhealthy_threshold=tg["UnhealthyThresholdCount"],
         observe_s=AwsFleetConfig.__dataclass_fields__["observe_interval_s"].default)
     spec = spec_from_config(config_from_dict({**_MINIMAL_CONFIG}))
+    chosen = dataclasses.replace(chosen, no_progress_s=spec.no_progress_timeout_s)
     assert (spec.health_check_interval_s, spec.health_check_timeout_s,
             spec.healthy_threshold, spec.unhealthy_threshold) == (
         chosen.interval_s, chosen.timeout_s, chosen.healthy_threshold,

@@ -145,7 +145,10 @@ def test_a_burst_beyond_capacity_is_shed_at_once_and_health_stays_fast(server_pr
         started = time.monotonic()
         body = health(server)
         health_ms.append((time.monotonic() - started) * 1000)
-        assert body["load"]["busy"] <= 1 and body["load"]["queued"] <= 1, body
+        # Admitted work never exceeds slots + queue: 1 running and 1 waiting, or both
+        # still reading their bodies before taking a slot (then both count as queued).
+        load = body["load"]
+        assert load["busy"] <= 1 and load["busy"] + load["queued"] <= 2, body
     for thread in threads:
         thread.join(120)
     ok = [a for a in answers if a[0] == 200]

@@ -23,6 +23,13 @@ works locally works in the cloud:
   the manager can tell a busy worker from a dead one.
 - Deregistration drains: a deregistered target gets no new requests, its in-flight ones
   complete; when none are left it is removed (``unused``).
+- Shedding at the front door: workers report in ``/health`` what they admit at once
+  (slots + queue). When every routable target already has that many requests open from
+  this gateway, a request with a body gets ``503 overloaded`` with ``Retry-After`` here,
+  before it is buffered or forwarded: the worker would refuse it anyway, after a second
+  transfer of the body it would then have to read.
+- A lagging gateway fails no target: a health check that timed out while this process's
+  own event loop ran late (it is saturated, or the machine is) counts for nothing.
 - No retries: a request that fails upstream answers 502 (connection failed) or 504
   (timed out); retrying is the client's job. With no healthy target it answers 503
   ``{"error": {"code": "no_healthy_targets", ...}}`` (an ALB would fail open and try
@@ -58,7 +65,7 @@ import resource
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import IO, Any
@@ -88,6 +95,9 @@ CHUNK = 64 * 1024
 MiB = 1024 * 1024
 SERVER_NAME = "imagefleet-gateway"  # instead of aiohttp's "Python/3.x aiohttp/3.x"
 HEALTH_BODY_LIMIT = 64 * 1024
+# The event loop counts as lagging when a 100 ms sleep wakes more than 250 ms late.
+LAG_PROBE_S = 0.1
+LAG_LIMIT_S = 0.25
 # A client connection can hold three descriptors at once: its socket, the temporary file
 # of a large body and the upstream connection that body is sent on.
 DESCRIPTORS_PER_CONNECTION = 3
@@ -160,6 +170,7 @@ class TargetStatus:
     inflight: int
     last_progress_at: float | None = None
     reported_inflight: int | None = None
+    capacity: int | None = None  # what it admits at once, from its /health (None: unknown)
 
 
 # --- pure decisions ----------------------------------------------------------------------
@@ -171,6 +182,7 @@ class HealthReport:
 
     inflight: int | None = None  # requests it is working on or has queued
     completed: int | None = None  # a counter of finished work (never decreases)
+    capacity: int | None = None  # requests it admits at once: slots + queue_limit
 
 
 def _count(value: object) -> int | None:
@@ -192,9 +204,21 @@ def parse_health_report(raw: bytes) -> HealthReport:
     candidates = [n for n in (_count(body.get("inflight")),
                               None if busy is None else busy + (queued or 0)) if n is not None]
     completed = _count(load.get("completed"))
+    slots, queue_limit = _count(load.get("slots")), _count(load.get("queue_limit"))
     return HealthReport(inflight=max(candidates) if candidates else None,
                         completed=completed if completed is not None
-                        else _count(body.get("processed")))
+                        else _count(body.get("processed")),
+                        capacity=slots + (queue_limit or 0) if slots else None)
+
+
+def all_full(open_requests: Sequence[tuple[int, int | None]]) -> bool:
+    """Shed at the front door? ``open_requests``: for each routable target, the requests
+    this gateway has open to it and the work it admits at once (None: unknown). True
+    only when every target is known to be at capacity: the worker would refuse the
+    request anyway, after reading its whole body, so refusing here costs neither the
+    worker's time nor a second transfer. Unknown capacity never sheds."""
+    return bool(open_requests) and all(
+        capacity is not None and inflight >= capacity for inflight, capacity in open_requests)
 
 
 class UpstreamFailure(enum.Enum):
@@ -315,6 +339,7 @@ class _Target:
     last_pick: int = 0
     reported_inflight: int | None = None
     completed: int | None = None
+    capacity: int | None = None
     last_progress_at: float | None = None
     checker: asyncio.Task | None = field(default=None, repr=False)
 
@@ -547,6 +572,9 @@ class Gateway:
         self._upstream_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
         self._clock = clock
+        self.shed = 0  # requests refused at the front door because every target was full
+        self._lagged_at = float("-inf")  # loop time the event loop was last seen lagging
+        self._lag_watch: asyncio.Task | None = None
         self._targets: dict[str, _Target] = {}
         self._picks = itertools.count(1)
         self._budget = _Budget(self.limits.max_buffered_bytes)
@@ -616,6 +644,7 @@ class Gateway:
             "lingering_time": 0.0,
         }
         self._install_loop_error_filter(loop)
+        self._lag_watch = loop.create_task(self._watch_lag(), name="gateway-lag-watch")
         try:
             self._listener = await loop.create_server(self._make_protocol, sock=sock,
                                                       backlog=511)
@@ -632,6 +661,9 @@ class Gateway:
                                     backlog=511)
 
     async def close(self) -> None:
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
+            self._lag_watch = None
         for target in list(self._targets.values()):
             self._stop_checker(target)
         self._targets.clear()
@@ -720,7 +752,8 @@ class Gateway:
             return TargetStatus(registered=False, health=Health.UNUSED, inflight=0)
         return TargetStatus(registered=True, health=target.health, inflight=target.inflight,
                             last_progress_at=target.last_progress_at,
-                            reported_inflight=target.reported_inflight)
+                            reported_inflight=target.reported_inflight,
+                            capacity=target.capacity)
 
     def healthy_count(self) -> int:
         return len(self._candidates())
@@ -760,9 +793,27 @@ class Gateway:
             self._record_check(target, outcome, report)
             await asyncio.sleep(max(0.0, self.health.interval_s - (loop.time() - started)))
 
+    async def _watch_lag(self) -> None:
+        """Note when this process's own event loop runs late (it is saturated, or the
+        machine is): a health check that timed out then says nothing about the target."""
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(LAG_PROBE_S)
+            if loop.time() - before - LAG_PROBE_S > LAG_LIMIT_S:
+                self._lagged_at = loop.time()
+
+    def _check_was_starved(self, started: float) -> bool:
+        """Did this gateway lag while a check that timed out was under way? Either the
+        lag watch saw it, or the timeout itself fired late."""
+        now = asyncio.get_running_loop().time()
+        return (self._lagged_at >= started
+                or now - started > self.health.timeout_s + LAG_LIMIT_S)
+
     async def _check_once(self, target: _Target) -> tuple[CheckOutcome, HealthReport | None]:
         assert self._check_session is not None
         url = f"http://{target.address}{self.health.path}"
+        started = asyncio.get_running_loop().time()
         try:
             async with self._check_session.get(
                     url, timeout=aiohttp.ClientTimeout(total=self.health.timeout_s)) as resp:
@@ -775,6 +826,12 @@ class Gateway:
                                    "health check of %s not made: %s; not counted against it",
                                    target.id, exc)
                 return CheckOutcome.INCONCLUSIVE, None
+            if isinstance(exc, TimeoutError) and self._check_was_starved(started):
+                # Busy must not look like dead: the gateway, not the target, was slow.
+                self._rate_log.log(logging.WARNING, "check-lag",
+                                   "health check of %s timed out while the gateway itself "
+                                   "lagged; not counted against it", target.id)
+                return CheckOutcome.INCONCLUSIVE, None
             return CheckOutcome.FAILED, None
 
     def _record_check(self, target: _Target, outcome: CheckOutcome,
@@ -784,6 +841,7 @@ class Gateway:
         now = self._clock()
         if report is not None:
             target.reported_inflight = report.inflight
+            target.capacity = report.capacity
             if report.completed is not None:
                 if target.completed is not None and report.completed > target.completed:
                     target.last_progress_at = now
@@ -860,6 +918,12 @@ class Gateway:
                               "no healthy processing server is available; retry shortly",
                               {"Retry-After": "1"})
 
+    def _overloaded(self) -> web.Response:
+        self.shed += 1
+        return error_response(503, "overloaded",
+                              "every processing server is at capacity; retry after 1 s",
+                              {"Retry-After": "1"})
+
     async def _expect(self, request: web.Request) -> web.StreamResponse | None:
         """``Expect: 100-continue``: refuse an oversized body before it is sent."""
         if request.version != aiohttp.HttpVersion11:
@@ -881,8 +945,11 @@ class Gateway:
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
         if request.path == ADMIN_PREFIX or request.path.startswith(ADMIN_PREFIX + "/"):
             return admin_fallback(request)
-        if not self._candidates():
+        candidates = self._candidates()
+        if not candidates:
             return self._no_healthy_targets()  # the middleware drains any body
+        if request.body_exists and all_full([(t.inflight, t.capacity) for t in candidates]):
+            return self._overloaded()
         try:
             body = await self._buffer_body(request)
         except _BodyRefused as refused:

@@ -26,8 +26,9 @@ order they are applied to each instance:
    cover ``desired`` — capacity never drops for a planned replacement.
 
 Then, with what is left as capacity: scale ``desired`` on sustained load (when
-``min < max``; judged once nothing is booting, busy instances counting as serving), drain the surplus (least useful first), and launch what is missing —
-all at once normally, one at a time and only when the backoff allows after failures.
+``min < max``; judged once nothing is booting, busy instances counting as serving),
+drain the surplus (least useful first), and launch what is missing — all at once
+normally, one at a time and only when the backoff allows after failures.
 """
 
 from __future__ import annotations

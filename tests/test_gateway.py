@@ -113,20 +113,26 @@ class HeldUpstream:
     the client gave up, like a worker still computing — and ``/health`` reports how many
     requests it is working on, as the workers do."""
 
-    def __init__(self, instance_id: str) -> None:
+    def __init__(self, instance_id: str, capacity: int | None = None) -> None:
         self.instance_id = instance_id
+        self.capacity = capacity  # reported in /health as the workers do (slots + queue)
         self.working = 0
         self.served = 0
+        self.received = 0
         self._gate = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.address = ""
 
     async def start(self) -> HeldUpstream:
         async def health(request: web.Request) -> web.Response:
-            return web.json_response({"status": "ok", "instance_id": self.instance_id,
-                                      "inflight": self.working})
+            body = {"status": "ok", "instance_id": self.instance_id, "inflight": self.working}
+            if self.capacity is not None:
+                body["load"] = {"busy": self.working, "queued": 0, "slots": self.capacity,
+                                "queue_limit": 0, "completed": self.served}
+            return web.json_response(body)
 
         async def work(request: web.Request) -> web.Response:
+            self.received += 1
             await request.read()
             self.working += 1
             try:
@@ -156,8 +162,9 @@ class HeldUpstream:
 
 
 @asynccontextmanager
-async def held_upstreams(*names: str) -> AsyncIterator[list[HeldUpstream]]:
-    upstreams = [await HeldUpstream(name).start() for name in names]
+async def held_upstreams(*names: str, capacity: int | None = None,
+                         ) -> AsyncIterator[list[HeldUpstream]]:
+    upstreams = [await HeldUpstream(name, capacity).start() for name in names]
     try:
         yield upstreams
     finally:

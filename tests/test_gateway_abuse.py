@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -38,6 +39,7 @@ from fleet.gateway import (
     GatewayLimits,
     HealthCheckConfig,
     UpstreamFailure,
+    all_full,
     classify_upstream_error,
     connection_cap,
     parse_health_report,
@@ -385,6 +387,76 @@ def test_routing_counts_work_a_worker_still_does_for_a_client_that_left() -> Non
                         "the worker reports it is done")
 
     asyncio.run(scenario())
+
+
+def test_when_every_target_is_full_the_gateway_sheds_before_forwarding() -> None:
+    """Workers report what they admit (slots + queue) in /health; with every target's
+    admitted work in flight, the gateway answers 503 overloaded itself: the worker would
+    refuse anyway, after reading the whole body a second time."""
+
+    async def scenario() -> None:
+        async with held_upstreams("f1", capacity=1) as (upstream,), \
+                running_gateway([upstream]) as gateway, \
+                aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            await until(lambda: gateway.status("f1").capacity == 1, "capacity from /health")
+            held = asyncio.create_task(work(session, gateway.url, hold=True))
+            await until(lambda: upstream.working == 1, "the held request at the worker")
+            for _ in range(5):
+                async with session.post(gateway.url + "/work", data=b"x" * 50_000) as resp:
+                    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+                    assert (await resp.json())["error"]["code"] == "overloaded"
+            assert upstream.received == 1 and gateway.shed == 5
+            # Requests without a body (health, links) are never shed here.
+            async with session.get(gateway.url + "/health") as resp:
+                assert resp.status == 200
+            upstream.release()
+            assert (await held)[0] == 200
+            assert (await work(session, gateway.url))[0] == 200
+
+    asyncio.run(scenario())
+
+
+def test_a_gateway_whose_own_loop_lags_does_not_fail_its_targets() -> None:
+    """Busy must not look like dead, also when the busy one is the gateway: checks that
+    time out while its own event loop ran late are not counted against the targets."""
+    checks = HealthCheckConfig(interval_s=0.2, timeout_s=0.5, healthy_threshold=2,
+                               unhealthy_threshold=2)
+
+    async def scenario() -> None:
+        async with held_upstreams("l1", "l2") as upstreams:
+            gateway = Gateway(health=checks)
+            await gateway.start()
+            try:
+                for upstream in upstreams:
+                    gateway.register(upstream.instance_id, upstream.address)
+                await until(lambda: gateway.healthy_count() == 2, "targets healthy")
+                # Saturate the gateway's loop on purpose for 4 s: every pass of the loop
+                # takes 0.3 s, so a check needing a few passes (connect, send, read)
+                # outlasts its 0.5 s timeout although the target answers at once (the
+                # point of this test: sleeping here is the load, not a wait).
+                loop = asyncio.get_running_loop()
+                end = loop.time() + 4.0
+                lowest = 2
+                while loop.time() < end:
+                    time.sleep(0.3)  # the gateway's loop is the victim
+                    await asyncio.sleep(0)
+                    lowest = min(lowest, gateway.healthy_count())
+                assert lowest == 2, "a target was failed for the gateway's own lag"
+            finally:
+                await gateway.close()
+
+    asyncio.run(scenario())
+
+
+def test_front_door_shedding_only_when_every_target_is_known_full() -> None:
+    assert all_full([(2, 2), (3, 3)])
+    assert not all_full([(2, 2), (1, 3)])  # one has room
+    assert not all_full([(9, None)])  # capacity unknown: let the worker decide
+    assert not all_full([])  # nothing routable is answered as no_healthy_targets
+    report = parse_health_report(json.dumps(
+        {"load": {"busy": 1, "queued": 0, "slots": 2, "queue_limit": 2}}).encode())
+    assert report.capacity == 4
+    assert parse_health_report(b'{"inflight": 1}').capacity is None
 
 
 def test_gateway_errors_are_json_without_a_version_banner() -> None:

@@ -11,8 +11,8 @@
 3. Offers load at each multiple of that capacity in ``--loads``: open loop, a fixed
    arrival rate for ``--step-s`` seconds whatever the answers, each request one attempt
    and no client retries, so what the fleet sheds counts as shed. Meanwhile GET /health
-   is polled through the gateway every 100 ms (from another thread, on its own
-   connection).
+   is polled through the gateway every 100 ms (from another process, on its own
+   connection, as a load balancer's checks are).
 4. Prints a table (offered load, goodput, shed/s, errors, p50/p99 latency of the
    successful requests, p99 of /health) and draws ``--plot`` (goodput and /health p99
    against offered load) with Pillow.
@@ -33,7 +33,9 @@ import http.client
 import itertools
 import json
 import math
+import multiprocessing
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -209,58 +211,72 @@ async def open_loop(endpoint: str, bodies: Bodies, rate: float, duration: float
     return started, samples
 
 
-class HealthPoller:
-    """GET /health every 100 ms on its own thread and keep-alive connection.
+def poll_health(host: str, port: int, samples: multiprocessing.Queue,
+                stop: threading.Event) -> None:
+    """The poller process: GET /health every 100 ms on one keep-alive connection, and
+    put (sent at, latency s, answered 200/503 with JSON) on ``samples`` for each poll; a
+    failure counts with the time it took (at most HEALTH_TIMEOUT_S)."""
+    conn: http.client.HTTPConnection | None = None
+    next_at = time.monotonic()
+    while not stop.is_set():
+        if conn is None:
+            conn = http.client.HTTPConnection(host, port, timeout=HEALTH_TIMEOUT_S)
+        sent = time.monotonic()
+        fine = False
+        try:
+            conn.request("GET", "/health")
+            resp = conn.getresponse()
+            json.loads(resp.read())
+            fine = resp.status in (200, 503)
+        except (OSError, http.client.HTTPException, ValueError):
+            conn.close()
+            conn = None
+        done = time.monotonic()
+        samples.put((sent, done - sent, fine))
+        next_at = max(next_at + HEALTH_EVERY_S, done)
+        stop.wait(max(0.0, next_at - time.monotonic()))
+    if conn is not None:
+        conn.close()
 
-    Records (latency s, answered 200/503 with JSON) per poll; a failure counts with the
-    time it took (at most HEALTH_TIMEOUT_S).
-    """
+
+class HealthPoller:
+    """:func:`poll_health` in its own process, as a load balancer's checks are: a thread
+    here would wait for this process's GIL behind the load generator and measure the
+    benchmark, not the fleet. (``time.monotonic`` is system-wide on Linux and macOS, so
+    the poller's timestamps compare with the steps'.)"""
 
     def __init__(self, endpoint: str) -> None:
         host, _, port = endpoint.removeprefix("http://").partition(":")
-        self._host, self._port = host, int(port)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="health-poller", daemon=True)
-        self._lock = threading.Lock()
+        context = multiprocessing.get_context("spawn")
+        self._queue = context.Queue()
+        self._stop = context.Event()
+        self._process = context.Process(target=poll_health, name="health-poller",
+                                        args=(host, int(port), self._queue, self._stop),
+                                        daemon=True)
         self._samples: list[tuple[float, float, bool]] = []  # (at, latency, fine)
 
     def __enter__(self) -> HealthPoller:
-        self._thread.start()
+        self._process.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(HEALTH_TIMEOUT_S + 5)
+        self._drain()
+        self._process.join(HEALTH_TIMEOUT_S + 5)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._samples.append(self._queue.get_nowait())
+            except queue.Empty:
+                return
 
     def between(self, start: float, end: float) -> list[tuple[float, bool]]:
-        with self._lock:
-            return [(latency, fine) for at, latency, fine in self._samples
-                    if start <= at <= end]
-
-    def _run(self) -> None:
-        conn: http.client.HTTPConnection | None = None
-        next_at = time.monotonic()
-        while not self._stop.is_set():
-            if conn is None:
-                conn = http.client.HTTPConnection(self._host, self._port,
-                                                  timeout=HEALTH_TIMEOUT_S)
-            sent = time.monotonic()
-            fine = False
-            try:
-                conn.request("GET", "/health")
-                resp = conn.getresponse()
-                json.loads(resp.read())
-                fine = resp.status in (200, 503)
-            except (OSError, http.client.HTTPException, ValueError):
-                conn.close()
-                conn = None
-            done = time.monotonic()
-            with self._lock:
-                self._samples.append((sent, done - sent, fine))
-            next_at = max(next_at + HEALTH_EVERY_S, done)
-            self._stop.wait(max(0.0, next_at - time.monotonic()))
-        if conn is not None:
-            conn.close()
+        self._drain()
+        return [(latency, fine) for at, latency, fine in self._samples if start <= at <= end]
 
 
 # --------------------------------------------------------------------------- the fleet
@@ -413,12 +429,14 @@ def plot(rows: Sequence[Row], capacity: float, path: Path, workers: int = 2) -> 
             x = x_of(load)
             draw.line((x, y0, x, y1), fill="#f3f3f3")
             draw.text((x, y1 + 6), f"{load:g}x", fill="#444", font=font, anchor="mt")
-        for value, text, guide_colour in guides:
+        for n, (value, text, guide_colour) in enumerate(guides):
             y = y_of(value)
             for x in range(margin_left, width - margin_right, 12):
                 draw.line((x, y, x + 6, y), fill=guide_colour, width=2)
-            draw.text((width - margin_right - 4, y - 4), text, fill=guide_colour, font=font,
-                      anchor="rb")
+            # At the left, where no data point sits; close guides alternate above/below.
+            above = n % 2 == 0
+            draw.text((margin_left + 6, y - 4 if above else y + 4), text, fill=guide_colour,
+                      font=font, anchor="lb" if above else "lt")
         points = [(x_of(r.load), y_of(v)) for r, v in zip(rows, values, strict=True)
                   if v is not None]
         if len(points) > 1:

@@ -6,8 +6,9 @@ Prints medians of:
 - seconds from SIGKILL of a worker to the manager noticing it (``instance_died``), and
   to its replacement passing the gateway's health checks (default checks: every 1 s,
   healthy after 2 successes) — targets <= 2 s and <= 6 s;
-- the same for a hung worker (SIGSTOP): seconds to being marked unhealthy (two failed
-  checks with a 1 s timeout) and to its replacement being healthy;
+- the same for a hung worker (SIGSTOP): seconds to being out of rotation (two failed
+  checks with a 1 s timeout), to being judged hung and killed (10 s without progress:
+  busy is not dead) and to its replacement being healthy;
 - a batch of ``--images`` distinct images through the gateway with gui/client.py while a
   worker is SIGKILLed every ``--kill-every`` seconds: failed images (target 0) and
   whether every result link downloads and decodes afterwards;
@@ -67,36 +68,41 @@ def event_time(fleet: LocalFleet, kind: str, instance_id: str | None = None,
 
 
 def one_recovery(fleet: LocalFleet, victim: str,
-                 sig: signal.Signals = signal.SIGKILL) -> tuple[float, float]:
-    """Signal ``victim``; seconds until the manager reports it (died, or unhealthy for a
-    SIGSTOPped one) and until a replacement passes its health checks."""
+                 sig: signal.Signals = signal.SIGKILL) -> tuple[float, float, float | None]:
+    """Signal ``victim``; seconds until the manager reports it (died; for a SIGSTOPped
+    one: hung, after ``no_progress_timeout_s`` without progress), until a replacement
+    passes its health checks, and for a SIGSTOPped one until it was out of rotation
+    (the ``instance_busy`` event: failing checks, not yet judged hung)."""
     before = healthy_ids(fleet)
     pid = fleet.worker_pids()[victim]
     kind = "instance_died" if sig == signal.SIGKILL else "instance_unhealthy"
     killed_at = time.time()
     os.kill(pid, sig)
-    died = wait_for(lambda: event_time(fleet, kind, victim, killed_at), 30,
+    died = wait_for(lambda: event_time(fleet, kind, victim, killed_at), 60,
                     "failure noticed")
     new = next(iter(wait_for(lambda: healthy_ids(fleet) - before, 60, "replacement healthy")))
     healthy_at = wait_for(lambda: event_time(fleet, "instance_healthy", new, killed_at), 30,
                           "healthy event")
-    return died - killed_at, healthy_at - killed_at
+    out = event_time(fleet, "instance_busy", victim, killed_at)
+    return died - killed_at, healthy_at - killed_at, None if out is None else out - killed_at
 
 
-def recovery_trials(storage: Path, trials: int,
-                    sig: signal.Signals = signal.SIGKILL) -> tuple[list[float], list[float]]:
+def recovery_trials(storage: Path, trials: int, sig: signal.Signals = signal.SIGKILL,
+                    ) -> tuple[list[float], list[float], list[float]]:
     """Signal one of two workers, ``trials`` times; default health-check settings."""
-    detect, replace = [], []
+    detect, replace, out = [], [], []
     with LocalFleet(workers=2, storage_dir=storage).start(timeout=120) as fleet:
         for trial in range(trials):
             wait_for(lambda: len(healthy_ids(fleet)) == 2, 60, "2 healthy workers")
-            detected, replaced = one_recovery(fleet, sorted(healthy_ids(fleet))[trial % 2],
-                                              sig)
+            detected, replaced, out_at = one_recovery(
+                fleet, sorted(healthy_ids(fleet))[trial % 2], sig)
             detect.append(detected)
             replace.append(replaced)
+            if out_at is not None:
+                out.append(out_at)
             print(f"  trial {trial + 1}: detected {detected:.2f}s, replacement healthy "
                   f"{replaced:.2f}s", file=sys.stderr)
-    return detect, replace
+    return detect, replace, out
 
 
 def make_jobs(count: int) -> list[Job]:
@@ -163,15 +169,19 @@ def main() -> int:
         base = Path(tmp)
         print(f"recovery after SIGKILL ({args.trials} trials, 2 workers, checks every 1 s, "
               "healthy after 2):")
-        detect, replace = recovery_trials(base / "recovery", args.trials)
+        detect, replace, _ = recovery_trials(base / "recovery", args.trials)
         print(f"  detection:           median {statistics.median(detect):.2f}s "
               f"(min {min(detect):.2f}, max {max(detect):.2f}; target <= 2 s)")
         print(f"  replacement healthy: median {statistics.median(replace):.2f}s "
               f"(min {min(replace):.2f}, max {max(replace):.2f}; target <= 6 s)")
 
-        print(f"recovery after SIGSTOP (hung worker, {args.trials} trials):")
-        detect, replace = recovery_trials(base / "hung", args.trials, signal.SIGSTOP)
-        print(f"  marked unhealthy:    median {statistics.median(detect):.2f}s "
+        print(f"recovery after SIGSTOP (hung worker, {args.trials} trials; replaced after "
+              "10 s without progress):")
+        detect, replace, out = recovery_trials(base / "hung", args.trials, signal.SIGSTOP)
+        if out:
+            print(f"  out of rotation:     median {statistics.median(out):.2f}s "
+                  f"(min {min(out):.2f}, max {max(out):.2f})")
+        print(f"  judged hung, killed: median {statistics.median(detect):.2f}s "
               f"(min {min(detect):.2f}, max {max(detect):.2f})")
         print(f"  replacement healthy: median {statistics.median(replace):.2f}s "
               f"(min {min(replace):.2f}, max {max(replace):.2f})")

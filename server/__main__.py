@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("max-pixels", int, "largest image in pixels, checked before decoding (default 100 MP)")
     add("process-slots", int, "images processed at once (default: CPU count)")
     add("queue-limit", int, "requests admitted beyond the slots to wait for one; beyond "
-                            "slots + queue: 503 overloaded with Retry-After (default: 2 x slots)")
+                            "slots + queue: 503 overloaded with Retry-After (default: 4 x slots)")
     add("max-cost", float, "largest estimated CPU seconds one request may cost (default 15)")
     add("request-timeout", float, "seconds after which a request is stopped between "
                                   "steps (default 120)")

@@ -11,6 +11,7 @@ from server.storage import MAX_LINK_SECONDS
 
 ENV_PREFIX = "IMAGEFLEET_"
 SPARE_THREADS = 8
+QUEUE_PER_SLOT = 4
 
 
 def default_instance_id() -> str:
@@ -37,8 +38,11 @@ class ServerConfig:
     # CPU-bound work admitted at once; the other waitress threads stay free for
     # /health and uploads, so a saturated server still answers its health checks.
     process_slots: int = field(default_factory=lambda: os.cpu_count() or 2)
-    # Requests admitted beyond the slots, waiting for one; -1: twice the slots. Beyond
-    # slots + queue a request gets 503 overloaded with Retry-After at once.
+    # Requests admitted beyond the slots, waiting for one; -1: four per slot. Beyond
+    # slots + queue a request gets 503 overloaded with Retry-After at once. Four per slot
+    # keeps a client with 8 in flight on a 2-core server from being told to wait a whole
+    # second (Retry-After has one-second resolution) while the wait in the queue stays
+    # a few requests' time.
     queue_limit: int = -1
     # Largest estimated CPU cost of one request (server/cost.py), and the wall-clock
     # deadline after which a request is stopped between steps.
@@ -52,12 +56,12 @@ class ServerConfig:
     # Threads OpenCV may use inside one operation; 0 keeps OpenCV's default (one per
     # core). Requests already run in parallel, so more can oversubscribe the cores.
     opencv_threads: int = 0
-    # Server processes sharing the port (server/supervisor.py).
+    # Server processes sharing the port (gunicorn's arbiter, server/serving.py).
     workers: int = 1
 
     def __post_init__(self) -> None:
         if self.queue_limit == -1:
-            object.__setattr__(self, "queue_limit", 2 * self.process_slots)
+            object.__setattr__(self, "queue_limit", QUEUE_PER_SLOT * self.process_slots)
         if self.threads == 0:
             object.__setattr__(self, "threads",
                                max(16, self.process_slots + self.queue_limit + SPARE_THREADS))

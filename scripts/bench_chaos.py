@@ -5,7 +5,7 @@ of a local fleet of 2 is SIGKILLed every 2 s, ``--runs`` times (default 20).
 
 Each run starts a fresh fleet (its own storage folder, so no result is served from an
 earlier run's cache) and runs ``python -m scripts.process --op bilateral`` over the same
-folder of distinct 640x480 JPEGs. Prints, per run, the images lost (failed), the kills
+folder of distinct 1280x960 JPEGs. Prints, per run, the images lost (failed), the kills
 and the batch time; then the total lost over all runs (target: 0) and the median batch
 time. Exit status 1 when any image was lost.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.chaos import chaos_run, distinct_jpegs, write_images
+from scripts.chaos import CHAOS_IMAGE_SIZE, chaos_run, distinct_jpegs, write_images
 
 
 def main() -> int:
@@ -34,7 +34,7 @@ def main() -> int:
 
     lost_total, times, kills_total = 0, [], 0
     with tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp:
-        folder = write_images(Path(tmp) / "in", distinct_jpegs(args.images))
+        folder = write_images(Path(tmp) / "in", distinct_jpegs(args.images, CHAOS_IMAGE_SIZE))
         print(f"{args.runs} runs: {args.images} images, batch command at concurrency "
               f"{args.concurrency}, a serving worker of 2 SIGKILLed every {args.every:g} s")
         for run in range(args.runs):

@@ -27,6 +27,9 @@ from fleet.local import LocalFleet
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "testdata" / "images"
 CHAOS_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")
+# Large enough that 200 of them keep a fleet of 2 busy for several kill intervals: at
+# 640x480 a fast run finished in 3.5 s, before the second kill.
+CHAOS_IMAGE_SIZE = (1280, 960)
 
 
 def distinct_jpegs(count: int, size: tuple[int, int] = (640, 480)) -> list[bytes]:

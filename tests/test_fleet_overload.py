@@ -15,7 +15,7 @@ import requests
 from helpers_fleet import REPO, free_port
 from waiting import wait_until
 
-from scripts.chaos import chaos_run, distinct_jpegs, write_images
+from scripts.chaos import CHAOS_IMAGE_SIZE, chaos_run, distinct_jpegs, write_images
 
 pytestmark = pytest.mark.slow
 STARTUP = 90.0
@@ -100,7 +100,7 @@ def test_a_burst_of_150_heavy_requests_kills_no_worker(fleet_process: FleetProce
 def test_chaos_a_worker_killed_every_2_s_loses_no_image(tmp_path: Path) -> None:
     """200 images through the batch command while a worker is SIGKILLed every 2 s, twice.
     (``python -m scripts.bench_chaos`` repeats this 20 times; see the README.)"""
-    folder = write_images(tmp_path / "in", distinct_jpegs(200))
+    folder = write_images(tmp_path / "in", distinct_jpegs(200, CHAOS_IMAGE_SIZE))
     for run in range(2):
         done = chaos_run(tmp_path / f"storage-{run}", folder, seed=run, startup=STARTUP)
         assert done.returncode == 0, f"run {run}: {done.stderr[-3000:]}"

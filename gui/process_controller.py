@@ -4,14 +4,19 @@ actions (copy link, open, save). It owns the batch; the app supplies the worker,
 connection, dialogs and messages.
 
 Runs on the Tk main thread; every network, file or image step is a coroutine handed to
-the app's worker, whose outcome comes back as a callback on this thread.
+the app's worker, whose outcome comes back as a callback on this thread. A run is one
+dispatcher on the worker loop; its per-image events are coalesced (``gui.run_events``)
+and the list redraws its visible rows at most once per ``LIST_REFRESH_MS``, so the UI's
+work does not grow with the number of images.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 import tkinter
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,9 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from gui.client import ProcessResult
+from gui.client import ClientError, ProcessResult
 from gui.connection import Connected
-from gui.preview import downscaled_bytes, open_image, thumbnail
+from gui.preview import downscaled_bytes, load_for_preview, open_image
+from gui.run_events import Outcome, Progress, RunEvents
+from gui.thumbnails import Thumbnails
 from gui.viewmodel import (
     Batch,
     ImageJob,
@@ -37,6 +44,8 @@ from gui.viewmodel import (
     expand_paths,
     format_elapsed,
     format_expiry,
+    order_depends_on_state,
+    order_ids,
     parse_path_list,
     result_filename,
 )
@@ -49,11 +58,16 @@ if TYPE_CHECKING:
 PREVIEW_DEBOUNCE_MS = 300
 PREVIEW_SIDE = 1024  # the before/after images kept per result (the full file stays on disk)
 PREVIEW_LINK_TTL_S = 600  # a quick preview's link only lives while the app looks at it
+LIST_REFRESH_MS = 80  # the list and the overall bar are redrawn at most this often
+ORDER_REFRESH_S = 1.0  # during a run, rows sorted or filtered by state move this often
 
 
 @dataclass(frozen=True)
 class JobOutput:
-    result: ProcessResult
+    """The selected image's result, decoded for the before/after view (only the selected
+    image has one: results of the others are their link and facts in the batch)."""
+
+    result: ResultInfo
     data: bytes
     before: Image.Image
     after: Image.Image
@@ -67,10 +81,9 @@ def result_info(result: ProcessResult) -> ResultInfo:
 
 
 def _decode_pair(path: Path, data: bytes) -> tuple[Image.Image, Image.Image]:
-    before = open_image(path)
+    before = load_for_preview(path, PREVIEW_SIDE)
     after = open_image(data, name=f"result of {path.name}")
-    for img in (before, after):
-        img.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.LANCZOS)
+    after.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.LANCZOS)
     return before, after
 
 
@@ -95,31 +108,101 @@ class ProcessController:
         self.selected: int | None = None
         self.previews_shown = 0
         self.saved_paths: list[Path] = []
+        self.shown_result: int | None = None  # whose result the before/after view shows
+        # the selected image only: its preview copy, and its decoded result
         self._outputs: dict[int, JobOutput] = {}
         self._originals: dict[int, Image.Image] = {}
         self._unreadable: set[int] = set()  # the server may still read what Pillow cannot
         self._requests: dict[int, ProcessRequest] = {}
-        self._futures: dict[int, Any] = {}
+        self._runs: set[Any] = set()  # futures of the dispatchers feeding the fleet
+        self._events = RunEvents()
         self._preview_future: Any = None
+        self._selection_future: Any = None
         self._preview_seq = 0
         self._slots: asyncio.Semaphore | None = None
+        self._concurrency = 4
+        self._sort = ("added", "all")
+        self._order_stale = False
+        self._order_refreshed = 0.0
+        self._list_dirty = False
+        self.in_flight = 0  # requests on their way (counted on the worker thread)
+        self.thumbs = Thumbnails(self.app.submit, self._thumbnail_ready,
+                                 self._image_unreadable)
 
     @property
     def view(self) -> ProcessView:
         return self.app.process_view
 
     def images_loaded(self) -> bool:
-        """Every image in the list has its thumbnail and preview copy (or failed to)."""
-        return all(job.id in self._originals or job.id in self._unreadable
-                   for job in self.batch.jobs)
+        """The rows on screen have their thumbnails and the selected image its preview
+        copy (or failed to): the rest are loaded when they come on screen."""
+        visible = self.view.image_list.visible_ids()
+        return all(self.thumbs.resolved(job_id) for job_id in visible) and (
+            self.selected is None or self.selected in self._originals
+            or self.selected in self._outputs or self.selected in self._unreadable)
 
     def on_connected(self, connected: Connected, concurrency: int) -> None:
         # the semaphore binds to the worker's loop on first use, not here
         self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
         self.view.set_operations(connected.operations)
         self.view.set_ready(bool(connected.operations))
-        if self.selected is not None and self.selected not in self._outputs:
+        job = self.batch.get(self.selected) if self.selected is not None else None
+        if job is not None and job.result is None:
             self.params_changed()
+
+    # ------------------------------------------------------------------ the list
+    def job_of(self, job_id: int) -> ImageJob | None:
+        return self.batch.get(job_id)
+
+    def thumbnail_of(self, job_id: int) -> Any:
+        job = self.batch.get(job_id)
+        return None if job is None else self.thumbs.get(job_id, job.path)
+
+    def rows_shown(self, job_ids: list[int]) -> None:
+        self.thumbs.want(job_ids)
+
+    def _thumbnail_ready(self, _job_id: int) -> None:
+        self._mark_list_dirty()
+
+    def list_order_changed(self, sort_key: str, state_filter: str) -> None:
+        self._sort = (sort_key, state_filter)
+        self._reorder()
+
+    def _reorder(self) -> None:
+        """Recompute the list's order (O(n log n)): on add/remove, a sort or filter
+        change, and at most every ORDER_REFRESH_S during a run when the order depends
+        on the images' states."""
+        self._order_stale = False
+        self._order_refreshed = time.monotonic()
+        self.view.image_list.set_order(order_ids(self.batch.jobs, *self._sort))
+
+    def _mark_list_dirty(self) -> None:
+        """Coalesce redraws: whatever happened, the visible rows and the overall bar are
+        redrawn once per LIST_REFRESH_MS at most."""
+        if self._list_dirty:
+            return
+        self._list_dirty = True
+        self.app.schedule("list-refresh", LIST_REFRESH_MS, self._refresh_list)
+
+    def _refresh_list(self) -> None:
+        self._list_dirty = False
+        if self._order_stale and (not self.batch.running or time.monotonic()
+                                  - self._order_refreshed >= ORDER_REFRESH_S):
+            self._reorder()
+        elif self._order_stale:
+            self._mark_list_dirty()  # come back for the order once its time is up
+        self.view.image_list.refresh()
+        self._update_overall()
+
+    def flush_list(self) -> None:
+        """Redraw now (a run ended, or a user action wants its effect on screen)."""
+        self.app.unschedule("list-refresh")
+        self._list_dirty = False
+        if self._order_stale:
+            self._reorder()
+        self.view.image_list.refresh()
+        self._update_overall()
 
     # ------------------------------------------------------------------ images
     def add_files_dialog(self) -> None:
@@ -146,17 +229,14 @@ class ProcessController:
 
     def add_images(self, paths: Iterable[str | Path]) -> None:
         """Add files and folders (what the file dialog, a drop and a paste all call).
-        Folder listing and thumbnails run on the worker thread."""
+        Folder listing runs on the worker thread; thumbnails come as rows show."""
         self.app.submit(asyncio.to_thread(expand_paths, list(paths)), self._add_expanded)
 
     def _add_expanded(self, expanded: tuple[list[Path], list[tuple[str, str]]]) -> None:
         files, missing = expanded
         outcome = self.batch.add(files)
-        for job in outcome.added:
-            self.view.upsert_job(job)
-            self.app.submit(asyncio.to_thread(self._load_original, job.id, job.path),
-                        self._original_loaded,
-                        lambda exc, job_id=job.id: self._image_unreadable(job_id, exc))
+        if outcome.added:
+            self._reorder()
         self.view.set_count(len(self.batch))
         problems = missing + outcome.skipped
         if problems:
@@ -166,60 +246,48 @@ class ProcessController:
         if outcome.added and self.selected is None:
             self.select_image(outcome.added[0].id)
 
-    @staticmethod
-    def _load_original(job_id: int, path: Path) -> tuple[int, Image.Image, Image.Image]:
-        img = open_image(path)
-        small = img.copy()
-        small.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.LANCZOS)
-        return job_id, small, thumbnail(img)
-
-    def _original_loaded(self, loaded: tuple[int, Image.Image, Image.Image]) -> None:
-        job_id, small, thumb = loaded
-        if self.batch.get(job_id) is None:
-            return
-        self._originals[job_id] = small
-        self.view.set_thumbnail(job_id, thumb)
-        if self.selected == job_id:
-            self._show_selected()
-            self.params_changed()
-
     def _image_unreadable(self, job_id: int, exc: BaseException) -> None:
         job = self.batch.get(job_id)
-        if job is not None:
+        if job is not None and job_id not in self._unreadable:
             self._unreadable.add(job_id)
             self.app.show_error(describe_error(exc))
+        self._mark_list_dirty()
 
     def remove_image(self, job_id: int) -> None:
         if not self.batch.remove(job_id):
             self.app.show_error("This image is being processed; cancel or wait before removing it.")
             return
-        future = self._futures.pop(job_id, None)
-        if future is not None:
-            future.cancel()
         for store in (self._outputs, self._originals, self._requests):
             store.pop(job_id, None)
         self._unreadable.discard(job_id)
-        self.view.remove_job(job_id)
+        self.thumbs.drop(job_id)
+        self._reorder()
         self.view.set_count(len(self.batch))
         self._update_overall()
         if not self.batch.running:
             self.view.set_running(False)
         if self.selected == job_id:
             self.selected = None
-            jobs = self.batch.jobs
-            if jobs:
-                self.select_image(jobs[0].id)
+            order = self.view.image_list.order
+            if order:
+                self.select_image(order[0])
             else:
+                self.view.set_selected(None)
                 self.view.show_images(None, None)
                 self.view.show_result(None, "", "")
 
     def select_image(self, job_id: int) -> None:
-        if self.batch.get(job_id) is None:
+        job = self.batch.get(job_id)
+        if job is None:
             return
         self.selected = job_id
         self.view.set_selected(job_id)
+        # only the selected image's pixels are kept: drop the previous one's
+        for store in (self._outputs, self._originals):
+            for other in [k for k in store if k != job_id]:
+                del store[other]
         self._show_selected()
-        if job_id not in self._outputs:
+        if job.result is None:
             # a processed image shows its result; a new one gets a quick preview
             self.params_changed()
 
@@ -228,13 +296,57 @@ class ProcessController:
         if job is None:
             return
         output = self._outputs.get(job.id)
-        if output is not None:
+        self.shown_result = None
+        if output is not None and job.result is not None and output.result == job.result:
+            self.shown_result = job.id
             self.view.show_images(output.before, output.after,
-                                          f"{job.name}: original and processed result")
-        else:
+                                  f"{job.name}: original and processed result")
+        elif job.result is not None:
             self.view.show_images(self._originals.get(job.id), None,
-                                          f"{job.name}: original")
+                                  f"{job.name}: loading the result…")
+            self._load_selected(job, with_result=True)
+        else:
+            self.view.show_images(self._originals.get(job.id), None, f"{job.name}: original")
+            if job.id not in self._originals and job.id not in self._unreadable:
+                self._load_selected(job, with_result=False)
         self._show_result_info(job)
+
+    def _load_selected(self, job: ImageJob, *, with_result: bool) -> None:
+        """Decode the selected image (and download and decode its result) on demand."""
+        if self._selection_future is not None:
+            self._selection_future.cancel()
+        job_id, path, result = job.id, job.path, job.result
+        client = self.app.connection.client
+
+        async def load() -> tuple[Image.Image, JobOutput | None]:
+            if with_result and result is not None:
+                data = await client.download(result.url, expected_bytes=result.bytes,
+                                             name=path.name)
+                before, after = await asyncio.to_thread(_decode_pair, path, data)
+                return before, JobOutput(result, data, before, after)
+            return await asyncio.to_thread(load_for_preview, path, PREVIEW_SIDE), None
+
+        def loaded(pair: tuple[Image.Image, JobOutput | None]) -> None:
+            if self.selected != job_id or self.batch.get(job_id) is None:
+                return
+            original, output = pair
+            self._originals = {job_id: original}
+            if output is not None:
+                self._outputs = {job_id: output}
+            self._show_selected()
+            if output is None:
+                self.params_changed()
+
+        def failed(exc: BaseException) -> None:
+            if self.selected != job_id:
+                return
+            if not with_result:
+                self._image_unreadable(job_id, exc)
+            self.view.preview_caption.configure(
+                text=f"Cannot show {path.name}: {describe_error(exc, self.app.endpoint_text())}",
+                text_color=ERROR)
+
+        self._selection_future = self.app.submit(load(), loaded, failed)
 
     def _show_result_info(self, job: ImageJob) -> None:
         r = job.result
@@ -313,10 +425,7 @@ class ProcessController:
             self.app.show_error("Add images first." if not len(self.batch)
                             else "Every image is already being processed.")
             return
-        for job in started:
-            self._launch(job, request)
-        self.view.set_running(True)
-        self._update_overall()
+        self._launch(started, request)
 
     def retry_image(self, job_id: int) -> None:
         if self.app.connected is None:
@@ -329,75 +438,118 @@ class ProcessController:
             except ValueError as exc:
                 self.app.show_error(str(exc))
                 return
-        for job in self.batch.start([job_id]):
-            self._launch(job, request)
+        started = self.batch.start([job_id])
+        if started:
+            self._launch(started, request)
+
+    def _launch(self, jobs: list[ImageJob], request: ProcessRequest) -> None:
+        """Hand the images to one dispatcher on the worker loop: ``concurrency`` lanes
+        take them in order, so nothing per image waits for the UI thread."""
+        for job in jobs:
+            self._requests[job.id] = request
+        items = [(job.id, job.ticket, job.path) for job in jobs]
+        future = self.app.submit(self._dispatch(items, request, self.app.endpoint_text()),
+                                 lambda _none: None, self.app.report_error)
+        if future is not None:
+            self._runs.add(future)
+            future.add_done_callback(self._runs.discard)
         self.view.set_running(True)
-        self._update_overall()
+        self._order_stale = order_depends_on_state(*self._sort)
+        self._mark_list_dirty()
 
-    def _launch(self, job: ImageJob, request: ProcessRequest) -> None:
-        self._requests[job.id] = request
-        self.view.upsert_job(job)
-        job_id, ticket = job.id, job.ticket
-        self._futures[job_id] = self.app.submit(
-            self._run_job(job_id, ticket, job.path, request),
-            lambda output: self._job_done(job_id, ticket, output, request.label),
-            lambda exc: self._job_failed(job_id, ticket, exc))
+    def _still_wanted(self, job_id: int, ticket: int) -> bool:
+        # read on the worker thread: a dict lookup of a frozen job is safe there, and
+        # an image removed or cancelled after it was queued is never sent
+        job = self.batch.get(job_id)
+        return job is not None and job.ticket == ticket and job.status == JobStatus.QUEUED
 
-    async def _run_job(self, job_id: int, ticket: int, path: Path,
-                       request: ProcessRequest) -> JobOutput:
-        """One image, on the worker loop. Waits for a slot first: cancelling while it
-        waits stops it before anything is sent."""
+    def _report(self, *, progress: Progress | None = None,
+                outcome: Outcome | None = None) -> None:
+        """From the worker thread: record the event; wake the UI once per batch of them."""
+        wake = (self._events.put_progress(progress) if progress is not None
+                else self._events.put_outcome(outcome) if outcome is not None else False)
+        if wake:
+            self.app.worker.post(self._apply_events)
+
+    async def _dispatch(self, items: list[tuple[int, int, Path]], request: ProcessRequest,
+                        endpoint: str) -> None:
+        """On the worker loop: run the images, ``concurrency`` at a time. Cancelling this
+        stops the requests in flight and leaves the waiting images unsent."""
         assert self._slots is not None
         client = self.app.connection.client
+        waiting = deque(items)
+        kwargs = request.client_kwargs()
 
-        def progress(event: Any) -> None:
-            self.app.worker.post(lambda: self._job_progress(job_id, ticket, event))
+        async def lane() -> None:
+            while waiting:
+                job_id, ticket, path = waiting.popleft()
+                if not self._still_wanted(job_id, ticket):
+                    continue
 
-        async with self._slots:
-            result = await client.process(path, **request.client_kwargs(), progress=progress,
-                                          name=path.name)
-            data = await client.download(result.url, expected_bytes=result.bytes,
-                                         progress=progress, name=path.name)
-            before, after = await asyncio.to_thread(_decode_pair, path, data)
-        return JobOutput(result, data, before, after)
+                def progress(event: Any, job_id: int = job_id, ticket: int = ticket) -> None:
+                    if event.phase in ("done", "failed"):
+                        return  # the outcome below says it
+                    self._report(progress=Progress(job_id, ticket, event.phase,
+                                                   event.fraction, event.message))
 
-    def _job_progress(self, job_id: int, ticket: int, event: Any) -> None:
-        job = self.batch.progress(job_id, ticket, event.phase, event.fraction, event.message)
-        if job is not None:
-            self.view.upsert_job(job)
-            self._update_overall()
+                async with self._slots:
+                    self.in_flight += 1
+                    try:
+                        result = await client.process(path, **kwargs, progress=progress,
+                                                      name=path.name)
+                    except (ClientError, OSError, ValueError) as exc:  # that image's alone
+                        self._report(outcome=Outcome(job_id, ticket,
+                                                     error=describe_error(exc, endpoint)))
+                        continue
+                    finally:
+                        self.in_flight -= 1
+                self._report(outcome=Outcome(job_id, ticket, result_info(result),
+                                             label=request.label))
 
-    def _job_done(self, job_id: int, ticket: int, output: JobOutput, label: str) -> None:
-        job = self.batch.finish(job_id, ticket, result_info(output.result), label)
-        if job is None:
-            return
-        self._outputs[job_id] = output
-        self._futures.pop(job_id, None)
-        self.view.upsert_job(job)
-        if self.selected == job_id:
-            self._preview_seq += 1  # the full result replaces any preview still on its way
-            self._show_selected()
-        self._run_progressed()
+        lanes = [asyncio.create_task(lane()) for _ in range(max(1, self._concurrency))]
+        try:
+            await asyncio.gather(*lanes)
+        finally:
+            for task in lanes:
+                task.cancel()
+            await asyncio.gather(*lanes, return_exceptions=True)
 
-    def _job_failed(self, job_id: int, ticket: int, exc: BaseException) -> None:
-        job = self.batch.fail(job_id, ticket, describe_error(exc, self.app.endpoint_text()))
-        if job is None:
-            return
-        self._futures.pop(job_id, None)
-        self.view.upsert_job(job)
-        if self.selected == job_id:
-            self._show_result_info(job)
-        self._run_progressed()
+    def _apply_events(self) -> None:
+        """On the UI thread: apply everything the run reported since the last time to the
+        batch (cheap, per event), then redraw at most once per frame (not per event)."""
+        progress, outcomes = self._events.take()
+        for event in progress:
+            self.batch.progress(event.job_id, event.ticket, event.phase, event.fraction,
+                                event.message)
+        selected_finished = False
+        for outcome in outcomes:
+            if outcome.result is not None:
+                job = self.batch.finish(outcome.job_id, outcome.ticket, outcome.result,
+                                        outcome.label)
+            else:
+                job = self.batch.fail(outcome.job_id, outcome.ticket, outcome.error)
+            if job is not None and job.id == self.selected:
+                selected_finished = True
+        if progress or outcomes:
+            self._order_stale = self._order_stale or order_depends_on_state(*self._sort)
+            self._mark_list_dirty()
+        if selected_finished:
+            job = self.batch.get(self.selected) if self.selected is not None else None
+            if job is not None:
+                self._preview_seq += 1  # the full result replaces any preview on its way
+                self._show_selected()
+        if outcomes and not self.batch.running:
+            self._run_finished()
 
-    def _run_progressed(self) -> None:
-        overall = self._update_overall()
-        if not self.batch.running:
-            self.view.set_running(False)
-            if overall.failed:
-                self.app.show_error(f"{overall.failed} of {overall.total} images failed; "
+    def _run_finished(self) -> None:
+        self.flush_list()
+        self.view.set_running(False)
+        overall = self.batch.overall()
+        if overall.failed:
+            self.app.show_error(f"{overall.failed} of {overall.total} images failed; "
                                 "see the messages in the list and use Retry.")
-            elif overall.done:
-                self.app.show_info(f"Processed {overall.done} image"
+        elif overall.done:
+            self.app.show_info(f"Processed {overall.done} image"
                                f"{'s' if overall.done != 1 else ''}.")
 
     def _update_overall(self) -> Overall:
@@ -406,16 +558,18 @@ class ProcessController:
         return overall
 
     def cancel_run(self) -> None:
-        cancelled = self.batch.cancel_waiting()
-        for job in cancelled:
-            future = self._futures.pop(job.id, None)
-            if future is not None:
-                future.cancel()
-            self.view.upsert_job(job)
-        self._run_progressed()
+        """Stop the run now: requests in flight are cancelled, waiting images are never
+        sent, and what finished keeps its result."""
+        for future in list(self._runs):
+            future.cancel()
+        self._runs.clear()
+        self._events.take()  # late events of the cancelled requests mean nothing now
+        cancelled = self.batch.cancel_run()
+        self.flush_list()
+        self.view.set_running(False)
+        overall = self.batch.overall()
         if cancelled:
-            self.app.show_info(f"Cancelled {len(cancelled)} waiting image"
-                           f"{'s' if len(cancelled) != 1 else ''}; those already sent finish.")
+            self.app.show_info(f"Cancelled: {overall.text}.")
 
     # ------------------------------------------------------------------ quick preview
     def params_changed(self) -> None:

@@ -18,21 +18,19 @@ from gui.viewmodel import (
     LOSSY_FORMATS,
     OUTPUT_FORMATS,
     ControlSpec,
-    ImageJob,
-    JobStatus,
     Overall,
     SchemaError,
     Step,
     controls_for,
     describe_step,
-    status_text,
 )
-from gui.views.widgets import CARD, ERROR, MUTED, SELECTED, ParamControl, caption, heading
+from gui.views.image_list import ImageList, ListActions, PoolRow
+from gui.views.widgets import CARD, ERROR, MUTED, ParamControl, caption, heading
 
 PREVIEW_BOX = (600, 380)
 
 
-class ProcessActions(Protocol):
+class ProcessActions(ListActions, Protocol):
     def add_files_dialog(self) -> None: ...
     def add_folder_dialog(self) -> None: ...
     def paste_paths(self) -> None: ...
@@ -51,62 +49,12 @@ class ProcessActions(Protocol):
     def save_all(self) -> None: ...
 
 
-class ImageRow(ctk.CTkFrame):
-    """One image in the list: thumbnail, name, status, progress bar, retry and remove."""
-
-    def __init__(self, master: Any, job: ImageJob, controller: ProcessActions) -> None:
-        super().__init__(master, fg_color=CARD, corner_radius=8)
-        self.job_id = job.id
-        self.columnconfigure(1, weight=1)
-        self.thumb = ctk.CTkLabel(self, text="", width=56, height=56, fg_color=("gray80", "gray25"),
-                                  corner_radius=6)
-        self.thumb.grid(row=0, column=0, rowspan=3, padx=(8, 8), pady=8)
-        self.name = ctk.CTkLabel(self, text=job.name, anchor="w",
-                                 font=ctk.CTkFont(size=13, weight="bold"))
-        self.name.grid(row=0, column=1, sticky="ew", pady=(8, 0))
-        self.remove_button = ctk.CTkButton(self, text="✕", width=26, height=26,
-                                           fg_color="transparent", text_color=MUTED,
-                                           hover_color=("gray80", "gray30"),
-                                           command=lambda: controller.remove_image(job.id))
-        self.remove_button.grid(row=0, column=2, padx=(4, 6), pady=(6, 0))
-        self.status = ctk.CTkLabel(self, text="", anchor="w", text_color=MUTED,
-                                   font=ctk.CTkFont(size=12), wraplength=180, justify="left")
-        self.status.grid(row=1, column=1, columnspan=1, sticky="ew")
-        self.retry_button = ctk.CTkButton(self, text="Retry", width=56, height=24,
-                                          command=lambda: controller.retry_image(job.id))
-        self.bar = ctk.CTkProgressBar(self, height=6)
-        self.bar.grid(row=2, column=1, columnspan=2, sticky="ew", padx=(0, 10), pady=(2, 10))
-        for widget in (self, self.thumb, self.name, self.status):
-            widget.bind("<Button-1>", lambda _e: controller.select_image(job.id), add="+")
-        self.update_job(job)
-
-    def update_job(self, job: ImageJob) -> None:
-        self.status.configure(text=status_text(job),
-                              text_color=ERROR if job.status == JobStatus.FAILED else MUTED)
-        self.bar.set(job.progress)
-        self.bar.configure(progress_color=ERROR if job.status == JobStatus.FAILED else
-                           ["#3a7ebf", "#1f6aa5"])
-        if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
-            self.retry_button.grid(row=1, column=2, padx=(4, 6))
-        else:
-            self.retry_button.grid_forget()
-
-    def set_thumbnail(self, image: Image.Image) -> None:
-        thumb = ctk.CTkImage(light_image=image, size=image.size)
-        self.thumb.configure(image=thumb, fg_color="transparent")
-        self._thumb_image = thumb  # replaced only now: see _render_preview
-
-    def set_selected(self, selected: bool) -> None:
-        self.configure(fg_color=SELECTED if selected else CARD)
-
-
 class ProcessView(ctk.CTkFrame):
     """See the module docstring. The app calls the ``set_*``/``show_*`` methods."""
 
     def __init__(self, master: Any, controller: ProcessActions) -> None:
         super().__init__(master, fg_color="transparent")
         self.controller = controller
-        self.rows: dict[int, ImageRow] = {}
         self.controls: list[ParamControl] = []
         self.operations: dict[str, Any] = {}
         self._title_to_name: dict[str, str] = {}
@@ -144,13 +92,11 @@ class ProcessView(ctk.CTkFrame):
         ctk.CTkButton(buttons, text="Paste paths", width=92, fg_color="transparent",
                       border_width=1, text_color=("gray10", "gray90"),
                       command=self.controller.paste_paths).grid(row=0, column=2)
-        self.list = ctk.CTkScrollableFrame(col, fg_color="transparent")
-        self.list.grid(row=2, column=0, sticky="nsew", padx=4, pady=(0, 4))
-        self.list.columnconfigure(0, weight=1)
-        self.empty_hint = caption(
-            self.list, "Add images with the buttons above, Ctrl+O, by pasting paths "
-            "(Ctrl+V) or by dropping files here.", wraplength=250, justify="left")
-        self.empty_hint.grid(row=0, column=0, sticky="ew", padx=8, pady=12)
+        self.image_list = ImageList(
+            col, self.controller, "Add images with the buttons above, Ctrl+O, by pasting "
+            "paths (Ctrl+V) or by dropping files here.")
+        self.image_list.grid(row=2, column=0, sticky="nsew", padx=4, pady=(0, 4))
+        self.empty_hint = self.image_list.empty_hint
         run = ctk.CTkFrame(col, fg_color="transparent")
         run.grid(row=3, column=0, sticky="ew", padx=12, pady=(4, 12))
         run.columnconfigure(0, weight=1)
@@ -380,30 +326,13 @@ class ProcessView(ctk.CTkFrame):
                 row=index, column=1)
 
     # ------------------------------------------------------------------ images
-    def upsert_job(self, job: ImageJob) -> None:
-        row = self.rows.get(job.id)
-        if row is None:
-            row = ImageRow(self.list, job, self.controller)
-            self.rows[job.id] = row
-            row.grid(row=len(self.rows), column=0, sticky="ew", padx=4, pady=3)
-            self.empty_hint.grid_forget()
-        else:
-            row.update_job(job)
-
-    def remove_job(self, job_id: int) -> None:
-        row = self.rows.pop(job_id, None)
-        if row is not None:
-            row.destroy()
-        if not self.rows:
-            self.empty_hint.grid(row=0, column=0, sticky="ew", padx=8, pady=12)
-
-    def set_thumbnail(self, job_id: int, image: Image.Image) -> None:
-        if job_id in self.rows:
-            self.rows[job_id].set_thumbnail(image)
+    @property
+    def rows(self) -> dict[int, PoolRow]:
+        """The row widgets on screen, by image id (only the visible rows exist)."""
+        return self.image_list.rows
 
     def set_selected(self, job_id: int | None) -> None:
-        for row_id, row in self.rows.items():
-            row.set_selected(row_id == job_id)
+        self.image_list.set_selected(job_id)
 
     def set_count(self, count: int) -> None:
         self.count_label.configure(text=f"{count} image{'s' if count != 1 else ''}"

@@ -44,6 +44,10 @@ class Thumbnails:
         self._decoders: asyncio.Semaphore | None = None
         self.decoded = 0  # for tests and the benchmark
 
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
     def want(self, ids: list[int]) -> None:
         self._wanted = frozenset(ids)
 

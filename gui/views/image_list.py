@@ -177,7 +177,8 @@ class ImageList(ctk.CTkFrame):
         tags = widget.bindtags()
         if self._wheel_tag not in tags:
             widget.bindtags((self._wheel_tag, *tags))
-        for child in widget.winfo_children():
+        # tkinter's own list: CTkFrame.winfo_children() leaves out its drawing canvas
+        for child in tkinter.Misc.winfo_children(widget):
             self._tag(child)
 
     def _bind_scrolling(self) -> None:

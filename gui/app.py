@@ -11,6 +11,7 @@ for the worker to stop (the window is already hidden then).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import tkinter
@@ -397,3 +398,17 @@ class ImageFleetApp(ctk.CTk):
         self.closed = True
         self.quit()
         self.destroy()
+        self._forget_in_customtkinter()
+
+    def _forget_in_customtkinter(self) -> None:
+        """CustomTkinter's class-level trackers keep every window ever made, and with it
+        its Tcl interpreter and X connection. Dropping them lets a closed app be freed
+        (a later app in the same process, like the next GUI test module on another
+        display, must not find a dead display's connection in Tk's event loop)."""
+        from customtkinter.windows.widgets.appearance_mode import AppearanceModeTracker
+        from customtkinter.windows.widgets.scaling import ScalingTracker
+
+        with contextlib.suppress(ValueError):
+            AppearanceModeTracker.app_list.remove(self)
+        ScalingTracker.window_widgets_dict.pop(self, None)
+        ScalingTracker.window_dpi_scaling_dict.pop(self, None)

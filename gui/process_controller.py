@@ -59,6 +59,7 @@ PREVIEW_DEBOUNCE_MS = 300
 PREVIEW_SIDE = 1024  # the before/after images kept per result (the full file stays on disk)
 PREVIEW_LINK_TTL_S = 600  # a quick preview's link only lives while the app looks at it
 LIST_REFRESH_MS = 80  # the list and the overall bar are redrawn at most this often
+ADD_CHUNK = 2000  # files added to the list per UI callback
 ORDER_REFRESH_S = 1.0  # during a run, rows sorted or filtered by state move this often
 
 
@@ -125,6 +126,7 @@ class ProcessController:
         self._order_stale = False
         self._order_refreshed = 0.0
         self._list_dirty = False
+        self._add_seq = 0
         self.in_flight = 0  # requests on their way (counted on the worker thread)
         self.thumbs = Thumbnails(self.app.submit, self._thumbnail_ready,
                                  self._image_unreadable)
@@ -234,17 +236,28 @@ class ProcessController:
 
     def _add_expanded(self, expanded: tuple[list[Path], list[tuple[str, str]]]) -> None:
         files, missing = expanded
-        outcome = self.batch.add(files)
+        self._add_seq += 1
+        self._add_chunk(files, 0, list(missing), f"add-{self._add_seq}")
+
+    def _add_chunk(self, files: list[Path], start: int, problems: list[tuple[str, str]],
+                   name: str) -> None:
+        """Add ``ADD_CHUNK`` files per UI callback: the first rows show at once and a
+        folder of 10,000 never holds the UI for more than a few tens of milliseconds."""
+        outcome = self.batch.add(files[start:start + ADD_CHUNK])
+        problems.extend(outcome.skipped)
         if outcome.added:
             self._reorder()
         self.view.set_count(len(self.batch))
-        problems = missing + outcome.skipped
+        if outcome.added and self.selected is None:
+            self.select_image(outcome.added[0].id)
+        if start + ADD_CHUNK < len(files):
+            self.app.schedule(name, 1, lambda: self._add_chunk(
+                files, start + ADD_CHUNK, problems, name))
+            return
         if problems:
             shown = "; ".join(f"{Path(p).name}: {why}" for p, why in problems[:4])
             more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
             self.app.show_error(f"Skipped {len(problems)}: {shown}{more}")
-        if outcome.added and self.selected is None:
-            self.select_image(outcome.added[0].id)
 
     def _image_unreadable(self, job_id: int, exc: BaseException) -> None:
         job = self.batch.get(job_id)
@@ -452,7 +465,9 @@ class ProcessController:
                                  lambda _none: None, self.app.report_error)
         if future is not None:
             self._runs.add(future)
-            future.add_done_callback(self._runs.discard)
+            # the done callback runs on the worker thread: forget the future on the UI's
+            future.add_done_callback(
+                lambda done: self.app.worker.post(lambda: self._runs.discard(done)))
         self.view.set_running(True)
         self._order_stale = order_depends_on_state(*self._sort)
         self._mark_list_dirty()

@@ -478,13 +478,14 @@ class Batch:
         added: list[ImageJob] = []
         skipped: list[tuple[str, str]] = []
         for raw in paths:
-            path = Path(raw).expanduser()
+            # expand_paths gives absolute, resolved Paths (made on the worker thread):
+            # those are taken as they are, which keeps 10,000 files to a few ms here
+            path = raw if isinstance(raw, Path) and raw.is_absolute() else Path(
+                raw).expanduser().resolve()
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 skipped.append((str(raw), "not an image file (" + ", ".join(
                     sorted(IMAGE_SUFFIXES)) + ")"))
                 continue
-            if not path.is_absolute():
-                path = path.resolve()  # expand_paths resolves on the worker thread already
             if path in self._paths:
                 skipped.append((str(raw), "already in the list"))
                 continue

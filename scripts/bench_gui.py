@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import re
@@ -64,6 +65,19 @@ def child(config: dict[str, Any]) -> None:
     figures: dict[str, Any] = {}
     beat = {"last": time.monotonic(), "max_gap": 0.0, "phase_max": {}, "phase": "start",
             "rss_max": 0}
+
+    gc_pause = {"start": 0.0, "max": 0.0, "gen": -1}
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        # the collector's pauses, to tell them from the app's own work in a stall
+        if phase == "start":
+            gc_pause["start"] = time.perf_counter()
+        else:
+            took = time.perf_counter() - gc_pause["start"]
+            if took > gc_pause["max"]:
+                gc_pause["max"], gc_pause["gen"] = took, info["generation"]
+
+    gc.callbacks.append(on_gc)
 
     def heartbeat() -> None:
         now = time.monotonic()
@@ -140,6 +154,8 @@ def child(config: dict[str, Any]) -> None:
         figures["rss_after_run"] = rss_now()
         figures["stall_max_s"] = beat["max_gap"]
         figures["stall_by_phase_s"] = beat["phase_max"]
+        figures["gc_pause_max_s"] = gc_pause["max"]
+        figures["gc_pause_generation"] = gc_pause["gen"]
         figures["rss_peak"] = max(beat["rss_max"], figures["rss_after_run"])
         figures["thumbnails_decoded"] = app.process.thumbs.decoded
         figures["failures"] = [repr(f) for f in app.failures][:5]
@@ -345,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         ("list usable after adding", f"{figures.get('list_usable_s', float('nan')):.2f} s",
          "<= 1 s"),
         ("longest UI stall", f"{figures.get('stall_max_s', float('nan')) * 1000:.0f} ms "
-         f"(by phase: {by_phase})",
+         f"(by phase: {by_phase}; longest garbage-collector pause "
+         f"{figures.get('gc_pause_max_s', 0) * 1000:.0f} ms)",
          "<= 200 ms"),
         ("app RSS peak", f"{figures.get('rss_peak', 0) / mb:.0f} MB (before adding "
          f"{figures.get('rss_before_add', 0) / mb:.0f}, listed "

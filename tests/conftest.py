@@ -29,6 +29,28 @@ STOP_TIMEOUT = 45.0
 
 
 @pytest.fixture(scope="session")
+def x_display() -> Iterator[str]:
+    """One Xvfb for every GUI test module of the session, as ``DISPLAY``.
+
+    Tk keeps a display's connection open until the process exits: had each module its
+    own Xvfb, the next module's event loop would meet the stopped one's dead connection
+    and Xlib would end the process ("XIO: fatal IO error").
+    """
+    from helpers_gui import xvfb_display
+
+    with xvfb_display() as name:
+        old = os.environ.get("DISPLAY")
+        os.environ["DISPLAY"] = name
+        try:
+            yield name
+        finally:
+            if old is None:
+                os.environ.pop("DISPLAY", None)
+            else:
+                os.environ["DISPLAY"] = old
+
+
+@pytest.fixture(scope="session")
 def images_dir() -> Path:
     """The shared test photographs (astronaut.png, camera.png, rocket.jpg, ...)."""
     assert IMAGES_DIR.is_dir(), f"test photographs missing: {IMAGES_DIR}"

@@ -26,7 +26,6 @@ from helpers_gui import (
     pump_until,
     threads_now,
     threads_started_since,
-    xvfb_display,
 )
 from PIL import Image
 from waiting import wait_until
@@ -68,17 +67,9 @@ class ScriptedDialogs:
 
 
 @pytest.fixture(scope="module")
-def display() -> Iterator[str]:
-    with xvfb_display() as name:
-        old = os.environ.get("DISPLAY")
-        os.environ["DISPLAY"] = name
-        try:
-            yield name
-        finally:
-            if old is None:
-                os.environ.pop("DISPLAY", None)
-            else:
-                os.environ["DISPLAY"] = old
+def display(x_display: str) -> str:
+    """The session's Xvfb (conftest.py: one display for all GUI modules)."""
+    return x_display
 
 
 def app_environ(base: Path) -> dict[str, str]:

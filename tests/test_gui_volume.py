@@ -8,7 +8,6 @@ is small, then the 10,000-image ones).
 
 from __future__ import annotations
 
-import gc
 import io
 import os
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_gui import pump_until, xvfb_display
+from helpers_gui import pump_until
 from PIL import Image
 from waiting import wait_until
 
@@ -50,28 +49,21 @@ class Dialogs:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def app(x_display: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from gui.app import ImageFleetApp
 
     base = tmp_path_factory.mktemp("volume")
-    with xvfb_display() as display:
-        old = os.environ.get("DISPLAY")
-        os.environ["DISPLAY"] = display
-        env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEFLEET_")}
-        env["XDG_CONFIG_HOME"] = str(base / "config")
-        env["XDG_CACHE_HOME"] = str(base / "cache")
-        application = ImageFleetApp(environ=env, dialogs=Dialogs())
-        try:
-            pump_until(application, lambda: application.connected is not None, FLEET_START,
-                       "the embedded fleet to start")
-            yield application
-            assert application.failures == []
-        finally:
-            application.close()
-            if old is None:
-                os.environ.pop("DISPLAY", None)
-            else:
-                os.environ["DISPLAY"] = old
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEFLEET_")}
+    env["XDG_CONFIG_HOME"] = str(base / "config")
+    env["XDG_CACHE_HOME"] = str(base / "cache")
+    application = ImageFleetApp(environ=env, dialogs=Dialogs())
+    try:
+        pump_until(application, lambda: application.connected is not None, FLEET_START,
+                   "the embedded fleet to start")
+        yield application
+        assert application.failures == []
+    finally:
+        application.close()
 
 
 def _jpeg(image: Image.Image, nonce: int) -> bytes:
@@ -147,11 +139,6 @@ def _row_widgets(app: Any) -> int:
 def test_ten_thousand_images_are_listed_at_once_with_a_bounded_number_of_rows(
         app: Any, many_files: Path) -> None:
     view = app.process_view
-    # Widgets destroyed by earlier tests (parameter controls) are cyclic garbage holding
-    # Tk fonts. If the collector frees them on the worker thread, each font's Tk call
-    # waits ~1 s for a mainloop that tests do not run (they pump with update()); the
-    # app's real mainloop serves such calls at once. Collect them here, on Tk's thread.
-    gc.collect()
     pump_until(app, lambda: not app.process.thumbs.pending, 10, "earlier thumbnails")
     decoded_before = app.process.thumbs.decoded
     started = time.monotonic()

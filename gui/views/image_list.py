@@ -31,7 +31,7 @@ from gui.list_window import (
     wheel_rows,
 )
 from gui.viewmodel import SORT_KEYS, STATE_FILTERS, ImageJob, JobStatus, status_text
-from gui.views.widgets import CARD, ERROR, MUTED, SELECTED, caption
+from gui.views.widgets import CARD, ERROR, MUTED, SELECTED, caption, destroy_widgets
 
 ROW_HEIGHT = 72  # the 56 px thumbnail and its padding
 ROW_GAP = 6
@@ -167,7 +167,7 @@ class ImageList(ctk.CTkFrame):
         # the frame's own <Configure> (CTkFrame.bind would bind its drawing canvas)
         tkinter.Misc.bind(self.viewport, "<Configure>", self._resized, add="+")
         self._tag(self.viewport)
-        self._tag(self.empty_hint)
+        self._tag(self.scrollbar)  # first in its tags: our handler's "break" wins
         self._bind_scrolling()
         self._resize(self.viewport.winfo_height())
 
@@ -211,8 +211,8 @@ class ImageList(ctk.CTkFrame):
         if command == "moveto":
             self.scroll_to(moveto(float(args[0]), len(self.order), self.capacity))
         elif command == "scroll":
-            self.scroll_to(scrolled(self.top, int(args[0]), str(args[1]), len(self.order),
-                                    self.capacity))
+            self.scroll_to(scrolled(self.top, round(float(args[0])), str(args[1]),
+                                    len(self.order), self.capacity))
 
     def _order_picked(self) -> None:
         self.actions.list_order_changed(self.sort_key, self.state_filter)
@@ -248,8 +248,8 @@ class ImageList(ctk.CTkFrame):
                 widget.bind("<Button-1>", lambda _e, r=row: self._clicked(r), add="+")
             self._tag(row)
             self.pool.append(row)
-        while len(self.pool) > capacity:
-            self.pool.pop().destroy()
+        if len(self.pool) > capacity:
+            destroy_widgets([self.pool.pop() for _ in range(len(self.pool) - capacity)])
         self.top = clamp_top(self.top, len(self.order), self.capacity)
         self.refresh()
 

@@ -25,7 +25,15 @@ from gui.viewmodel import (
     describe_step,
 )
 from gui.views.image_list import ImageList, ListActions, PoolRow
-from gui.views.widgets import CARD, ERROR, MUTED, ParamControl, caption, heading
+from gui.views.widgets import (
+    CARD,
+    ERROR,
+    MUTED,
+    ParamControl,
+    caption,
+    destroy_widgets,
+    heading,
+)
 
 PREVIEW_BOX = (600, 380)
 
@@ -247,8 +255,7 @@ class ProcessView(ctk.CTkFrame):
             self.controller.params_changed()
 
     def _show_operation(self, op: Any) -> None:
-        for child in self.params_frame.winfo_children():
-            child.destroy()
+        destroy_widgets(self.params_frame.winfo_children())
         self.controls = []
         text = op.description or ""
         if getattr(op, "tileable", False):
@@ -308,8 +315,7 @@ class ProcessView(ctk.CTkFrame):
         self.controller.params_changed()
 
     def set_pipeline(self, steps: Sequence[Step], titles: dict[str, str]) -> None:
-        for child in self.steps_frame.winfo_children():
-            child.destroy()
+        destroy_widgets(self.steps_frame.winfo_children())
         if not steps:
             caption(self.steps_frame, "Empty: Process runs the operation above. Add steps "
                     "to chain operations.", wraplength=290, justify="left").grid(

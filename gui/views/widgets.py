@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import customtkinter as ctk
@@ -149,3 +150,19 @@ class ParamControl(ctk.CTkFrame):
             self.widget.set(value)
             if self.spec.kind == "slider":
                 self.value_label.configure(text=format_value(self.spec, value))
+
+
+def destroy_widgets(widgets: Iterable[Any]) -> None:
+    """Destroy widgets and collect the garbage they leave, here on Tk's thread.
+
+    A destroyed CustomTkinter widget is cyclic garbage holding Tk fonts and images. If
+    the garbage collector happens to free it on the worker thread, each of those makes
+    a Tk call from that thread, which waits for the main loop (and, while tests pump
+    the loop with ``update()``, for about a second each) — so collect it right away.
+    """
+    destroyed = False
+    for widget in list(widgets):
+        widget.destroy()
+        destroyed = True
+    if destroyed:
+        gc.collect()

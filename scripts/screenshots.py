@@ -110,7 +110,10 @@ def render(display: str, out: Path, images: Path) -> list[Path]:
             app.hide_banner()
             settle(app, 1.0)  # previews asked for while the steps were being set up
             # a processed image shows its result, not a preview
-            app.process.select_image(app.process.batch.jobs[0].id)
+            first = app.process.batch.jobs[0].id
+            app.process.select_image(first)
+            # the result is downloaded and decoded when its image is selected
+            pump_until(app, lambda: app.process.shown_result == first, 30, "the result")
             settle(app)
             shots.append(capture(app, display, out / "process.png"))
 

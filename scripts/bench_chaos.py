@@ -5,7 +5,7 @@ of a local fleet of 2 is SIGKILLed every 2 s, ``--runs`` times (default 20).
 
 Each run starts a fresh fleet (its own storage folder, so no result is served from an
 earlier run's cache) and runs ``python -m scripts.process --op bilateral`` over the same
-folder of distinct 1280x960 JPEGs. Prints, per run, the images lost (failed), the kills
+folder of distinct 960x720 JPEGs. Prints, per run, the images lost (failed), the kills
 and the batch time; then the total lost over all runs (target: 0) and the median batch
 time. Exit status 1 when any image was lost.
 """

@@ -49,7 +49,9 @@ def main() -> int:
             print(f"  run {run + 1:2}: {lost} lost, {len(done.kills)} kills, "
                   f"{elapsed:.1f} s (exit {done.returncode})", flush=True)
             if lost:
-                print("    " + done.stderr.strip().splitlines()[-1], flush=True)
+                for line in done.stderr.strip().splitlines():
+                    if " failed " in line or line.startswith(tuple("0123456789")):
+                        print("    " + line, flush=True)
     print(f"total: {lost_total} lost of {args.runs * args.images} images in {args.runs} "
           f"runs, {kills_total} kills; median run {statistics.median(times):.1f} s "
           "(fleet start included)")

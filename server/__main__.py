@@ -11,6 +11,7 @@ from dataclasses import MISSING
 
 from server.config import ENV_PREFIX, ServerConfig
 from server.storage import open_storage
+from server.tokens import open_token_gate
 
 log = logging.getLogger("imagefleet.server")
 
@@ -41,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("s3-endpoint-url", help_text="S3-compatible endpoint, e.g. a local test server")
     add("token", help_text="require 'Authorization: Bearer TOKEN' (prefer IMAGEFLEET_TOKEN: "
                            "flags are visible to other local users)")
+    add("token-file", help_text="read the token(s) from this file (mode 0600), re-read every "
+                                "--token-refresh seconds")
+    add("token-ssm-parameter", help_text="read the token(s) from this SSM SecureString "
+                                         "parameter (credentials: the instance role), re-read "
+                                         "every --token-refresh seconds")
+    add("token-refresh", float, "seconds between re-reads of the token file or parameter "
+                                "(default 60)")
     add("peers", help_text="load balancer URL that tiles of large images are sent to")
     add("tile-mp", float, "split images above this many megapixels into tiles (default 40)")
     add("tile-size", int, "side of a tile's core in pixels (default 2048)")
@@ -71,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     values = {k: v for k, v in vars(args).items() if k != "log_level" and v is not None}
-    for optional in ("token", "peers", "s3_endpoint_url", "public_url"):
+    for optional in ("token", "token_file", "token_ssm_parameter", "peers", "s3_endpoint_url",
+                     "public_url"):
         if values.get(optional) == "":
             values.pop(optional)
     return ServerConfig.from_mapping(values)
@@ -97,9 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         if config.workers > 1:
-            # The arbiter serves nothing: check the storage location here, so a bad one
-            # is a clear exit 2 rather than N workers failing to boot.
+            # The arbiter serves nothing: check the storage location and the token
+            # source here, so a bad one is a clear exit 2 rather than N workers failing
+            # to boot.
             open_storage(config.storage, s3_endpoint_url=config.s3_endpoint_url)
+            open_token_gate(token=config.token, token_file=config.token_file,
+                            ssm_parameter=config.token_ssm_parameter,
+                            refresh_s=config.token_refresh).close()
             return serve_gunicorn(config, args.log_level)
         return serve_waitress(config)
     except ValueError as exc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import io
 import itertools
 import json
@@ -32,8 +31,10 @@ from server.operations import Registry, default_registry
 from server.peers import PeerClient
 from server.pipeline import Pipeline, check_output_pixels, parse_pipeline
 from server.processing import Job, Processor
+from server.signing import TileCredentials
 from server.storage import MAX_LINK_SECONDS, Storage, StorageError, StorageFull, open_storage
 from server.tiling import TILE_HEADER
+from server.tokens import TokenGate, open_token_gate
 from server.transport import CountedBody
 from server.version import __version__
 
@@ -64,6 +65,8 @@ class ServerState:
     inflight: int = 0
     processed: int = 0
     operations_json: bytes = b""
+    # The API tokens accepted (server/tokens.py); None: from config.token alone.
+    tokens: TokenGate | None = None
     admission: Admission = field(init=False)
     processor: Processor = field(init=False)
     # Request ids: a random prefix per process and a counter; unique across a fleet
@@ -72,14 +75,22 @@ class ServerState:
     _id_counter: Iterator[int] = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
-        credential = self.storage.tile_credentials(self.config.token).send
-        peers = (PeerClient(self.config.peers, self.config.token, tile_credential=credential)
+        if self.tokens is None:
+            self.tokens = open_token_gate(token=self.config.token, token_file=None,
+                                          ssm_parameter=None, refresh_s=60.0)
+        gate = self.tokens
+        peers = (PeerClient(self.config.peers, gate.current,
+                            tile_credential=lambda: self.tile_credentials().send)
                  if self.config.peers else None)
         self.admission = Admission(self.config.process_slots, self.config.queue_limit)
         self.processor = Processor(self.registry, self.admission, peers,
                                    self.config.tile_mp * 1e6, self.config.tile_size)
         self.operations_json = json.dumps(
             {"operations": [op.to_json() for op in self.registry.values()]}).encode()
+
+    def tile_credentials(self) -> TileCredentials:
+        """Derived from the link keys or, without them, from the current API token."""
+        return self.storage.tile_credentials(self.tokens.current())
 
     def new_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._id_counter):08x}"
@@ -148,7 +159,10 @@ def create_app(config: ServerConfig | Mapping[str, Any] | None = None, *,
         config = ServerConfig.from_mapping(dict(config))
     if storage is None:
         storage = open_storage(config.storage, s3_endpoint_url=config.s3_endpoint_url)
-    state = ServerState(config, storage, registry or default_registry())
+    tokens = open_token_gate(token=config.token, token_file=config.token_file,
+                             ssm_parameter=config.token_ssm_parameter,
+                             refresh_s=config.token_refresh)
+    state = ServerState(config, storage, registry or default_registry(), tokens=tokens)
     codecs.load_plugins()
 
     app = Flask(__name__)
@@ -218,13 +232,7 @@ def _register_error_handlers(app: Flask) -> None:
 
 
 def _check_token(state: ServerState) -> None:
-    expected = state.config.token
-    if expected is None:
-        return
-    header = request.headers.get("Authorization", "")
-    scheme, _, supplied = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.encode(),
-                                                             expected.encode()):
+    if not state.tokens.accepts(request.headers.get("Authorization", "")):
         raise ApiError(401, "unauthorized",
                        "missing or wrong token; send 'Authorization: Bearer <token>'")
 
@@ -343,7 +351,7 @@ def _register_routes(app: Flask, state: ServerState) -> None:
 
         # Only a peer of this fleet holds the credential (signing.py); any other value
         # is an ordinary request, stored and encoded as asked.
-        is_tile = state.storage.tile_credentials(config.token).accepts(
+        is_tile = state.tile_credentials().accepts(
             request.headers.get(TILE_HEADER))
         stored = None if is_tile else state.storage.head(storage_key)
         cached = stored is not None and all(

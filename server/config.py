@@ -24,7 +24,13 @@ class ServerConfig:
     port: int = 8080
     storage: str = "./storage"
     s3_endpoint_url: str | None = None
+    # API token(s), from one of three sources (server/tokens.py): the value itself
+    # ("new,old" during a rotation), a 0600 file, or an SSM SecureString re-read every
+    # token_refresh seconds.
     token: str | None = None
+    token_file: str | None = None
+    token_ssm_parameter: str | None = None
+    token_refresh: float = 60.0
     peers: str | None = None
     tile_mp: float = 40.0
     tile_size: int = 2048
@@ -103,6 +109,11 @@ class ServerConfig:
             problems.append(f"workers {self.workers} is not 1..64")
         if self.token is not None and len(self.token) < 8:
             problems.append("token must be at least 8 characters")
+        sources = [s for s in (self.token, self.token_file, self.token_ssm_parameter) if s]
+        if len(sources) > 1:
+            problems.append("give one of token, token_file and token_ssm_parameter")
+        if not 0.05 <= self.token_refresh <= 3600:
+            problems.append(f"token_refresh {self.token_refresh} is not 0.05..3600 seconds")
         if problems:
             raise ValueError("invalid server configuration: " + "; ".join(problems))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -33,15 +34,18 @@ def _worker_ms(header: str | None) -> float | None:
 class PeerClient:
     """Sends tiles to `base_url`. `tile_credential` (Storage.tile_credentials().send)
     marks them as internal, so the peer answers without storing them and in
-    uncompressed PNG; without it, tiles are ordinary requests (stored, compressed)."""
+    uncompressed PNG; without it, tiles are ordinary requests (stored, compressed).
+    ``token`` and ``tile_credential`` may be functions, asked on every tile, so a token
+    rotated under a running server is used at once."""
 
-    def __init__(self, base_url: str, token: str | None = None, *, connect_timeout: float = 3.0,
-                 read_timeout: float = 120.0, pool_size: int = 16,
-                 tile_credential: str | None = None):
+    def __init__(self, base_url: str, token: str | Callable[[], str | None] | None = None, *,
+                 connect_timeout: float = 3.0, read_timeout: float = 120.0,
+                 pool_size: int = 16,
+                 tile_credential: str | Callable[[], str | None] | None = None):
         self.base_url = base_url.rstrip("/")
-        self._headers = {TILE_HEADER: tile_credential} if tile_credential else {}
-        if token:
-            self._headers["Authorization"] = f"Bearer {token}"
+        self._token = token if callable(token) else (lambda: token)
+        self._credential = (tile_credential if callable(tile_credential)
+                            else (lambda: tile_credential))
         self._pool = urllib3.PoolManager(
             maxsize=pool_size, block=False, retries=False,
             timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
@@ -59,7 +63,7 @@ class PeerClient:
         }
         try:
             resp = self._pool.request("POST", f"{self.base_url}/process?response=image",
-                                      fields=fields, headers=self._headers)
+                                      fields=fields, headers=self._headers())
         except urllib3.exceptions.HTTPError as exc:
             raise TileError(f"peer unreachable: {exc}") from exc
         if resp.status != 200:
@@ -76,6 +80,15 @@ class PeerClient:
         if worker is not None:
             timings["worker"] = worker
         return result
+
+    def _headers(self) -> dict[str, str]:
+        headers = {}
+        credential, token = self._credential(), self._token()
+        if credential:
+            headers[TILE_HEADER] = credential
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
 
     def close(self) -> None:
         self._pool.clear()

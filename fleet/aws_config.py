@@ -66,7 +66,7 @@ class AwsFleetConfig:
     target_group_arn: str
     load_balancer_arn: str
     load_balancer_dns: str
-    listener_arn: str
+    listener_arn: str  # the one forwarding to the target group (HTTPS unless insecure_http)
     # What to launch.
     ami: str
     instance_types: tuple[str, ...]
@@ -76,6 +76,14 @@ class AwsFleetConfig:
     result_days: int = 7
     endpoint_url: str | None = None
     profile: str | None = None
+    # How clients reach the fleet: the URL, the API token's SSM parameter (the value is
+    # never in this file), the ACM certificate, and for a self-signed one its PEM, which
+    # clients pin.
+    api_url: str | None = None
+    token_parameter: str | None = None
+    certificate_arn: str | None = None
+    ca_pem: str | None = None
+    insecure_http: bool = False
     # How the manager runs the fleet.
     desired: int = 2
     min: int = 1
@@ -145,6 +153,13 @@ def _problems(data: dict[str, Any]) -> list[str]:
             or not lo <= data[key] <= hi
         ):
             problems.append(f"{key!r} must be a number in {lo}..{hi} (got {data[key]!r})")
+    for key in ("api_url", "token_parameter", "certificate_arn", "ca_pem"):
+        if data.get(key) is not None and (not isinstance(data[key], str) or not data[key]):
+            problems.append(f"{key!r} must be a non-empty string or null (got {data[key]!r})")
+    if "insecure_http" in data and not isinstance(data["insecure_http"], bool):
+        problems.append(f"'insecure_http' must be true or false (got {data['insecure_http']!r})")
+    if data.get("api_url") and not str(data["api_url"]).startswith(("http://", "https://")):
+        problems.append(f"'api_url' must start with https:// or http:// (got {data['api_url']!r})")
     if "bootstrap" in data and data["bootstrap"] not in _BOOTSTRAP_MODES:
         problems.append(
             f"'bootstrap' must be one of {_BOOTSTRAP_MODES} (got {data['bootstrap']!r})")

@@ -443,19 +443,23 @@ def _remove_remote_dir(client: paramiko.SSHClient, remote_dir: str) -> None:
 
 
 def remote_setup_args(*, storage: str, region: str, port: int = 8080,
-                      instance_id: str | None = None,
+                      instance_id: str | None = None, token_parameter: str | None = None,
                       extra: Iterable[str] = ()) -> list[str]:
-    """Arguments for ``remote_setup.sh`` in its systemd (production) mode."""
+    """Arguments for ``remote_setup.sh`` in its systemd (production) mode.
+    ``token_parameter``: the SSM parameter's name; the worker reads the value itself."""
     args = ["--storage", storage, "--region", region, "--port", str(port),
             "--host", "0.0.0.0"]  # workers listen for the ALB; the security group limits it
     if instance_id:
         args += ["--instance-id", instance_id]
+    if token_parameter:
+        args += ["--token-ssm-parameter", token_parameter]
     return [*args, *extra]
 
 
 # ------------------------------------------------------------------------ user data
 
-def render_user_data(*, bundle_url: str, storage: str, region: str, port: int = 8080) -> str:
+def render_user_data(*, bundle_url: str, storage: str, region: str, port: int = 8080,
+                     token_parameter: str | None = None) -> str:
     """A cloud-init user-data script doing the same set-up without SSH.
 
     ``bundle_url`` is an ``s3://`` location of :func:`build_bundle`'s output (upload it
@@ -466,7 +470,7 @@ def render_user_data(*, bundle_url: str, storage: str, region: str, port: int = 
     if not bundle_url.startswith("s3://"):
         raise ValueError(f"bundle_url must be an s3:// URL (got {bundle_url!r})")
     setup = " ".join(shlex.quote(a) for a in remote_setup_args(
-        storage=storage, region=region, port=port))
+        storage=storage, region=region, port=port, token_parameter=token_parameter))
     return "\n".join([
         "#!/bin/bash",
         "# ImageFleet worker set-up (cloud-init user data); same steps as the SSH bootstrap.",

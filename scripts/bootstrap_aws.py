@@ -1,8 +1,16 @@
 """Create, report and remove the AWS side of an ImageFleet fleet.
 
     python -m scripts.bootstrap_aws up     --name NAME --admin-cidr 203.0.113.7/32 [options]
-    python -m scripts.bootstrap_aws status --name NAME [--region R] [--profile P]
+    python -m scripts.bootstrap_aws status --name NAME [--show-token] [--region R]
     python -m scripts.bootstrap_aws down   --name NAME [--region R] [--profile P]
+
+Closed and encrypted by default: ``up`` generates the API token and keeps it in SSM
+Parameter Store as a SecureString (workers read it through their instance role, which may
+read that one parameter only; ``up --rotate-token`` replaces it, keeping the old one
+accepted for ``--token-overlap`` seconds), and the load balancer serves HTTPS only
+(TLS 1.3/1.2; port 80 redirects) with the admin's ACM certificate (``--certificate-arn``)
+or a self-signed one for its own DNS name, whose PEM clients pin. Without a token
+(``--no-token``) ``up`` insists on ``--public``; plain HTTP needs ``--insecure-http``.
 
 ``up`` is idempotent: every resource is looked up before it is created (EC2 objects by
 the ``imagefleet:fleet=NAME`` tag, named resources by their derived name, then checked
@@ -13,7 +21,8 @@ twice creates nothing new. It writes the fleet config file that ``python -m flee
 
 ``down`` removes everything tagged for the fleet in dependency order: instances (also
 those the manager launched), listener, load balancer, target group, security groups,
-key pair, IAM role and instance profile, then the bucket with its contents.
+key pair, IAM role and instance profile, the token parameter and the fleet's own
+certificate, then the bucket with its contents.
 
 Waiters are used here (a one-shot script may block); the reconcile loop never waits.
 """
@@ -21,9 +30,11 @@ Waiters are used here (a one-shot script may block); the reconcile loop never wa
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import ipaddress
 import json
 import logging
+import secrets
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -43,6 +54,8 @@ from fleet.aws_config import (
     validate_fleet_name,
     write_private_file,
 )
+from fleet.tls import certificate_info, needs_new_certificate, self_signed_certificate
+from server.tokens import TokenSet, TokenSourceError, parse_token_document
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +77,11 @@ HEALTH_CHECK = {
 DEREGISTRATION_DELAY_S = 30
 # Large images take a while; the ALB's default idle timeout (60 s) would cut them off.
 ALB_IDLE_TIMEOUT_S = 180
+# TLS 1.3 and 1.2 only, forward-secret AEAD ciphers (AWS's recommended policy).
+TLS_POLICY = "ELBSecurityPolicy-TLS13-1-2-2021-06"
+DEFAULT_TOKEN_OVERLAP_S = 3600.0
+# ACM lists only RSA-2048 certificates unless asked for other key types.
+_ACM_KEY_TYPES = ["RSA_2048", "RSA_3072", "RSA_4096", "EC_prime256v1", "EC_secp384r1"]
 
 Report = Callable[[str], None]
 
@@ -80,6 +98,7 @@ class Clients:
     iam: Any
     sts: Any
     ssm: Any
+    acm: Any
     region: str
 
 
@@ -103,7 +122,7 @@ def make_clients(region: str | None, profile: str | None, endpoint_url: str | No
 
     return Clients(
         ec2=client("ec2"), elbv2=client("elbv2"), s3=client("s3"), iam=client("iam"),
-        sts=client("sts"), ssm=client("ssm"), region=region,
+        sts=client("sts"), ssm=client("ssm"), acm=client("acm"), region=region,
     )
 
 
@@ -195,6 +214,14 @@ class Names:
     def key_pair(self) -> str:
         return self.prefix
 
+    @property
+    def token_parameter(self) -> str:
+        return f"/imagefleet/{self.fleet}/api-token"
+
+    @property
+    def token_parameter_arn(self) -> str:
+        return f"arn:aws:ssm:{self.region}:{self.account}:parameter{self.token_parameter}"
+
 
 def fleet_names(clients: Clients, name: str) -> Names:
     account = clients.sts.get_caller_identity()["Account"]
@@ -273,6 +300,45 @@ def _iam_get(call: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
         raise
 
 
+def find_token_parameter(clients: Clients, names: Names) -> dict[str, Any] | None:
+    """The token parameter's metadata (never its value), checked for the fleet tag."""
+    found = clients.ssm.describe_parameters(ParameterFilters=[
+        {"Key": "Name", "Option": "Equals", "Values": [names.token_parameter]}])["Parameters"]
+    if not found:
+        return None
+    tags = clients.ssm.list_tags_for_resource(
+        ResourceType="Parameter", ResourceId=names.token_parameter)["TagList"]
+    if not _has_fleet_tag(tags, names.fleet):
+        raise InfraError(f"SSM parameter {names.token_parameter} exists but is not tagged "
+                         f"{FLEET_TAG_KEY}={names.fleet}; refusing to adopt or delete it")
+    return found[0]
+
+
+def read_token_set(clients: Clients, names: Names) -> TokenSet:
+    value = clients.ssm.get_parameter(Name=names.token_parameter,
+                                      WithDecryption=True)["Parameter"]["Value"]
+    try:
+        return parse_token_document(value, f"SSM parameter {names.token_parameter}")
+    except TokenSourceError as exc:
+        raise InfraError(f"{exc}; run `up --rotate-token` to write a fresh one") from exc
+
+
+def fleet_certificates(clients: Clients, names: Names) -> list[dict[str, Any]]:
+    """ACM certificates tagged for the fleet (the self-signed ones ``up`` imported),
+    newest first. A certificate the admin passed with --certificate-arn is not tagged
+    and is never touched."""
+    found = []
+    for summary in _paginate(clients.acm, "list_certificates", "CertificateSummaryList",
+                             Includes={"keyTypes": _ACM_KEY_TYPES}):
+        arn = summary["CertificateArn"]
+        tags = clients.acm.list_tags_for_certificate(CertificateArn=arn).get("Tags", [])
+        if _has_fleet_tag(tags, names.fleet):
+            found.append(summary)
+    found.sort(key=lambda c: str(c.get("ImportedAt") or c.get("CreatedAt") or ""),
+               reverse=True)
+    return found
+
+
 def fleet_instances(clients: Clients, name: str) -> list[dict[str, Any]]:
     filters = [*_fleet_filter(name),
                {"Name": "instance-state-name", "Values": list(LIVE_INSTANCE_STATES)}]
@@ -288,7 +354,14 @@ def fleet_instances(clients: Clients, name: str) -> list[dict[str, Any]]:
 class UpOptions:
     name: str
     admin_cidr: str
-    alb_cidr: str = "0.0.0.0/0"
+    # Who may reach the load balancer; None: anyone (0.0.0.0/0), allowed with a token only.
+    allowed_cidr: str | None = None
+    token: bool = True
+    public: bool = False
+    rotate_token: bool = False
+    token_overlap_s: float = DEFAULT_TOKEN_OVERLAP_S
+    certificate_arn: str | None = None
+    insecure_http: bool = False
     instance_types: tuple[str, ...] = DEFAULT_INSTANCE_TYPES
     ami: str | None = None
     result_days: int = 7
@@ -417,16 +490,47 @@ def _ensure_ingress(clients: Clients, group_id: str, wanted: list[dict[str, Any]
                f"{source.get('CidrIp') or source.get('GroupId')}")
 
 
-def ensure_security_groups(clients: Clients, name: str, *, vpc_id: str, alb_cidr: str,
-                           admin_cidr: str, report: Report) -> tuple[str, str]:
+def _revoke_other_ingress(clients: Clients, group_id: str, wanted: list[dict[str, Any]],
+                          report: Report) -> None:
+    """Remove what ``wanted`` does not name: a group opens only what is listened on, to
+    whom it is meant for (a changed --allowed-cidr or --insecure-http closes the rest)."""
+    group = clients.ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"][0]
+    extra = []
+    for perm in group.get("IpPermissions", []):
+        key = (perm.get("IpProtocol"), perm.get("FromPort"), perm.get("ToPort"))
+        for source in perm.get("IpRanges", []):
+            single = {"IpProtocol": key[0], "FromPort": key[1], "ToPort": key[2],
+                      "IpRanges": [{"CidrIp": source["CidrIp"]}]}
+            if not _permission_present(wanted, single):
+                extra.append(single)
+        for kind in ("Ipv6Ranges", "UserIdGroupPairs", "PrefixListIds"):
+            if perm.get(kind):
+                extra.append({"IpProtocol": key[0], "FromPort": key[1], "ToPort": key[2],
+                              kind: perm[kind]})
+    if extra:
+        clients.ec2.revoke_security_group_ingress(GroupId=group_id, IpPermissions=extra)
+        for perm in extra:
+            report(f"revoked  {group_id} tcp/{perm['FromPort']} (not listened on for it)")
+
+
+def alb_ingress(allowed_cidr: str, https: bool) -> list[dict[str, Any]]:
+    """The load balancer's rules: 443 and 80 (which only redirects), or 80 alone."""
+    ports = [(443, "HTTPS"), (80, "HTTP, redirected to HTTPS")] if https else [
+        (80, "plain HTTP (--insecure-http)")]
+    return [{"IpProtocol": "tcp", "FromPort": port, "ToPort": port,
+             "IpRanges": [{"CidrIp": allowed_cidr, "Description": f"clients: {what}"}]}
+            for port, what in ports]
+
+
+def ensure_security_groups(clients: Clients, name: str, *, vpc_id: str, allowed_cidr: str,
+                           admin_cidr: str, https: bool, report: Report) -> tuple[str, str]:
     alb = _ensure_group(clients, name, "alb", vpc_id=vpc_id, report=report,
-                        description="ImageFleet load balancer: HTTP from clients")
+                        description="ImageFleet load balancer: HTTPS from clients")
     workers = _ensure_group(clients, name, "workers", vpc_id=vpc_id, report=report,
                             description="ImageFleet workers: app port from the ALB, SSH from admin")
-    _ensure_ingress(clients, alb, [
-        {"IpProtocol": "tcp", "FromPort": 80, "ToPort": 80,
-         "IpRanges": [{"CidrIp": alb_cidr, "Description": "clients"}]},
-    ], report)
+    wanted = alb_ingress(allowed_cidr, https)
+    _ensure_ingress(clients, alb, wanted, report)
+    _revoke_other_ingress(clients, alb, wanted, report)
     _ensure_ingress(clients, workers, [
         {"IpProtocol": "tcp", "FromPort": APP_PORT, "ToPort": APP_PORT,
          "UserIdGroupPairs": [{"GroupId": alb, "Description": "from the ALB only"}]},
@@ -473,7 +577,27 @@ def _role_policy(bucket: str) -> str:
     })
 
 
-def ensure_iam(clients: Clients, names: Names, bucket: str, report: Report) -> tuple[str, str]:
+def token_policy(names: Names) -> str:
+    """Read the fleet's token parameter, and nothing else in Parameter Store; decrypt it
+    with KMS only through SSM (the AWS-managed aws/ssm key or any key SSM uses)."""
+    return json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Sid": "ReadFleetToken", "Effect": "Allow", "Action": "ssm:GetParameter",
+             "Resource": names.token_parameter_arn},
+            {"Sid": "DecryptThroughSsmOnly", "Effect": "Allow", "Action": "kms:Decrypt",
+             "Resource": f"arn:aws:kms:{names.region}:{names.account}:key/*",
+             "Condition": {"StringEquals": {
+                 "kms:ViaService": f"ssm.{names.region}.amazonaws.com"}}},
+        ],
+    })
+
+
+TOKEN_POLICY_NAME = "fleet-token"
+
+
+def ensure_iam(clients: Clients, names: Names, bucket: str, report: Report, *,
+               token: bool = True) -> tuple[str, str]:
     iam_tags = [t for t in _tags(names.fleet, "worker") if t["Key"] != "Name"]
     role = _iam_get(lambda: clients.iam.get_role(RoleName=names.role))
     if role is None:
@@ -493,6 +617,13 @@ def ensure_iam(clients: Clients, names: Names, bucket: str, report: Report) -> t
         report(f"exists   IAM role {names.role}")
     clients.iam.put_role_policy(RoleName=names.role, PolicyName="fleet-bucket",
                                 PolicyDocument=_role_policy(bucket))
+    if token:
+        clients.iam.put_role_policy(RoleName=names.role, PolicyName=TOKEN_POLICY_NAME,
+                                    PolicyDocument=token_policy(names))
+    elif TOKEN_POLICY_NAME in _paginate(clients.iam, "list_role_policies", "PolicyNames",
+                                        RoleName=names.role):
+        clients.iam.delete_role_policy(RoleName=names.role, PolicyName=TOKEN_POLICY_NAME)
+        report(f"deleted  IAM policy {TOKEN_POLICY_NAME} (no token)")
     profile = _iam_get(lambda: clients.iam.get_instance_profile(InstanceProfileName=names.role))
     if profile is None:
         profile = {"InstanceProfile": clients.iam.create_instance_profile(
@@ -551,46 +682,223 @@ def ensure_load_balancer(clients: Clients, names: Names, subnets: tuple[str, ...
     return lb
 
 
-def ensure_listener(clients: Clients, names: Names, lb_arn: str, tg_arn: str,
-                    report: Report) -> str:
+def ensure_token(clients: Clients, names: Names, *, rotate: bool, overlap_s: float,
+                 report: Report, now: float | None = None) -> str:
+    """The API token parameter: created with a fresh token, kept as it is, or rotated
+    (the old token stays accepted for ``overlap_s`` seconds). Returns its name."""
+    now = time.time() if now is None else now
+    existing = find_token_parameter(clients, names)
+    if existing is None:
+        fresh = TokenSet(secrets.token_urlsafe(32))
+        clients.ssm.put_parameter(
+            Name=names.token_parameter, Type="SecureString", Value=fresh.to_json(),
+            Description=f"ImageFleet API token of fleet {names.fleet}",
+            Tags=[t for t in _tags(names.fleet, "token") if t["Key"] != "Name"])
+        report(f"created  token parameter {names.token_parameter} (SecureString)")
+    elif rotate:
+        rotated = read_token_set(clients, names).rotated(secrets.token_urlsafe(32), now,
+                                                         overlap_s)
+        clients.ssm.put_parameter(Name=names.token_parameter, Type="SecureString",
+                                  Value=rotated.to_json(), Overwrite=True)
+        report(f"rotated  token parameter {names.token_parameter}: the previous token is "
+               f"accepted for {overlap_s:.0f} s more (`status --show-token` prints the new one)")
+    else:
+        report(f"exists   token parameter {names.token_parameter}")
+    return names.token_parameter
+
+
+def remove_token(clients: Clients, names: Names, report: Report) -> None:
+    if find_token_parameter(clients, names) is not None:
+        clients.ssm.delete_parameter(Name=names.token_parameter)
+        report(f"deleted  token parameter {names.token_parameter}")
+
+
+@dataclass(frozen=True)
+class Certificate:
+    arn: str
+    pem: str | None  # the self-signed one's PEM, which clients pin; None for the admin's own
+    domain: str
+
+
+def ensure_certificate(clients: Clients, names: Names, lb_dns: str,
+                       certificate_arn: str | None, report: Report) -> Certificate:
+    """The admin's certificate (checked to be issued), or the fleet's self-signed one for
+    the load balancer's DNS name: reused while it covers the name and is valid for a
+    while yet, else made anew (the old one is removed once no listener uses it)."""
+    if certificate_arn:
+        try:
+            described = clients.acm.describe_certificate(
+                CertificateArn=certificate_arn)["Certificate"]
+        except Exception as exc:
+            raise InfraError(f"--certificate-arn {certificate_arn}: {exc}") from exc
+        if described.get("Status") != "ISSUED":
+            raise InfraError(f"--certificate-arn {certificate_arn} is "
+                             f"{described.get('Status')}, not ISSUED")
+        domain = described.get("DomainName") or lb_dns
+        report(f"using    certificate {certificate_arn} ({domain})")
+        return Certificate(certificate_arn, None, lb_dns if domain.startswith("*") else domain)
+    now = dt.datetime.now(dt.UTC)
+    for summary in fleet_certificates(clients, names):
+        pem = clients.acm.get_certificate(CertificateArn=summary["CertificateArn"])[
+            "Certificate"]
+        if not needs_new_certificate(pem, lb_dns, now):
+            report(f"exists   certificate {summary['CertificateArn']} (self-signed, {lb_dns})")
+            return Certificate(summary["CertificateArn"], pem, lb_dns)
+    made = self_signed_certificate((lb_dns,))
+    arn = clients.acm.import_certificate(
+        Certificate=made.certificate_pem.encode(), PrivateKey=made.private_key_pem.encode(),
+        Tags=[t for t in _tags(names.fleet, "certificate") if t["Key"] != "Name"],
+    )["CertificateArn"]
+    until = certificate_info(made.certificate_pem).not_after.date()
+    report(f"created  certificate {arn} (self-signed for {lb_dns}, valid until {until})")
+    return Certificate(arn, made.certificate_pem, lb_dns)
+
+
+def remove_unused_certificates(clients: Clients, names: Names, keep: str | None,
+                               report: Report, timeout: float = 120.0) -> None:
+    """Delete the fleet's certificates other than ``keep`` (all of them for ``down``);
+    ACM refuses while a listener still uses one, which lags a deleted listener a little."""
+    for summary in fleet_certificates(clients, names):
+        arn = summary["CertificateArn"]
+        if arn == keep:
+            continue
+        _retry_in_use(f"certificate {arn}",
+                      lambda a=arn: clients.acm.delete_certificate(CertificateArn=a),
+                      ("ResourceInUseException",), timeout)
+        report(f"deleted  certificate {arn}")
+
+
+def _listener_actions_differ(listener: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    def normal(actions: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        out = []
+        for a in actions:
+            redirect = a.get("RedirectConfig") or {}
+            out.append((a.get("Type"), a.get("TargetGroupArn"), redirect.get("Protocol"),
+                        str(redirect.get("Port") or ""), redirect.get("StatusCode")))
+        return out
+
+    if normal(listener.get("DefaultActions", [])) != normal(wanted["DefaultActions"]):
+        return True
+    if listener.get("Protocol") != wanted["Protocol"]:
+        return True
+    if wanted["Protocol"] == "HTTPS":
+        certs = [c.get("CertificateArn") for c in listener.get("Certificates", [])]
+        return (listener.get("SslPolicy") != wanted["SslPolicy"]
+                or certs != [wanted["Certificates"][0]["CertificateArn"]])
+    return False
+
+
+def wanted_listeners(tg_arn: str, certificate_arn: str | None) -> dict[int, dict[str, Any]]:
+    """Port -> listener settings: HTTPS on 443 forwarding and 80 redirecting to it, or
+    (no certificate: --insecure-http) plain HTTP on 80 forwarding."""
     forward = [{"Type": "forward", "TargetGroupArn": tg_arn}]
-    for listener in _paginate(clients.elbv2, "describe_listeners", "Listeners",
-                              LoadBalancerArn=lb_arn):
-        if listener["Port"] == 80:
-            actions = listener.get("DefaultActions", [])
-            if [a.get("TargetGroupArn") for a in actions] != [tg_arn]:
-                clients.elbv2.modify_listener(ListenerArn=listener["ListenerArn"],
-                                              DefaultActions=forward)
-            report(f"exists   listener {listener['ListenerArn']}")
-            return listener["ListenerArn"]
-    arn = clients.elbv2.create_listener(
-        LoadBalancerArn=lb_arn, Protocol="HTTP", Port=80, DefaultActions=forward,
-        Tags=_tags(names.fleet, "listener"))["Listeners"][0]["ListenerArn"]
-    report(f"created  listener {arn} (HTTP :80 -> target group)")
-    return arn
+    if certificate_arn is None:
+        return {80: {"Protocol": "HTTP", "Port": 80, "DefaultActions": forward}}
+    return {
+        443: {"Protocol": "HTTPS", "Port": 443, "DefaultActions": forward,
+              "SslPolicy": TLS_POLICY, "Certificates": [{"CertificateArn": certificate_arn}]},
+        80: {"Protocol": "HTTP", "Port": 80, "DefaultActions": [{
+            "Type": "redirect", "RedirectConfig": {
+                "Protocol": "HTTPS", "Port": "443", "Host": "#{host}", "Path": "/#{path}",
+                "Query": "#{query}", "StatusCode": "HTTP_301"}}]},
+    }
+
+
+def ensure_listeners(clients: Clients, names: Names, lb_arn: str, tg_arn: str,
+                     certificate_arn: str | None, report: Report) -> str:
+    """Create, correct or delete listeners to match :func:`wanted_listeners`; returns the
+    ARN of the one forwarding to the target group."""
+    wanted = wanted_listeners(tg_arn, certificate_arn)
+    existing = {lst["Port"]: lst for lst in _paginate(
+        clients.elbv2, "describe_listeners", "Listeners", LoadBalancerArn=lb_arn)}
+    arns: dict[int, str] = {}
+    for port, settings in wanted.items():
+        listener = existing.pop(port, None)
+        what = f"listener :{port} {settings['Protocol']}"
+        if listener is None:
+            arns[port] = clients.elbv2.create_listener(
+                LoadBalancerArn=lb_arn, Tags=_tags(names.fleet, "listener"), **settings,
+            )["Listeners"][0]["ListenerArn"]
+            report(f"created  {what} {arns[port]}")
+            continue
+        arns[port] = listener["ListenerArn"]
+        if _listener_actions_differ(listener, settings):
+            extra = {k: v for k, v in settings.items() if k not in ("Port",)}
+            clients.elbv2.modify_listener(ListenerArn=arns[port], Port=port, **extra)
+            report(f"updated  {what} {arns[port]}")
+        else:
+            report(f"exists   {what} {arns[port]}")
+    for port, listener in existing.items():
+        clients.elbv2.delete_listener(ListenerArn=listener["ListenerArn"])
+        report(f"deleted  listener :{port} (not wanted)")
+    return arns[443 if certificate_arn else 80]
+
+
+def check_up_options(options: UpOptions) -> tuple[str, str]:
+    """Refuse the combinations that would open the fleet by accident; returns the
+    validated (admin CIDR, allowed CIDR)."""
+    admin_cidr = validate_cidr(options.admin_cidr, what="--admin-cidr", allow_world=False)
+    if not options.token:
+        if not options.public:
+            raise InfraError(
+                "--no-token: the load balancer is internet-facing, so without a token anyone "
+                "who finds its address can process images and store files at your expense; "
+                "pass --public as well if that is what you want")
+        if options.allowed_cidr is None:
+            raise InfraError("--no-token --public: also pass --allowed-cidr explicitly "
+                             "(0.0.0.0/0 is the default only with a token)")
+        if options.rotate_token:
+            raise InfraError("--rotate-token and --no-token contradict each other")
+    if options.insecure_http and options.certificate_arn:
+        raise InfraError("--insecure-http and --certificate-arn contradict each other")
+    if not 0 <= options.token_overlap_s <= 30 * 24 * 3600:
+        raise InfraError(f"--token-overlap must be 0..2592000 seconds "
+                         f"(got {options.token_overlap_s:g})")
+    allowed = validate_cidr(options.allowed_cidr or "0.0.0.0/0", what="--allowed-cidr",
+                            allow_world=True)
+    return admin_cidr, allowed
 
 
 def up(clients: Clients, options: UpOptions, report: Report) -> AwsFleetConfig:
-    admin_cidr = validate_cidr(options.admin_cidr, what="--admin-cidr", allow_world=False)
-    alb_cidr = validate_cidr(options.alb_cidr, what="--alb-cidr", allow_world=True)
+    admin_cidr, allowed_cidr = check_up_options(options)
     if not 1 <= options.result_days <= 3650:
         raise InfraError(f"--result-days must be 1..3650 (got {options.result_days})")
     names = fleet_names(clients, options.name)
     key_out = options.key_out or options.config_out.with_suffix(".pem")
+    previous = _previous_settings(options.config_out, names.fleet)
     vpc_id, subnets = resolve_network(clients, options.vpc_id, options.subnets)
     ami = resolve_ami(clients, options.ami)
+    https = not options.insecure_http
 
     bucket = ensure_bucket(clients, names, options.result_days, report)
     alb_sg, worker_sg = ensure_security_groups(clients, names.fleet, vpc_id=vpc_id,
-                                               alb_cidr=alb_cidr, admin_cidr=admin_cidr,
+                                               allowed_cidr=allowed_cidr,
+                                               admin_cidr=admin_cidr, https=https,
                                                report=report)
     key_name = ensure_key_pair(clients, names, key_out, report)
-    role_name, profile_arn = ensure_iam(clients, names, bucket, report)
+    token_parameter = None
+    if options.token:
+        token_parameter = ensure_token(clients, names, rotate=options.rotate_token,
+                                       overlap_s=options.token_overlap_s, report=report)
+    else:
+        remove_token(clients, names, report)
+    role_name, profile_arn = ensure_iam(clients, names, bucket, report,
+                                        token=options.token)
     tg_arn = ensure_target_group(clients, names, vpc_id, report)
     lb = ensure_load_balancer(clients, names, subnets, alb_sg, report)
-    listener_arn = ensure_listener(clients, names, lb["LoadBalancerArn"], tg_arn, report)
+    certificate = (ensure_certificate(clients, names, lb["DNSName"], options.certificate_arn,
+                                      report) if https else None)
+    listener_arn = ensure_listeners(clients, names, lb["LoadBalancerArn"], tg_arn,
+                                    certificate.arn if certificate else None, report)
+    # After the listeners moved: a replaced (or no longer used) self-signed certificate.
+    remove_unused_certificates(clients, names, certificate.arn if certificate else None,
+                               report)
+    host = certificate.domain if certificate else lb["DNSName"]
+    api_url = f"https://{host}" if https else f"http://{host}"
+    if options.insecure_http:
+        report("WARNING  --insecure-http: images, results and the token cross the network "
+               "in clear text")
 
-    previous = _previous_settings(options.config_out, names.fleet)
     config = AwsFleetConfig(
         name=names.fleet, region=clients.region, vpc_id=vpc_id, subnets=subnets,
         bucket=bucket, alb_security_group=alb_sg, worker_security_group=worker_sg,
@@ -600,12 +908,30 @@ def up(clients: Clients, options: UpOptions, report: Report) -> AwsFleetConfig:
         load_balancer_dns=lb["DNSName"], listener_arn=listener_arn, ami=ami,
         instance_types=tuple(options.instance_types), ssh_user=options.ssh_user,
         result_days=options.result_days, endpoint_url=options.endpoint_url,
-        profile=options.profile, **previous,
+        profile=options.profile, api_url=api_url, token_parameter=token_parameter,
+        certificate_arn=certificate.arn if certificate else None,
+        ca_pem=certificate.pem if certificate else None,
+        insecure_http=options.insecure_http, **previous,
     )
     save_config(config, options.config_out)
     report(f"wrote    fleet config {options.config_out}")
-    report(f"endpoint http://{config.load_balancer_dns}")
+    ca_path = ca_file_path(options.config_out)
+    if config.ca_pem:
+        # Public, but only the admin writes it: clients pin exactly this certificate.
+        write_private_file(ca_path, config.ca_pem, mode=0o644)
+        report(f"wrote    certificate {ca_path} (pass it as --ca-file / the app's CA file)")
+    else:
+        ca_path.unlink(missing_ok=True)
+    report(f"endpoint {api_url}")
+    if token_parameter:
+        report(f"token    `python -m scripts.bootstrap_aws status --name {names.fleet} "
+               "--show-token` prints it")
     return config
+
+
+def ca_file_path(config_path: Path) -> Path:
+    """Where ``up`` writes the self-signed certificate beside the fleet config."""
+    return config_path.with_suffix(".ca.pem")
 
 
 # Tunables a user may have edited in an existing config survive a re-run of `up`.
@@ -630,7 +956,8 @@ def _previous_settings(path: Path, name: str) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- status
 
-def status(clients: Clients, name: str) -> dict[str, Any]:
+def status(clients: Clients, name: str, *, show_token: bool = False) -> dict[str, Any]:
+    """What exists for the fleet. The token's value only with ``show_token``."""
     names = fleet_names(clients, name)
     result: dict[str, Any] = {"name": names.fleet, "region": clients.region}
     result["bucket"] = names.bucket if bucket_exists(clients, names) else None
@@ -645,9 +972,29 @@ def status(clients: Clients, name: str) -> dict[str, Any]:
     result["iam_role"] = names.role if role else None
     profile = _iam_get(lambda: clients.iam.get_instance_profile(InstanceProfileName=names.role))
     result["instance_profile"] = profile["InstanceProfile"]["Arn"] if profile else None
+    parameter = find_token_parameter(clients, names)
+    result["token_parameter"] = ({"name": names.token_parameter, "type": parameter["Type"],
+                                  "version": parameter.get("Version")} if parameter else None)
+    if show_token:
+        if parameter is None:
+            raise InfraError(f"fleet {name} has no token parameter (made with --no-token?)")
+        result["token"] = read_token_set(clients, names).current
     lb = find_load_balancer(clients, names)
     result["load_balancer"] = ({"arn": lb["LoadBalancerArn"], "dns": lb["DNSName"],
                                 "state": lb["State"]["Code"]} if lb else None)
+    result["listeners"] = [] if not lb else [
+        {"port": lst["Port"], "protocol": lst["Protocol"],
+         "action": lst["DefaultActions"][0]["Type"] if lst.get("DefaultActions") else "-",
+         "certificates": [c["CertificateArn"] for c in lst.get("Certificates", [])],
+         "ssl_policy": lst.get("SslPolicy")}
+        for lst in _paginate(clients.elbv2, "describe_listeners", "Listeners",
+                             LoadBalancerArn=lb["LoadBalancerArn"])]
+    result["certificates"] = [
+        {"arn": c["CertificateArn"], "domain": c.get("DomainName"),
+         "not_after": c["NotAfter"].isoformat() if c.get("NotAfter") else None}
+        for c in fleet_certificates(clients, names)]
+    https = any(lst["protocol"] == "HTTPS" for lst in result["listeners"])
+    result["endpoint"] = (f"{'https' if https else 'http'}://{lb['DNSName']}" if lb else None)
     tg_arn = find_target_group(clients, names)
     result["target_group"] = tg_arn
     health: dict[str, dict[str, str]] = {}
@@ -678,11 +1025,23 @@ def format_status(info: dict[str, Any]) -> str:
     lines.append(f"  key pair          {info['key_pair'] or '-'}")
     lines.append(f"  IAM role          {info['iam_role'] or '-'}")
     lines.append(f"  instance profile  {info['instance_profile'] or '-'}")
+    token = info.get("token_parameter")
+    lines.append(f"  token parameter   {token['name']} ({token['type']}, version "
+                 f"{token['version']})" if token else "  token parameter   - (no token: public)")
+    for cert in info.get("certificates", []):
+        lines.append(f"  certificate       {cert['arn']} (self-signed for {cert['domain']}, "
+                     f"until {cert['not_after']})")
     lb = info["load_balancer"]
     lines.append(f"  load balancer     {lb['arn']} [{lb['state']}]" if lb else
                  "  load balancer     -")
-    if lb:
-        lines.append(f"  endpoint          http://{lb['dns']}")
+    for lst in info.get("listeners", []):
+        policy = f" {lst['ssl_policy']}" if lst.get("ssl_policy") else ""
+        lines.append(f"  listener          :{lst['port']} {lst['protocol']}{policy} -> "
+                     f"{lst['action']}")
+    if info.get("endpoint"):
+        lines.append(f"  endpoint          {info['endpoint']}")
+    if "token" in info:
+        lines.append(f"  token             {info['token']}")
     lines.append(f"  target group      {info['target_group'] or '-'}")
     lines.append(f"  instances         {len(info['instances'])}")
     for inst in info["instances"]:
@@ -719,6 +1078,7 @@ def down(clients: Clients, name: str, report: Report, *, timeout: float = 900.0)
             LoadBalancerArns=[lb["LoadBalancerArn"]],
             WaiterConfig={"Delay": 5, "MaxAttempts": int(timeout / 5)})
         report(f"deleted  load balancer {lb['LoadBalancerArn']}")
+    remove_unused_certificates(clients, names, None, report, timeout)
 
     tg_arn = find_target_group(clients, names)
     if tg_arn:
@@ -769,6 +1129,8 @@ def down(clients: Clients, name: str, report: Report, *, timeout: float = 900.0)
         clients.iam.delete_role(RoleName=names.role)
         report(f"deleted  IAM role {names.role}")
 
+    remove_token(clients, names, report)
+
     if bucket_exists(clients, names):
         _empty_bucket(clients, names.bucket)
         clients.s3.delete_bucket(Bucket=names.bucket)
@@ -810,6 +1172,7 @@ def _forget_local_files(config_path: Path, name: str, report: Report) -> None:
     if config.name != name:
         return
     Path(config.key_file).unlink(missing_ok=True)
+    ca_file_path(config_path).unlink(missing_ok=True)
     config_path.unlink()
     report(f"removed  {config_path} and {config.key_file}")
 
@@ -829,8 +1192,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--admin-cidr",
                         help="required for up: the only source allowed to SSH to workers "
                              "(e.g. your address/32)")
-    parser.add_argument("--alb-cidr", default="0.0.0.0/0",
-                        help="who may reach the load balancer on HTTP (default: anyone)")
+    parser.add_argument("--allowed-cidr", "--alb-cidr", dest="allowed_cidr",
+                        help="who may reach the load balancer (default with a token: "
+                             "anyone, 0.0.0.0/0; without one it must be given)")
+    parser.add_argument("--certificate-arn",
+                        help="ACM certificate for your own domain (default: a self-signed "
+                             "one for the load balancer's DNS name, which clients pin)")
+    parser.add_argument("--insecure-http", action="store_true",
+                        help="serve plain HTTP on port 80 and no HTTPS (not for real use)")
+    parser.add_argument("--no-token", dest="token", action="store_false",
+                        help="no API token (needs --public and --allowed-cidr)")
+    parser.add_argument("--public", action="store_true",
+                        help="with --no-token: yes, anyone allowed may use the fleet")
+    parser.add_argument("--rotate-token", action="store_true",
+                        help="up: write a new API token; the old one stays accepted for "
+                             "--token-overlap seconds")
+    parser.add_argument("--token-overlap", type=float, default=DEFAULT_TOKEN_OVERLAP_S,
+                        metavar="SECONDS",
+                        help=f"how long a rotated-out token is still accepted (default "
+                             f"{DEFAULT_TOKEN_OVERLAP_S:.0f})")
+    parser.add_argument("--show-token", action="store_true",
+                        help="status: print the API token (for the app and the CLI)")
     parser.add_argument("--instance-type", action="append", dest="instance_types",
                         help="EC2 instance type, repeat for fallbacks in order "
                              f"(default: {' '.join(DEFAULT_INSTANCE_TYPES)})")
@@ -867,7 +1249,10 @@ def main(argv: list[str] | None = None) -> int:
         clients = make_clients(args.region, args.profile, args.endpoint_url)
         if args.command == "up":
             up(clients, UpOptions(
-                name=args.name, admin_cidr=args.admin_cidr, alb_cidr=args.alb_cidr,
+                name=args.name, admin_cidr=args.admin_cidr, allowed_cidr=args.allowed_cidr,
+                token=args.token, public=args.public, rotate_token=args.rotate_token,
+                token_overlap_s=args.token_overlap, certificate_arn=args.certificate_arn,
+                insecure_http=args.insecure_http,
                 instance_types=tuple(args.instance_types or DEFAULT_INSTANCE_TYPES),
                 ami=args.ami, result_days=args.result_days,
                 config_out=args.config_out or Path(f"imagefleet-{args.name}.json"),
@@ -877,7 +1262,7 @@ def main(argv: list[str] | None = None) -> int:
                 profile=args.profile,
             ), report)
         elif args.command == "status":
-            info = status(clients, args.name)
+            info = status(clients, args.name, show_token=args.show_token)
             print(json.dumps(info, indent=2) if args.json else format_status(info))
         else:
             down(clients, args.name, report)

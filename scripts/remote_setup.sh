@@ -5,7 +5,7 @@
 # Production (root, systemd; what the SSH bootstrap and the user-data script run):
 #   remote_setup.sh --source DIR --storage s3://BUCKET/results --region eu-west-1 \
 #       [--port 8080] [--host 0.0.0.0] [--prefix /opt/imagefleet] [--user imagefleet] \
-#       [--instance-id ID] [--health-timeout 180]
+#       [--instance-id ID] [--health-timeout 180] [--token-ssm-parameter NAME]
 #   creates a system user, a venv under PREFIX, an environment file and a systemd unit
 #   (non-root, Restart=always), starts it and waits for http://127.0.0.1:PORT/health.
 #
@@ -15,6 +15,10 @@
 #   copies the code to PREFIX/app, uses EXISTING_VENV as is (no pip, no network) or
 #   creates PREFIX/venv, starts `python -m server` in the background (PREFIX/server.pid,
 #   PREFIX/server.log) and waits for /health.
+#
+# --token-ssm-parameter NAME: the server requires the API token held in that SSM
+# SecureString and reads it itself at start and every minute (instance role
+# credentials); only the name passes through here, never the value.
 #
 # SOURCE holds server/, requirements.txt and scripts/ (the bundle built by
 # fleet/bootstrap.py). Exit codes: 0 healthy; 1 failed (the reason is on stderr); 2 usage.
@@ -32,6 +36,7 @@ python_bin=python3
 venv=""
 use_systemd=1
 health_timeout=180
+token_parameter=""
 
 die() { echo "remote_setup: $*" >&2; exit 1; }
 usage() { echo "remote_setup: $*" >&2; echo "see the header of $0 for usage" >&2; exit 2; }
@@ -51,6 +56,7 @@ while (($#)); do
         --venv) venv=${2:?}; shift 2 ;;
         --no-systemd) use_systemd=0; shift ;;
         --health-timeout) health_timeout=${2:?}; shift 2 ;;
+        --token-ssm-parameter) token_parameter=${2:?}; shift 2 ;;
         *) usage "unknown argument '$1'" ;;
     esac
 done
@@ -61,6 +67,8 @@ done
 [[ "$port" =~ ^[0-9]+$ ]] && ((port >= 1 && port <= 65535)) \
     || usage "--port must be 1..65535 (got '$port')"
 [[ "$health_timeout" =~ ^[0-9]+$ ]] || usage "--health-timeout must be whole seconds"
+[[ -z "$token_parameter" || "$token_parameter" =~ ^/[A-Za-z0-9_./-]+$ ]] \
+    || usage "--token-ssm-parameter must be a parameter path like /imagefleet/NAME/api-token"
 source_dir=$(cd "$source_dir" && pwd)
 
 if ((use_systemd)); then
@@ -172,6 +180,7 @@ IMAGEFLEET_INSTANCE_ID=${instance_id:-$(hostname)}
 IMAGEFLEET_WORKERS=$(nproc)
 AWS_REGION=$region
 AWS_DEFAULT_REGION=$region
+${token_parameter:+IMAGEFLEET_TOKEN_SSM_PARAMETER=$token_parameter}
 EOF
 )
     new_unit=$(cat <<EOF
@@ -246,6 +255,7 @@ setup_background() {
                        IMAGEFLEET_PORT="$port")
     [[ -n "$instance_id" ]] && env_args+=(IMAGEFLEET_INSTANCE_ID="$instance_id")
     [[ -n "$region" ]] && env_args+=(AWS_REGION="$region" AWS_DEFAULT_REGION="$region")
+    [[ -n "$token_parameter" ]] && env_args+=(IMAGEFLEET_TOKEN_SSM_PARAMETER="$token_parameter")
     # setsid + closed stdio: the server outlives this (SSH) session and does not hold
     # its channel open.
     env "${env_args[@]}" setsid "$venv/bin/python" -m server \

@@ -1,13 +1,21 @@
 """scripts/bootstrap_aws.py against moto's in-process AWS control plane.
 
-moto stands in for EC2, ELBv2, S3, IAM and STS; the script's own code runs unchanged
-(paginators, waiters, tag look-ups). The CLI is driven through ``main(argv)``.
+moto stands in for EC2, ELBv2, S3, IAM, STS, SSM and ACM; the script's own code runs
+unchanged (paginators, waiters, tag look-ups). The CLI is driven through ``main(argv)``.
+The token rotation test runs a real ``python -m server`` that reads its token from moto
+in server mode over HTTP, as a worker reads it from SSM through its instance role.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import dataclasses
+import io
 import json
 import stat
+import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +23,15 @@ from typing import Any
 import boto3
 import pytest
 from moto import mock_aws
+from moto.server import ThreadedMotoServer
+from waiting import wait_until
 
+from fleet import bootstrap
 from fleet.aws_config import FLEET_TAG_KEY, load_config
+from fleet.providers.aws import AwsProvider
+from fleet.tls import certificate_info, self_signed_certificate
 from scripts import bootstrap_aws
+from server.tokens import parse_token_document
 
 REGION = "eu-west-1"
 NAME = "demo"
@@ -72,6 +86,15 @@ def _inventory() -> dict[str, Any]:
                 tagged_elb.append(desc["ResourceArn"])
     listeners = [lst["ListenerArn"] for lb in lbs
                  for lst in elbv2.describe_listeners(LoadBalancerArn=lb)["Listeners"]]
+    ssm = boto3.client("ssm", region_name=REGION)
+    acm = boto3.client("acm", region_name=REGION)
+    parameters = [p["Name"] for p in ssm.describe_parameters()["Parameters"]
+                  if {"Key": FLEET_TAG_KEY, "Value": NAME} in ssm.list_tags_for_resource(
+                      ResourceType="Parameter", ResourceId=p["Name"])["TagList"]]
+    certificates = [c["CertificateArn"] for c in acm.list_certificates(
+        Includes={"keyTypes": ["EC_prime256v1", "RSA_2048"]})["CertificateSummaryList"]
+        if {"Key": FLEET_TAG_KEY, "Value": NAME} in acm.list_tags_for_certificate(
+            CertificateArn=c["CertificateArn"]).get("Tags", [])]
     roles = [r["RoleName"] for r in iam.list_roles()["Roles"]
              if any(t["Key"] == FLEET_TAG_KEY and t["Value"] == NAME
                     for t in iam.list_role_tags(RoleName=r["RoleName"])["Tags"])]
@@ -84,6 +107,8 @@ def _inventory() -> dict[str, Any]:
         "buckets": sorted(buckets),
         "elb": sorted(tagged_elb),
         "listeners": sorted(listeners),
+        "parameters": sorted(parameters),
+        "certificates": sorted(certificates),
         "roles": sorted(roles),
         "instance_profiles": sorted(p["Arn"] for p in iam.list_instance_profiles()[
             "InstanceProfiles"]),
@@ -102,10 +127,12 @@ def test_up_twice_creates_nothing_new_then_status_then_down_leaves_nothing(
     assert len(first["key_pairs"]) == 1
     assert len(first["buckets"]) == 1
     assert len(first["elb"]) == 2  # the ALB and the target group
-    assert len(first["listeners"]) == 1
+    assert len(first["listeners"]) == 2  # HTTPS :443, and :80 that only redirects
     assert len(first["roles"]) == 1
     assert len(first["instance_profiles"]) == 1
-    assert len(first["ingress_rules"]) == 3  # ALB :80, workers :8080 from ALB, workers :22
+    assert len(first["parameters"]) == 1 and len(first["certificates"]) == 1
+    # ALB :443 and :80, workers :8080 from the ALB, workers :22 from the admin
+    assert len(first["ingress_rules"]) == 4
 
     config = load_config(tmp_path / "fleet.json")
     key_file = Path(config.key_file)
@@ -116,7 +143,14 @@ def test_up_twice_creates_nothing_new_then_status_then_down_leaves_nothing(
     assert config.bucket in first["buckets"]
     assert config.target_group_arn in first["elb"]
 
-    assert "created  bucket" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "created  bucket" in out
+    token = _token()
+    assert token not in out and token not in (tmp_path / "fleet.json").read_text()
+    assert config.api_url == f"https://{config.load_balancer_dns}"
+    assert (tmp_path / "fleet.ca.pem").read_text() == config.ca_pem
+    ssm = boto3.client("ssm", region_name=REGION)
+    version = ssm.get_parameter(Name=config.token_parameter)["Parameter"]["Version"]
     assert _up(tmp_path) == 0
     second = _inventory()
     assert second == first
@@ -124,6 +158,8 @@ def test_up_twice_creates_nothing_new_then_status_then_down_leaves_nothing(
     assert "created" not in out and "allowed" not in out
     assert "exists   bucket" in out and "exists   load balancer" in out
     assert load_config(tmp_path / "fleet.json") == config
+    assert _token() == token  # a re-run keeps the token ...
+    assert ssm.get_parameter(Name=config.token_parameter)["Parameter"]["Version"] == version
 
     # Settings checked against the issue.
     elbv2 = boto3.client("elbv2", region_name=REGION)
@@ -159,6 +195,8 @@ def test_up_twice_creates_nothing_new_then_status_then_down_leaves_nothing(
     resources = {r for s in policy["Statement"] for r in
                  ([s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"])}
     assert resources == {f"arn:aws:s3:::{config.bucket}", f"arn:aws:s3:::{config.bucket}/*"}
+    _check_https_listeners(elbv2, config)
+    _check_token_parameter_and_policy(iam, ssm, config)
 
     # An instance the manager launched (tagged for the fleet) and a registered target.
     instance_id = ec2.run_instances(
@@ -175,8 +213,15 @@ def test_up_twice_creates_nothing_new_then_status_then_down_leaves_nothing(
     out = capsys.readouterr().out
     assert config.bucket in out and config.load_balancer_dns in out
     assert instance_id in out and "target " in out
+    assert f"endpoint          https://{config.load_balancer_dns}" in out
+    assert config.token_parameter in out and token not in out  # status never shows it ...
     assert bootstrap_aws.main(["status", "--name", NAME, "--region", REGION, "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
+    text = capsys.readouterr().out
+    assert token not in text
+    assert bootstrap_aws.main(["status", "--name", NAME, "--region", REGION,
+                               "--show-token"]) == 0
+    assert f"token             {token}\n" in capsys.readouterr().out  # ... unless asked to
+    info = json.loads(text)
     assert [i["id"] for i in info["instances"]] == [instance_id]
     assert info["instances"][0]["target"]["state"] != "unregistered"
     assert info["result_days"] == 3
@@ -186,6 +231,7 @@ def test_up_twice_creates_nothing_new_then_status_then_down_leaves_nothing(
     after = _inventory()
     assert after == {key: [] for key in after}
     assert not key_file.exists() and not (tmp_path / "fleet.json").exists()
+    assert not (tmp_path / "fleet.ca.pem").exists()
 
     # down is idempotent too.
     assert bootstrap_aws.main(["down", "--name", NAME, "--region", REGION]) == 0
@@ -225,3 +271,193 @@ def test_up_refuses_untagged_resource_with_our_name(aws: None, tmp_path: Path,
     iam.create_role(RoleName=f"imgf-{NAME}-worker", AssumeRolePolicyDocument="{}")
     assert _up(tmp_path) == 2
     assert "refusing to adopt" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ closed, encrypted
+
+def _token() -> str:
+    value = boto3.client("ssm", region_name=REGION).get_parameter(
+        Name=f"/imagefleet/{NAME}/api-token", WithDecryption=True)["Parameter"]["Value"]
+    return parse_token_document(value, "test").current
+
+
+def _listeners(elbv2: Any, config: Any) -> dict[int, dict[str, Any]]:
+    return {lst["Port"]: lst for lst in elbv2.describe_listeners(
+        LoadBalancerArn=config.load_balancer_arn)["Listeners"]}
+
+
+def _check_https_listeners(elbv2: Any, config: Any) -> None:
+    listeners = _listeners(elbv2, config)
+    assert set(listeners) == {443, 80}
+    https = listeners[443]
+    assert https["Protocol"] == "HTTPS" and https["ListenerArn"] == config.listener_arn
+    assert https["SslPolicy"] == "ELBSecurityPolicy-TLS13-1-2-2021-06"
+    assert [c["CertificateArn"] for c in https["Certificates"]] == [config.certificate_arn]
+    assert [(a["Type"], a["TargetGroupArn"]) for a in https["DefaultActions"]] == [
+        ("forward", config.target_group_arn)]
+    redirect = listeners[80]["DefaultActions"]
+    assert [a["Type"] for a in redirect] == ["redirect"]  # port 80 forwards nothing
+    assert redirect[0]["RedirectConfig"]["Protocol"] == "HTTPS"
+    assert str(redirect[0]["RedirectConfig"]["Port"]) == "443"
+    assert redirect[0]["RedirectConfig"]["StatusCode"] == "HTTP_301"
+    # The pinned certificate names the load balancer, and it is what ACM serves.
+    assert config.load_balancer_dns in certificate_info(config.ca_pem).names
+    acm = boto3.client("acm", region_name=REGION)
+    assert acm.get_certificate(CertificateArn=config.certificate_arn)["Certificate"].strip() \
+        == config.ca_pem.strip()
+
+
+def _check_token_parameter_and_policy(iam: Any, ssm: Any, config: Any) -> None:
+    described = ssm.describe_parameters(ParameterFilters=[
+        {"Key": "Name", "Values": [config.token_parameter]}])["Parameters"]
+    assert [p["Type"] for p in described] == ["SecureString"]
+    arn = ssm.get_parameter(Name=config.token_parameter)["Parameter"]["ARN"]
+    statements = [
+        statement
+        for name in iam.list_role_policies(RoleName=config.role_name)["PolicyNames"]
+        for statement in iam.get_role_policy(RoleName=config.role_name, PolicyName=name)[
+            "PolicyDocument"]["Statement"]]
+    ssm_statements = [s for s in statements
+                      if any(a.startswith("ssm:") for a in _as_list(s["Action"]))]
+    assert [(_as_list(s["Action"]), _as_list(s["Resource"])) for s in ssm_statements] == [
+        (["ssm:GetParameter"], [arn])]  # that one parameter, read only
+    kms = [s for s in statements if any(a.startswith("kms:") for a in _as_list(s["Action"]))]
+    assert [_as_list(s["Action"]) for s in kms] == [["kms:Decrypt"]]
+    assert kms[0]["Condition"] == {
+        "StringEquals": {"kms:ViaService": f"ssm.{REGION}.amazonaws.com"}}
+    assert not any(a in ("*", "ssm:*") for s in statements for a in _as_list(s["Action"]))
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def test_no_worker_user_data_or_bundle_holds_the_token(aws: None, tmp_path: Path) -> None:
+    assert _up(tmp_path) == 0
+    token = _token()
+    config = dataclasses.replace(load_config(tmp_path / "fleet.json"), bootstrap="user-data")
+    provider = AwsProvider(config, bootstrapper=lambda record, deadline: None)
+    instance_id = asyncio.run(provider.launch("launch-1"))
+    ec2 = boto3.client("ec2", region_name=REGION)
+    encoded = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")[
+        "UserData"]["Value"]
+    user_data = base64.b64decode(encoded).decode()
+    assert "--token-ssm-parameter /imagefleet/demo/api-token" in user_data  # the name ...
+    assert token not in user_data  # ... never the value
+    bundle = bootstrap.build_bundle()
+    assert token.encode() not in bundle
+    with tarfile.open(fileobj=io.BytesIO(bundle)) as tar:
+        for member in tar.getmembers():
+            data = tar.extractfile(member).read() if member.isfile() else b""
+            assert token.encode() not in data, member.name
+    ssh_args = bootstrap.remote_setup_args(storage=config.storage_url, region=REGION,
+                                           token_parameter=config.token_parameter)
+    assert token not in " ".join(ssh_args)
+    asyncio.run(provider.close())
+
+
+def test_a_fleet_without_token_needs_public_and_a_cidr(
+        aws: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _up(tmp_path, "--no-token") == 2
+    assert "pass --public" in capsys.readouterr().err
+    assert _up(tmp_path, "--no-token", "--public") == 2
+    assert "--allowed-cidr explicitly" in capsys.readouterr().err
+    assert _inventory()["security_groups"] == []  # refused before creating anything
+    assert _up(tmp_path, "--no-token", "--public", "--allowed-cidr", "198.51.100.0/24") == 0
+    inventory = _inventory()
+    assert inventory["parameters"] == []
+    config = load_config(tmp_path / "fleet.json")
+    assert config.token_parameter is None
+    iam = boto3.client("iam", region_name=REGION)
+    assert iam.list_role_policies(RoleName=config.role_name)["PolicyNames"] == ["fleet-bucket"]
+    ec2 = boto3.client("ec2", region_name=REGION)
+    alb = ec2.describe_security_groups(GroupIds=[config.alb_security_group])[
+        "SecurityGroups"][0]["IpPermissions"]
+    assert sorted((p["FromPort"], r["CidrIp"]) for p in alb for r in p["IpRanges"]) == [
+        (80, "198.51.100.0/24"), (443, "198.51.100.0/24")]
+    assert bootstrap_aws.main(["status", "--name", NAME, "--region", REGION,
+                               "--show-token"]) == 2
+    assert "no token parameter" in capsys.readouterr().err
+
+
+def test_insecure_http_listens_and_opens_port_80_only(aws: None, tmp_path: Path) -> None:
+    assert _up(tmp_path) == 0
+    https_cert = load_config(tmp_path / "fleet.json").certificate_arn
+    # Switching an HTTPS fleet to plain HTTP closes 443 and drops its certificate.
+    assert _up(tmp_path, "--insecure-http") == 0
+    config = load_config(tmp_path / "fleet.json")
+    elbv2 = boto3.client("elbv2", region_name=REGION)
+    listeners = _listeners(elbv2, config)
+    assert list(listeners) == [80] and listeners[80]["Protocol"] == "HTTP"
+    assert [a["Type"] for a in listeners[80]["DefaultActions"]] == ["forward"]
+    assert config.api_url.startswith("http://") and config.ca_pem is None
+    assert not (tmp_path / "fleet.ca.pem").exists()
+    ec2 = boto3.client("ec2", region_name=REGION)
+    alb = ec2.describe_security_groups(GroupIds=[config.alb_security_group])[
+        "SecurityGroups"][0]["IpPermissions"]
+    assert [p["FromPort"] for p in alb] == [80]
+    assert https_cert not in _inventory()["certificates"]
+    # And back: HTTPS again, port 80 redirecting.
+    assert _up(tmp_path) == 0
+    _check_https_listeners(elbv2, load_config(tmp_path / "fleet.json"))
+
+
+def test_the_admins_own_certificate_is_used_and_never_deleted(aws: None,
+                                                             tmp_path: Path) -> None:
+    own = self_signed_certificate(("images.example.com",))
+    acm = boto3.client("acm", region_name=REGION)
+    arn = acm.import_certificate(Certificate=own.certificate_pem.encode(),
+                                 PrivateKey=own.private_key_pem.encode())["CertificateArn"]
+    assert _up(tmp_path, "--certificate-arn", arn) == 0
+    config = load_config(tmp_path / "fleet.json")
+    assert config.certificate_arn == arn and config.ca_pem is None
+    assert config.api_url == "https://images.example.com"
+    https = _listeners(boto3.client("elbv2", region_name=REGION), config)[443]
+    assert [c["CertificateArn"] for c in https["Certificates"]] == [arn]
+    assert _inventory()["certificates"] == []  # no self-signed one of ours
+    assert bootstrap_aws.main(["down", "--name", NAME, "--region", REGION]) == 0
+    assert acm.describe_certificate(CertificateArn=arn)["Certificate"]["Status"] == "ISSUED"
+
+
+# ------------------------------------------------ rotation, a real server reading SSM
+
+@pytest.fixture
+def moto_endpoint(fake_aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """moto in server mode: other processes (the server) reach it over HTTP."""
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def test_rotation_keeps_the_old_token_for_the_overlap_then_not(
+        moto_endpoint: str, server_process: Any, tmp_path: Path) -> None:
+    clients = bootstrap_aws.make_clients(REGION, None, moto_endpoint)
+    names = bootstrap_aws.fleet_names(clients, NAME)
+    bootstrap_aws.ensure_token(clients, names, rotate=False, overlap_s=0, report=print)
+    old = bootstrap_aws.read_token_set(clients, names).current
+    server = server_process(env={
+        "IMAGEFLEET_TOKEN_SSM_PARAMETER": names.token_parameter,
+        "IMAGEFLEET_TOKEN_REFRESH": "0.2",
+        "AWS_ENDPOINT_URL_SSM": moto_endpoint, "AWS_REGION": REGION,
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
+
+    def status(token: str | None) -> int:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return server.get("/operations", headers=headers).status_code
+
+    assert (status(old), status(None), status("not-the-token")) == (200, 401, 401)
+    overlap = 3.0
+    bootstrap_aws.ensure_token(clients, names, rotate=True, overlap_s=overlap, report=print)
+    rotated_at = time.time()
+    new = bootstrap_aws.read_token_set(clients, names).current
+    assert new != old
+    wait_until(lambda: status(new) == 200, 10, what="the server to pick up the new token")
+    if time.time() < rotated_at + overlap - 0.5:  # a busy machine may take longer
+        assert status(old) == 200  # both accepted during the overlap
+    wait_until(lambda: status(old) == 401, overlap + 10, what="the old token to expire")
+    assert time.time() >= rotated_at + overlap - 0.5  # not before its overlap ended
+    assert status(new) == 200
+    assert server.proc.poll() is None  # no restart

@@ -330,7 +330,8 @@ class AwsProvider:
             from fleet.bootstrap import render_user_data
             request["UserData"] = render_user_data(
                 bundle_url=f"s3://{config.bucket}/fleet/bundle.tar.gz",
-                storage=config.storage_url, region=config.region, port=config.app_port)
+                storage=config.storage_url, region=config.region, port=config.app_port,
+                token_parameter=config.token_parameter)
         return request
 
     # ---------------------------------------------------------------------- bootstrap
@@ -464,7 +465,8 @@ class SshBootstrapper:
             target, sudo=True, timeout_s=max(1.0, deadline - time.monotonic()),
             setup_args=bootstrap.remote_setup_args(
                 storage=self.config.storage_url, region=self.config.region,
-                port=self.config.app_port, instance_id=iid))
+                port=self.config.app_port, instance_id=iid,
+                token_parameter=self.config.token_parameter))
         log.info("bootstrapped %s in %.1fs (ssh up after %.1fs)", iid, result.duration_s,
                  result.connect_s)
 

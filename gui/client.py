@@ -52,6 +52,11 @@ Behaviour:
   quickly (a GUI should only post it to a queue).
 * **Auth**: ``token`` is sent as ``Authorization: Bearer <token>``, only to the
   endpoint's own origin, never to a presigned S3 link (S3 would reject the request).
+* **Pinning**: with ``ca_file`` (a PEM file, e.g. the self-signed certificate
+  ``bootstrap_aws up`` wrote) the endpoint's origin is trusted only if it presents
+  that certificate, host name checked; other origins (S3 links) keep the system's
+  trust store. A certificate problem is a :class:`TransportError` naming it, never
+  retried. There is no way to turn verification off.
 
 Exceptions (all carry ``attempts``, the number of HTTP attempts made)::
 
@@ -84,6 +89,7 @@ import logging
 import mimetypes
 import os
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -135,6 +141,7 @@ __all__ = [
     "parse_health",
     "parse_operations",
     "parse_process_result",
+    "pinned_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -666,6 +673,15 @@ def _mapped_transport_errors(what: str) -> Iterator[None]:
         raise
     except aiohttp.ConnectionTimeoutError as exc:
         raise ConnectTimeout(f"{what}: timed out while connecting") from exc
+    except aiohttp.ClientConnectorCertificateError as exc:
+        # Not retried (TransportError): another attempt meets the same certificate.
+        cause = exc.certificate_error
+        reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None) \
+            or str(cause)
+        raise TransportError(
+            f"{what}: the server's certificate was refused: certificate verify failed: "
+            f"{reason} (trusted: the pinned CA file if one is set, else the system's "
+            "certificates)") from exc
     except aiohttp.ClientSSLError as exc:
         raise TransportError(f"{what}: TLS failure: {exc}") from exc
     except aiohttp.ClientConnectorError as exc:
@@ -1156,6 +1172,24 @@ class _AdaptiveLimiter:
 # --------------------------------------------------------------------------- the client
 
 
+def pinned_context(ca_file: str | os.PathLike[str]) -> ssl.SSLContext:
+    """A TLS context that trusts exactly the certificate(s) in ``ca_file`` and nothing
+    from the system store; host names are checked (the certificate names the endpoint)."""
+    try:
+        pem = Path(ca_file).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"CA file {ca_file}: {getattr(exc, 'strerror', None) or exc}") \
+            from exc
+    if "-----BEGIN CERTIFICATE-----" not in pem:
+        raise InvalidRequest(f"CA file {ca_file} holds no PEM certificate")
+    try:
+        context = ssl.create_default_context(cadata=pem)
+    except ssl.SSLError as exc:
+        raise InvalidRequest(f"CA file {ca_file}: not a usable certificate ({exc})") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 class ImageFleetClient:
     """Async client for one ImageFleet endpoint (a load balancer or one server).
 
@@ -1166,7 +1200,8 @@ class ImageFleetClient:
     ``Authorization: Bearer`` to the endpoint. ``concurrency``: the most requests in
     flight at once (and jobs at once in a batch). ``timeout``/``retry``: see
     :class:`Timeout` and :class:`RetryPolicy`. ``rng``: random source for the
-    backoff jitter (tests may pass a seeded one).
+    backoff jitter (tests may pass a seeded one). ``ca_file``: the only certificate
+    (PEM) the endpoint is trusted with (pinning, for a self-signed load balancer).
     """
 
     def __init__(
@@ -1175,6 +1210,7 @@ class ImageFleetClient:
         token: str | None = None,
         *,
         concurrency: int = 4,
+        ca_file: str | os.PathLike[str] | None = None,
         timeout: Timeout = Timeout(),  # frozen, so a shared default is safe
         retry: RetryPolicy = RetryPolicy(),
         rng: random.Random | None = None,
@@ -1191,6 +1227,8 @@ class ImageFleetClient:
         self.timeout = timeout
         self.retry = retry
         self._token = token
+        self._ca_file = ca_file
+        self._pinned: ssl.SSLContext | None = None
         self._rng = rng or random.Random()
         self._limiter = _AdaptiveLimiter(AdaptiveConcurrency(concurrency))
         self._session: aiohttp.ClientSession | None = None
@@ -1200,6 +1238,8 @@ class ImageFleetClient:
     async def __aenter__(self) -> ImageFleetClient:
         if self._session is not None:
             raise RuntimeError("this ImageFleetClient is already open")
+        if self._ca_file is not None:
+            self._pinned = pinned_context(self._ca_file)
         # The semaphore caps requests; the connector must not add a second, hidden cap.
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
         self._session = aiohttp.ClientSession(
@@ -1234,6 +1274,12 @@ class ImageFleetClient:
 
     def _url(self, path: str) -> str:
         return self.endpoint + path
+
+    def _tls(self, url: str) -> ssl.SSLContext | bool:
+        """The pinned context for our own origin; default verification for the others."""
+        if self._pinned is not None and _origin(url) == _origin(self.endpoint):
+            return self._pinned
+        return True
 
     def _headers(self, url: str) -> dict[str, str]:
         # Only our own origin gets the token; presigned S3 links must not carry it.
@@ -1304,7 +1350,8 @@ class ImageFleetClient:
         what = f"GET {url}"
 
         async def once(_attempt: int) -> dict[str, Any]:
-            async with self._http.get(url, headers=self._headers(url)) as resp:
+            async with self._http.get(url, headers=self._headers(url),
+                                      ssl=self._tls(url)) as resp:
                 if resp.status >= 400:
                     raise await _server_error(resp)
                 return await _read_json(resp, what)
@@ -1317,7 +1364,8 @@ class ImageFleetClient:
         what = f"POST {url}"
 
         async def once(_attempt: int) -> dict[str, Any]:
-            async with self._http.post(url, json=payload, headers=self._headers(url)) as resp:
+            async with self._http.post(url, json=payload, headers=self._headers(url),
+                                       ssl=self._tls(url)) as resp:
                 if resp.status >= 400:
                     raise await _server_error(resp)
                 return await _read_json(resp, what)
@@ -1339,7 +1387,8 @@ class ImageFleetClient:
         what = f"GET {url}"
 
         async def once(_attempt: int) -> dict[str, Any]:
-            async with self._http.get(url, headers=self._headers(url)) as resp:
+            async with self._http.get(url, headers=self._headers(url),
+                                      ssl=self._tls(url)) as resp:
                 if resp.status == 503:
                     # A draining server says so in a health body; a balancer with no
                     # healthy target answers a JSON error instead.
@@ -1414,7 +1463,8 @@ class ImageFleetClient:
 
             report("uploading", 0.0, attempt)
             body = _multipart(fields, data, filename, on_sent, self.timeout.read)
-            async with self._http.post(url, data=body, headers=self._headers(url)) as resp:
+            async with self._http.post(url, data=body, headers=self._headers(url),
+                                       ssl=self._tls(url)) as resp:
                 if resp.status >= 400:
                     raise await _server_error(resp)
                 return await _read_json(resp, what)
@@ -1464,7 +1514,8 @@ class ImageFleetClient:
             report("downloading", 0.0, attempt)
             # encoded=True: send the link byte for byte as it was signed (yarl would
             # otherwise re-quote it, e.g. %2F to / in a presigned S3 query).
-            async with self._http.get(URL(url, encoded=True), headers=headers) as resp:
+            async with self._http.get(URL(url, encoded=True), headers=headers,
+                                      ssl=self._tls(url)) as resp:
                 if resp.status >= 400:
                     raise await _server_error(resp)
                 declared = resp.content_length

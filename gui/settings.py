@@ -41,6 +41,8 @@ class Settings:
     ``endpoint`` empty means "start an embedded local fleet of ``fleet_size`` workers".
     ``admin_endpoint`` is where ``/fleet`` is served when that is not the endpoint
     (``python -m fleet run`` for AWS: the ALB serves only the processing API).
+    ``ca_file`` is a PEM file holding the only certificate the endpoint is trusted with
+    (the self-signed one ``bootstrap_aws up`` writes); empty: the system's certificates.
     """
 
     endpoint: str = ""
@@ -50,6 +52,7 @@ class Settings:
     appearance: str = "system"
     fleet_size: int = 2
     admin_endpoint: str = ""
+    ca_file: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,6 +127,13 @@ def parse_settings(data: Mapping[str, Any], base: Settings | None = None) -> Set
             values[name] = url
     if "token" in data:
         values["token"] = str(data["token"] or "").strip()
+    if "ca_file" in data:
+        # Only the form of the value here (no I/O on the UI thread): the client reads the
+        # file when it connects and names what is wrong with it.
+        ca_file = str(data["ca_file"] or "").strip()
+        if "\n" in ca_file or "\x00" in ca_file:
+            problems.append("ca_file must be the path of a PEM file")
+        values["ca_file"] = str(Path(ca_file).expanduser()) if ca_file else ""
     if "appearance" in data:
         appearance = str(data["appearance"]).strip().lower()
         if appearance not in APPEARANCES:

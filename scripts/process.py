@@ -1,7 +1,11 @@
 """Process many images through an ImageFleet endpoint from the command line.
 
-    python -m scripts.process --endpoint URL [--token T] (--op NAME [--param k=v ...] |
-        --steps JSON) [--format F] [--concurrency N] [--out DIR] FILES_OR_FOLDERS...
+    python -m scripts.process --endpoint URL [--token T] [--ca-file PEM]
+        (--op NAME [--param k=v ...] | --steps JSON) [--format F] [--concurrency N]
+        [--out DIR] FILES_OR_FOLDERS...
+
+``--ca-file`` pins the endpoint's certificate (the self-signed one ``bootstrap_aws up``
+wrote beside the fleet config): only that certificate is trusted for the endpoint.
 
 Folders are expanded to the image files in them (sorted; ``--recursive`` descends).
 Parameters are checked against the server's ``GET /operations`` before anything is
@@ -59,6 +63,7 @@ from gui.client import (
     ProgressEvent,
     RetryPolicy,
     Timeout,
+    pinned_context,
 )
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -425,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", default=os.environ.get("IMAGEFLEET_TOKEN"),
                         help="bearer token (prefer env IMAGEFLEET_TOKEN: flags are visible "
                              "to other local users)")
+    parser.add_argument("--ca-file", type=Path, default=os.environ.get("IMAGEFLEET_CA_FILE"),
+                        metavar="PEM",
+                        help="trust only this certificate for the endpoint (env "
+                             "IMAGEFLEET_CA_FILE), e.g. the fleet's self-signed one")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--op", metavar="NAME", help="operation name (see GET /operations)")
     what.add_argument("--steps", metavar="JSON",
@@ -534,9 +543,15 @@ async def run_batch(
     args: argparse.Namespace, plan: Plan, tally: Tally, display: ProgressDisplay, out: TextIO
 ) -> int:
     try:
+        if args.ca_file is not None:
+            try:
+                pinned_context(args.ca_file)  # a bad file is a usage error, before any I/O
+            except InvalidRequest as exc:
+                raise UsageError(f"--ca-file: {exc}") from None
         client = ImageFleetClient(
             args.endpoint,
             args.token,
+            ca_file=args.ca_file,
             concurrency=args.concurrency,
             timeout=Timeout(connect=10.0, read=args.timeout),
             retry=RetryPolicy(attempts=args.attempts, overload_patience=args.patience),

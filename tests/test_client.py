@@ -14,6 +14,7 @@ import contextlib
 import json
 import select
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -31,6 +32,7 @@ from aiohttp import web
 from conftest import free_port
 from waiting import wait_until
 
+from fleet.tls import self_signed_certificate
 from gui.client import (
     ClientError,
     ConnectError,
@@ -45,6 +47,7 @@ from gui.client import (
     RetryPolicy,
     ServerError,
     Timeout,
+    TransportError,
     backoff_delay,
     form_fields,
     is_retryable,
@@ -88,8 +91,10 @@ class LoopbackServer:
     (set at stop) to stall until the test ends.
     """
 
-    def __init__(self, routes: Callable[[LoopbackServer], web.RouteTableDef], port: int = 0):
+    def __init__(self, routes: Callable[[LoopbackServer], web.RouteTableDef], port: int = 0,
+                 tls: ssl.SSLContext | None = None):
         self.stats = Stats()
+        self._tls = tls
         self._routes = routes
         self._port = port
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -102,7 +107,7 @@ class LoopbackServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> LoopbackServer:
         self._thread.start()
@@ -136,7 +141,7 @@ class LoopbackServer:
         runner = web.AppRunner(app, shutdown_timeout=0.5, handler_cancellation=True)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, "127.0.0.1", self._port)
+            site = web.TCPSite(runner, "127.0.0.1", self._port, ssl_context=self._tls)
             await site.start()
             self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         except OSError as exc:  # e.g. the port is taken
@@ -1110,3 +1115,66 @@ def test_through_a_local_fleet_gateway_with_admin_calls(tmp_path: Path) -> None:
     assert result.instance_id == state.instances[0].id
     camera = cv2.imread(str(IMAGES / "camera.png"), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(gray(decode(data)), 255 - gray(camera))
+
+
+# --------------------------------------------------------------------------- TLS pinning
+
+
+def _tls_server_context(tmp_path: Path, name: str) -> tuple[ssl.SSLContext, Path]:
+    """A server context with a fresh self-signed certificate for 127.0.0.1 and
+    localhost, and the certificate's PEM file (what a client pins)."""
+    made = self_signed_certificate(("127.0.0.1", "localhost"))
+    cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    cert.write_text(made.certificate_pem)
+    key.write_text(made.private_key_pem)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context, cert
+
+
+def operations_routes(_server: LoopbackServer) -> web.RouteTableDef:
+    routes = web.RouteTableDef()
+
+    @routes.get("/operations")
+    async def operations(_request: web.Request) -> web.Response:
+        return web.json_response({"operations": []})
+
+    return routes
+
+
+def test_the_pinned_certificate_is_trusted_and_any_other_refused(tmp_path: Path) -> None:
+    first, first_pem = _tls_server_context(tmp_path, "first")
+    second, _ = _tls_server_context(tmp_path, "second")  # same names, another key
+
+    async def operations(url: str, ca_file: Path | None) -> Any:
+        async with ImageFleetClient(url, ca_file=ca_file,
+                                    retry=RetryPolicy(attempts=3, backoff_base=0.01)) as client:
+            return await client.operations()
+
+    with LoopbackServer(operations_routes, tls=first) as server:
+        assert run(operations(server.url, first_pem)) == []
+        # Without the pin the system store is used, which does not know this certificate.
+        with pytest.raises(TransportError, match="certificate"):
+            run(operations(server.url, None))
+        # The host name is checked too: the certificate does not name 127.0.0.2.
+        other_name = server.url.replace("127.0.0.1", "127.0.0.2")
+        with pytest.raises(TransportError):
+            run(operations(other_name, first_pem))
+    with LoopbackServer(operations_routes, tls=second) as server:
+        with pytest.raises(TransportError, match="certificate verify failed") as refused:
+            run(operations(server.url, first_pem))
+        assert server.stats.requests == 0  # nothing was sent to it
+    assert refused.value.attempts == 1  # a wrong certificate is not retried
+    assert not isinstance(refused.value, ConnectError)
+
+
+def test_a_bad_ca_file_is_a_clear_error_before_connecting(tmp_path: Path) -> None:
+    async def open_with(ca_file: Path) -> None:
+        async with ImageFleetClient("https://127.0.0.1:9", ca_file=ca_file):
+            pass
+
+    with pytest.raises(InvalidRequest, match="No such file"):
+        run(open_with(tmp_path / "missing.pem"))
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(InvalidRequest, match="holds no PEM certificate"):
+        run(open_with(tmp_path / "junk.pem"))

@@ -1,14 +1,16 @@
-"""Helpers for the AWS-side tests: polling, free ports, a real sshd on loopback."""
+"""Helpers for the AWS-side tests: polling, free ports, a real sshd on loopback, moto in
+server mode."""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +92,10 @@ class Sshd:
         return path.read_text(errors="replace") if path.exists() else ""
 
     @classmethod
-    def prepare(cls, root: Path) -> Sshd:
-        """Keys, config and a free port, without starting sshd yet."""
+    def prepare(cls, root: Path, set_env: Mapping[str, str] | None = None) -> Sshd:
+        """Keys, config and a free port, without starting sshd yet. ``set_env``: the
+        environment of every session (sshd's SetEnv), e.g. the credentials an instance
+        role would provide."""
         require_sshd()
         root.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
@@ -116,13 +120,16 @@ class Sshd:
             "PermitRootLogin prohibit-password",
             f"Subsystem sftp {sftp}",
             "LogLevel VERBOSE",
+            *([" ".join(["SetEnv", *(f"{k}={v}" for k, v in set_env.items())])]
+              if set_env else []),
             "",
         ]))
         return cls(root, port, host_key, client_key, getpass.getuser(), config)
 
     @classmethod
-    def start(cls, root: Path, timeout: float = 20.0) -> Sshd:
-        return cls.prepare(root).launch(timeout)
+    def start(cls, root: Path, timeout: float = 20.0,
+              set_env: Mapping[str, str] | None = None) -> Sshd:
+        return cls.prepare(root, set_env).launch(timeout)
 
     def launch(self, timeout: float = 20.0) -> Sshd:
         with (self.root / "sshd.log").open("ab") as log:
@@ -147,6 +154,21 @@ class Sshd:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """moto in server mode on a free loopback port, for other processes (a server
+    reading its token from SSM); yields its URL. Use with the ``fake_aws`` fixture."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
 
 
 class ClientProxy:

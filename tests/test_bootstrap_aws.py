@@ -22,8 +22,8 @@ from typing import Any
 
 import boto3
 import pytest
+from helpers_aws import moto_server
 from moto import mock_aws
-from moto.server import ThreadedMotoServer
 from waiting import wait_until
 
 from fleet import bootstrap
@@ -425,11 +425,8 @@ def test_the_admins_own_certificate_is_used_and_never_deleted(aws: None,
 def moto_endpoint(fake_aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """moto in server mode: other processes (the server) reach it over HTTP."""
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_server() as url:
+        yield url
 
 
 def test_rotation_keeps_the_old_token_for_the_overlap_then_not(

@@ -4,7 +4,9 @@ The test starts ``/usr/sbin/sshd`` with its own config, a freshly generated host
 and an authorized client key. The host key reaches the bootstrap the way it does on EC2:
 inside a cloud-init console-output text block (here written by the test, on EC2 returned
 by GetConsoleOutput). ``remote_setup.sh --no-systemd`` then starts a real
-``python -m server`` that must answer /health on a loopback port.
+``python -m server`` that must answer /health on a loopback port. With
+``--token-ssm-parameter`` that server reads its API token from SSM (moto in server mode;
+sshd's SetEnv gives the session the credentials an instance role would).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import paramiko
 import pytest
-from helpers_aws import Sshd, console_output_with, free_port, keygen, wait_until
+from helpers_aws import Sshd, console_output_with, free_port, keygen, moto_server, wait_until
 from helpers_fleet import pid_alive
 
 from fleet import bootstrap
@@ -161,6 +164,59 @@ def test_bootstrap_brings_up_a_real_server(target: SshTarget, sshd: Sshd, tmp_pa
     assert (prefix / "server.pid").read_text() != first_pid
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
         assert response.status == 200
+
+
+@pytest.mark.slow
+def test_a_worker_set_up_with_the_token_parameter_refuses_requests_without_it(
+        fake_aws: None, tmp_path: Path, cleanup: list[Path]) -> None:
+    from scripts import bootstrap_aws
+
+    region = "eu-west-1"
+    with moto_server() as moto:
+        clients = bootstrap_aws.make_clients(region, None, moto)
+        names = bootstrap_aws.fleet_names(clients, "demo")
+        parameter = bootstrap_aws.ensure_token(clients, names, rotate=False, overlap_s=0,
+                                               report=lambda line: None)
+        token = bootstrap_aws.read_token_set(clients, names).current
+        sshd = Sshd.start(tmp_path / "sshd", set_env={
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_ENDPOINT_URL_SSM": moto})
+        try:
+            keys = bootstrap.parse_console_host_keys(console_output_with([sshd.host_key_line]))
+            target = SshTarget(host="127.0.0.1", port=sshd.port, username=sshd.user,
+                               key_file=sshd.client_key, host_keys=keys)
+            prefix = tmp_path / "instance"
+            cleanup.append(prefix)
+            port = free_port()
+            setup = ["--no-systemd", "--prefix", str(prefix), "--venv", str(VENV),
+                     "--port", str(port), "--region", region,
+                     "--token-ssm-parameter", parameter]
+            result = bootstrap.bootstrap_over_ssh(target, sudo=False, timeout_s=120,
+                                                  setup_args=setup)
+            assert result.exit_code == 0
+            assert token not in result.stdout_tail + result.stderr_tail
+
+            def get(path: str, token: str | None = None) -> int:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+                if token:
+                    request.add_header("Authorization", f"Bearer {token}")
+                try:
+                    with urllib.request.urlopen(request, timeout=5) as response:
+                        return response.status
+                except urllib.error.HTTPError as exc:
+                    return exc.code
+
+            assert get("/health") == 200  # the load balancer's check needs no token
+            assert get("/operations") == 401
+            assert get("/operations", "wrong-token-123") == 401
+            assert get("/operations", token) == 200
+            # The token is nowhere on the instance's disk: only the parameter's name.
+            for path in prefix.rglob("*"):
+                if path.is_file() and path.suffix not in (".pyc",):
+                    assert token.encode() not in path.read_bytes(), path
+        finally:
+            sshd.stop()
 
 
 def test_wrong_host_key_is_refused_and_nothing_runs(sshd: Sshd, tmp_path: Path) -> None:

@@ -197,7 +197,8 @@ async def serve(config: AwsFleetConfig, stop: asyncio.Event,
         await _upload_bundle(config, service.lease.s3)
     runner, admin_url = await start_admin(service, config.admin_host, config.admin_port)
     print(f"ImageFleet AWS fleet {config.name!r} in {config.region}: endpoint "
-          f"http://{config.load_balancer_dns}; admin {admin_url}", flush=True)
+          f"{config.api_url or 'http://' + config.load_balancer_dns}; admin {admin_url}",
+          flush=True)
     try:
         await service.run(stop, config.observe_interval_s)
     finally:

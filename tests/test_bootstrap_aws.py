@@ -31,7 +31,7 @@ from fleet.aws_config import FLEET_TAG_KEY, load_config
 from fleet.providers.aws import AwsProvider
 from fleet.tls import certificate_info, self_signed_certificate
 from scripts import bootstrap_aws
-from server.tokens import parse_token_document
+from server.tokens import TokenSet, TokenSourceError, open_token_gate, parse_token_document
 
 REGION = "eu-west-1"
 NAME = "demo"
@@ -458,3 +458,52 @@ def test_rotation_keeps_the_old_token_for_the_overlap_then_not(
     assert time.time() >= rotated_at + overlap - 0.5  # not before its overlap ended
     assert status(new) == 200
     assert server.proc.poll() is None  # no restart
+
+
+# ------------------------------------------------------------- token documents (pure)
+
+def test_a_rotated_token_set_accepts_the_old_token_until_its_overlap_ends() -> None:
+    first = TokenSet("first-token-aaaa")
+    second = first.rotated("second-token-bb", now=1000.0, overlap_s=60.0)
+    assert second.accepted(1000.0) == ("second-token-bb", "first-token-aaaa")
+    assert second.accepts("first-token-aaaa", 1059.9)
+    assert not second.accepts("first-token-aaaa", 1060.0)
+    assert not second.accepts("", 1000.0) and not second.accepts("ünïcode", 1000.0)
+    third = second.rotated("third-token-ccc", now=1061.0, overlap_s=60.0)
+    assert [p.token for p in third.previous] == ["second-token-bb"]  # expired ones dropped
+    assert parse_token_document(third.to_json(), "x") == third
+    assert parse_token_document("new-token-1,old-token-2", "x").accepted(1e12) == (
+        "new-token-1", "old-token-2")
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("", "holds no token"),
+    ("short", "at least 8"),
+    ('{"version": 1, "current": "good-token-1", "previous": [{"token": "x"}]}', "numeric"),
+    ('{"version": 2, "current": "good-token-1"}', "version 1"),
+    ("{not json", "not a valid token document"),
+])
+def test_bad_token_documents_are_clear_errors(value: str, message: str) -> None:
+    with pytest.raises(TokenSourceError, match=message):
+        parse_token_document(value, "SSM parameter /p")
+
+
+def test_a_token_file_must_be_private_and_is_re_read(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("file-token-one\n")
+    path.chmod(0o644)
+    with pytest.raises(TokenSourceError, match="readable by others"):
+        open_token_gate(token=None, token_file=str(path), ssm_parameter=None, refresh_s=60)
+    path.chmod(0o600)
+    gate = open_token_gate(token=None, token_file=str(path), ssm_parameter=None,
+                           refresh_s=3600)
+    try:
+        assert gate.accepts("Bearer file-token-one") and not gate.accepts("Bearer other-one")
+        path.write_text("file-token-two,file-token-one\n")
+        gate.source.refresh()  # what the refresh thread does every interval
+        assert gate.accepts("Bearer file-token-two") and gate.current() == "file-token-two"
+        path.write_text("")  # a broken re-read keeps what was read before
+        gate.source.refresh()
+        assert gate.accepts("Bearer file-token-two")
+    finally:
+        gate.close()

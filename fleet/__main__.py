@@ -1,9 +1,19 @@
-"""``python -m fleet local|run`` (DESIGN.md)."""
+"""``python -m fleet local|run`` (DESIGN.md).
+
+Two options of ``local`` are for a program that runs the fleet as its child (the desktop
+app does): ``--ready-file PATH`` writes, once a worker is healthy, a JSON
+``{"endpoint", "pid", "admin_token_file"}`` (mode 0600, written whole then renamed, so a
+reader never sees half of it); ``--stop-on-stdin-eof`` stops the fleet when its standard
+input reaches end of file, which happens when the parent closes the pipe or dies however
+it dies (even SIGKILL), so a fleet never outlives the program that started it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import signal
@@ -11,8 +21,11 @@ import sys
 from pathlib import Path
 
 from fleet.gateway import GatewayLimits, raise_descriptor_limit
-from fleet.local import DEFAULT_STORAGE, LocalFleetRuntime, local_spec
+from fleet.local import DEFAULT_STORAGE, LocalFleetRuntime, local_spec, write_secret
 from fleet.providers.base import ProviderError
+
+log = logging.getLogger(__name__)
+READY_TIMEOUT_S = 120.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--max-connections", type=int, default=None,
                        help="most open client connections (default: from the descriptor "
                             "limit, keeping a reserve); more get 503")
+    local.add_argument("--ready-file", type=Path, default=None, metavar="PATH",
+                       help="once a worker is healthy, write JSON {endpoint, pid, "
+                            "admin_token_file} here (0600, atomically); removed at stop")
+    local.add_argument("--stop-on-stdin-eof", action="store_true",
+                       help="stop when standard input is closed (for a parent process "
+                            "that starts the fleet with a pipe: its death stops the fleet)")
     local.add_argument("--verbose", action="store_true", help="debug logging")
     run = sub.add_parser("run", help="manage an AWS fleet (EC2 + ALB target group)")
     run.add_argument("--config", type=Path, required=True,
@@ -73,13 +92,77 @@ async def run_local(args: argparse.Namespace) -> int:
     print(f"fleet state: {runtime.endpoint}/fleet — Ctrl-C to stop", flush=True)
     if runtime.admin_token_path is not None:
         print(f"admin token (for POST /fleet/...): {runtime.admin_token_path}", flush=True)
+    stdin_transport = None
     try:
+        if args.stop_on_stdin_eof:
+            stdin_transport = await watch_stdin_eof(stop)
+        if args.ready_file is not None:
+            await announce_ready(runtime, args.ready_file, stop)
         await stop.wait()
     finally:
         print("stopping: draining workers…", flush=True)
+        if args.ready_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                args.ready_file.unlink()
         await runtime.aclose()
+        if stdin_transport is not None:
+            stdin_transport.close()
         print("stopped; no worker left running", flush=True)
     return 0
+
+
+class _EofProtocol(asyncio.Protocol):
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+
+    def data_received(self, data: bytes) -> None:
+        pass  # nothing is said on the pipe; only its end matters
+
+    def eof_received(self) -> bool:
+        log.info("standard input closed: the parent is gone or asked to stop")
+        self.stop.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop.set()
+
+
+async def watch_stdin_eof(stop: asyncio.Event) -> asyncio.BaseTransport:
+    """Set ``stop`` when stdin ends. A pipe's end comes from the kernel when the last
+    writer closes it, so this works when the parent is killed, unlike a pid poll that a
+    recycled pid could fool."""
+    loop = asyncio.get_running_loop()
+    try:
+        transport, _ = await loop.connect_read_pipe(lambda: _EofProtocol(stop), sys.stdin)
+    except (ValueError, OSError) as exc:  # a regular file or a closed stdin
+        raise ValueError(f"--stop-on-stdin-eof needs a pipe or terminal on stdin ({exc})"
+                         ) from exc
+    return transport
+
+
+async def announce_ready(runtime: LocalFleetRuntime, path: Path, stop: asyncio.Event) -> None:
+    """Wait for a healthy worker (or a stop), then write the readiness file."""
+    waiting = asyncio.ensure_future(runtime.wait_healthy(READY_TIMEOUT_S))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not waiting.done():
+        waiting.cancel()
+        return
+    waiting.result()  # a TimeoutError names the recent events
+    write_ready_file(path, {
+        "endpoint": runtime.endpoint, "pid": os.getpid(),
+        "admin_token_file": (str(runtime.admin_token_path.resolve())
+                             if runtime.admin_token_path is not None else None)})
+
+
+def write_ready_file(path: Path, content: dict[str, object]) -> None:
+    """Write ``content`` as JSON readable by the owner only, whole or not at all."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_secret(temporary, json.dumps(content))
+    os.replace(temporary, path)
 
 
 def run_aws(config: Path) -> int:
@@ -103,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             raise_descriptor_limit()
             return asyncio.run(run_local(args))
         return run_aws(args.config)
-    except (ValueError, ProviderError, OSError) as exc:
+    except (ValueError, ProviderError, OSError) as exc:  # OSError covers TimeoutError
         print(f"python -m fleet {args.command}: {exc}", file=sys.stderr)
         return 2
 

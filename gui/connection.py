@@ -2,16 +2,18 @@
 the embedded local fleet it starts. Every coroutine here runs on the worker's loop.
 
 Endpoint precedence: ``--endpoint`` flag, then ``IMAGEFLEET_ENDPOINT``, then the
-settings file; when none is set, a ``fleet.local.LocalFleet`` of ``fleet_size`` workers
-is started and its gateway is used. The embedded fleet's admin API needs the token the
-fleet made at start (``admin_token``): the Fleet view's admin client sends that one.
+settings file; when none is set, a local fleet of ``fleet_size`` workers is started as a
+child process (``gui.fleet_process.FleetProcess``: ``python -m fleet local``) and its
+gateway is used. The embedded fleet's admin API needs the token the fleet made at start
+(``admin_token``): the Fleet view's admin client sends that one. ``watch_fleet`` tells
+the app when that process has died, so it can say so and start a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,14 +24,20 @@ from gui.settings import Settings
 log = logging.getLogger(__name__)
 
 FLEET_START_TIMEOUT_S = 90.0
+FLEET_WATCH_S = 0.5
+# More deaths than this within the window and the app stops restarting the fleet by itself
+# (a fleet that cannot run would otherwise be restarted forever); the user can still ask.
+RESTARTS_ALLOWED = 3
+RESTART_WINDOW_S = 120.0
 
 
 class EmbeddedFleet(Protocol):
-    """What the app needs from ``fleet.local.LocalFleet``."""
+    """What the app needs from the embedded fleet (``gui.fleet_process.FleetProcess``)."""
 
     @property
     def endpoint(self) -> str: ...
-    # Optional: ``admin_token``, the bearer token its POST /fleet/... routes need.
+    # Optional: ``admin_token``, the bearer token its POST /fleet/... routes need, and
+    # ``exit_status()``, None while it runs (without it the fleet is not watched).
     def start(self, timeout: float = ...) -> Any: ...
     def stop(self) -> Any: ...
 
@@ -38,9 +46,23 @@ FleetFactory = Callable[[int, Path], EmbeddedFleet]
 
 
 def default_fleet_factory(workers: int, storage_dir: Path) -> EmbeddedFleet:
-    from fleet.local import LocalFleet
+    from gui.fleet_process import FleetProcess
 
-    return LocalFleet(workers=workers, storage_dir=storage_dir)
+    return FleetProcess(workers, storage_dir)
+
+
+@dataclass(frozen=True)
+class FleetExit:
+    """The embedded fleet died on its own (not stopped by the app)."""
+
+    detail: str  # e.g. "killed by SIGKILL"
+
+
+def restart_allowed(deaths: Sequence[float], now: float,
+                    allowed: int = RESTARTS_ALLOWED, window_s: float = RESTART_WINDOW_S
+                    ) -> bool:
+    """Restart by itself unless the fleet died more than ``allowed`` times in the window."""
+    return sum(1 for at in deaths if now - at <= window_s) <= allowed
 
 
 def choose_endpoint(flag: str | None, environ: Mapping[str, str], settings: Settings) -> str:
@@ -150,6 +172,26 @@ class Connection:
                 await self._stop_fleet()
                 raise
         return self._fleet.endpoint
+
+    async def watch_fleet(self) -> FleetExit | None:
+        """Return when the running embedded fleet exits by itself (None when the app
+        stops or replaces it first). Polls a non-blocking wait on the child."""
+        from gui.fleet_process import describe_exit
+
+        fleet = self._fleet
+        exit_status = getattr(fleet, "exit_status", None)
+        if fleet is None or exit_status is None:
+            return None
+        while self._fleet is fleet:
+            returncode = exit_status()
+            if returncode is not None:
+                # The client stays until the next connect() replaces it: the UI may
+                # still be using it until it hears of the exit.
+                self._fleet = None
+                await asyncio.to_thread(fleet.stop)  # closes its log and pipe
+                return FleetExit(describe_exit(returncode))
+            await asyncio.sleep(FLEET_WATCH_S)
+        return None
 
     async def _stop_fleet(self) -> None:
         fleet, self._fleet = self._fleet, None

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -248,6 +249,40 @@ def test_stopping_python_m_fleet_local_leaves_no_process_behind(storage: Path, s
         assert not pids_mentioning(str(storage))
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/fleet", timeout=2)
+    finally:
+        if fleet.poll() is None:
+            fleet.kill()
+            fleet.wait(10)
+
+
+def test_a_parent_learns_readiness_from_a_file_and_stops_the_fleet_by_closing_stdin(
+        storage: Path, tmp_path: Path) -> None:
+    """How the desktop app runs ``python -m fleet local`` as its child: a free port, a
+    readiness file once a worker is healthy, and end of stdin (the parent closed its pipe,
+    or died) as the signal to stop."""
+    ready_file = tmp_path / "ready.json"
+    fleet = subprocess.Popen(
+        [sys.executable, "-m", "fleet", "local", "--workers", "1", "--port", "0",
+         "--storage", str(storage), "--ready-file", str(ready_file), "--stop-on-stdin-eof"],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(ready_file.exists, STARTUP, what="the readiness file")
+        assert stat.S_IMODE(ready_file.stat().st_mode) == 0o600
+        ready = json.loads(ready_file.read_text())
+        assert ready["pid"] == fleet.pid
+        state = requests.get(ready["endpoint"] + "/fleet", timeout=5).json()
+        assert [i["health"] for i in state["instances"]] == ["healthy"]  # ready means that
+        token = Path(ready["admin_token_file"]).read_text().strip()
+        assert requests.post(ready["endpoint"] + "/fleet/scale", json={"desired": 1},
+                             headers={"Authorization": f"Bearer {token}"},
+                             timeout=5).status_code == 200
+        pids = [w["pid"] for w in json.loads(
+            (storage / ".fleet" / STATE_FILE).read_text())["workers"].values()]
+        out, _ = fleet.communicate(input=b"", timeout=60)  # no input: stdin is closed
+        assert fleet.returncode == 0, out.decode(errors="replace")[-2000:]
+        assert b"standard input closed" in out
+        assert not ready_file.exists()
+        assert not [p for p in pids if pid_alive(p)]
     finally:
         if fleet.poll() is None:
             fleet.kill()

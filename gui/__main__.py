@@ -1,7 +1,8 @@
-"""``python -m gui [--endpoint URL]``: start the ImageFleet desktop app.
+"""``python -m gui [--endpoint URL] [FILES_OR_FOLDERS...]``: start the ImageFleet desktop
+app, with those images listed ("Open with" and scripts).
 
 With no endpoint (flag, ``IMAGEFLEET_ENDPOINT`` or the settings file) it starts an
-embedded local fleet. Exits 2 with advice when there is no display.
+embedded local fleet as a child process. Exits 2 with advice when there is no display.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where the fleet's /fleet API is served when it is not the "
                              "endpoint, e.g. 'python -m fleet run' for an AWS fleet "
                              "(default: IMAGEFLEET_ADMIN_ENDPOINT, then the settings)")
+    parser.add_argument("paths", nargs="*", metavar="FILES_OR_FOLDERS",
+                        help="images, or folders of images, to list at start")
     parser.add_argument("--log-level", default=os.environ.get("IMAGEFLEET_LOG_LEVEL", "WARNING"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
@@ -63,15 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     if reason is None:
         import tkinter
 
-        from gui.app import app_class
+        from gui.app import ImageFleetApp
 
         try:
-            app = app_class()(args.endpoint, admin_endpoint=args.admin_endpoint)
+            app = ImageFleetApp(args.endpoint, admin_endpoint=args.admin_endpoint,
+                                open_paths=args.paths)
         except tkinter.TclError as exc:
             reason = str(exc)
         else:
             # SIGTERM (a logout, `kill`) closes like the window's close button, so the
-            # embedded fleet's worker processes are stopped too
+            # embedded fleet is stopped in order too (SIGKILL cannot be caught: then the
+            # fleet sees its stdin pipe close and stops by itself)
             signal.signal(signal.SIGTERM, lambda *_: app.after_idle(app.close))
             try:
                 app.mainloop()

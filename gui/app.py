@@ -2,6 +2,11 @@
 views with their controllers (``gui.process_controller``, ``gui.fleet_controller``), and
 the services they share: the worker thread, the connection, dialogs and messages.
 
+Messages go to a message area that keeps the recent ones (``gui.messages``): errors stay
+until dismissed or resolved (a connection error goes when a connection succeeds), infos
+expire. The embedded fleet is a child process (``gui.fleet_process``); when it dies the
+app says so and starts a new one.
+
 Threads: Tk runs on the main thread only. Network, file and image work runs as
 coroutines on ``AsyncWorker``'s loop; outcomes come back through its queue, drained by
 ``after(50, ...)``. Nothing here blocks the main loop except ``close()``, which waits
@@ -14,9 +19,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 import tkinter
 import webbrowser
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from tkinter import filedialog, messagebox
@@ -28,13 +34,16 @@ from PIL import ImageTk
 from gui.connection import (
     Connected,
     Connection,
+    FleetExit,
     FleetFactory,
     choose_admin_endpoint,
     choose_endpoint,
     choose_token,
     default_fleet_factory,
+    restart_allowed,
 )
 from gui.fleet_controller import FleetController
+from gui.messages import Level, MessageBoard
 from gui.preview import app_icon
 from gui.process_controller import ProcessController
 from gui.settings import (
@@ -49,6 +58,7 @@ from gui.settings import (
 )
 from gui.viewmodel import IMAGE_SUFFIXES, describe_error, describe_os_error, parse_path_list
 from gui.views.fleet import FleetView
+from gui.views.messages import MessageArea
 from gui.views.process import ProcessView
 from gui.views.settings import SettingsView
 from gui.views.widgets import MUTED
@@ -57,7 +67,9 @@ from gui.worker import AsyncWorker
 log = logging.getLogger(__name__)
 
 DRAIN_MS = 50
-INFO_BANNER_MS = 4000
+# Message keys: a later success removes the message filed under its key.
+CONNECTION = "connection"
+FLEET_STOPPED = "fleet-stopped"
 
 
 class Dialogs:
@@ -84,21 +96,33 @@ class Dialogs:
     def confirm(self, title: str, message: str) -> bool:
         return bool(messagebox.askyesno(title, message, parent=self.parent, icon="warning"))
 
-    def open_url(self, url: str) -> None:
-        webbrowser.open(url, new=2)
+    def open_url(self, url: str) -> bool:
+        """Open ``url`` in a web browser; False when none could be started. Called off
+        the UI thread: a text-mode browser would block until it is closed."""
+        try:
+            return bool(webbrowser.open(url, new=2))
+        except webbrowser.Error:
+            return False
 
 
-def app_class() -> type[ImageFleetApp]:
-    """ImageFleetApp with tkinterdnd2's drop support mixed in when that is installed
-    (it is optional: without it, files are added by dialog or by pasting paths)."""
-    try:
-        from tkinterdnd2 import TkinterDnD
-    except ImportError:
-        return ImageFleetApp
-    return type("ImageFleetDropApp", (ImageFleetApp, TkinterDnD.DnDWrapper), {})
+try:
+    # Gives the root window tkinterdnd2's drop_target_register / dnd_bind (it adds them to
+    # every other widget by itself).
+    from tkinterdnd2.TkinterDnD import DnDWrapper as _DropMethods
+except ImportError:  # not installed: no dropping, and the empty list does not offer it
+    class _DropMethods:  # type: ignore[no-redef]
+        pass
 
 
-class ImageFleetApp(ctk.CTk):
+def load_drop_support(root: tkinter.Tk) -> None:
+    """Load tkinterdnd2's Tcl extension (tkdnd) into ``root``'s interpreter; raises
+    ImportError or RuntimeError when it cannot be (e.g. no build for this platform)."""
+    from tkinterdnd2 import TkinterDnD
+
+    TkinterDnD.require(root)
+
+
+class ImageFleetApp(ctk.CTk, _DropMethods):
     """The desktop app. ``environ``/``config_path``/``fleet_factory``/``dialogs`` are
     seams for tests; by default they come from the process environment."""
 
@@ -111,6 +135,7 @@ class ImageFleetApp(ctk.CTk):
         config_path: Path | None = None,
         fleet_factory: FleetFactory = default_fleet_factory,
         dialogs: Dialogs | None = None,
+        open_paths: Sequence[str] = (),
     ) -> None:
         self.environ = dict(os.environ if environ is None else environ)
         self.config_path = config_path or settings_path(self.environ)
@@ -129,7 +154,9 @@ class ImageFleetApp(ctk.CTk):
         self.connected: Connected | None = None
         self._after_ids: dict[str, str] = {}
         self._connect_seq = 0
-        self.banner_text = ""
+        self.messages = MessageBoard()
+        self._message_actions: dict[int, Callable[[], None]] = {}
+        self._fleet_deaths: list[float] = []
         self.ui_failures: list[BaseException] = []
         self.errors_shown: list[str] = []  # every error message shown, newest last
         self._closing = False
@@ -145,12 +172,18 @@ class ImageFleetApp(ctk.CTk):
         self.protocol("WM_DELETE_WINDOW", self.close)
         self._bind_shortcuts()
         self.drop_enabled = self._enable_drop()
+        self.process_view.set_drop_available(self.drop_enabled)
         self.schedule("drain", DRAIN_MS, self._drain)
         self.settings_view.show(self.settings, self._display_path(self.config_path),
                                 self._override_note())
         if loaded.warning:
             self.show_error(loaded.warning)
         self.connect()
+        if open_paths:
+            # "Open with" / the command line: listed as soon as the window exists; the
+            # folders are read on the worker thread like any other add.
+            paths = list(open_paths)
+            self.after_idle(lambda: self.process.add_images(paths))
 
     # ------------------------------------------------------------------ building
     def _build(self) -> None:
@@ -171,14 +204,8 @@ class ImageFleetApp(ctk.CTk):
         self.status_label = ctk.CTkLabel(header, text="Starting…", anchor="e", text_color=MUTED)
         self.status_label.grid(row=0, column=3, padx=(0, 18))
 
-        self.banner = ctk.CTkFrame(self, corner_radius=6)
-        self.banner.columnconfigure(0, weight=1)
-        self.banner_label = ctk.CTkLabel(self.banner, text="", anchor="w", justify="left",
-                                         wraplength=1100, text_color="#ffffff")
-        self.banner_label.grid(row=0, column=0, sticky="ew", padx=12, pady=6)
-        ctk.CTkButton(self.banner, text="✕", width=28, height=24, fg_color="transparent",
-                      text_color="#ffffff", hover_color=("gray40", "gray30"),
-                      command=self.hide_banner).grid(row=0, column=1, padx=6)
+        self.message_area = MessageArea(self, on_dismiss=self.dismiss_message,
+                                        on_action=self._message_action)
 
         self.content = ctk.CTkFrame(self, fg_color="transparent")
         self.content.grid(row=2, column=0, sticky="nsew", padx=14, pady=(10, 14))
@@ -216,20 +243,29 @@ class ImageFleetApp(ctk.CTk):
         self.process.paste_paths()
 
     def _enable_drop(self) -> bool:
-        """Drop files/folders on the window when tkinterdnd2 is installed (optional)."""
+        """Files and folders dropped anywhere on the window are added (tkinterdnd2). If its
+        Tcl extension cannot load here, the app says nothing about dropping."""
         if not hasattr(self, "drop_target_register"):
+            log.warning("drag and drop unavailable: tkinterdnd2 is not installed")
             return False
         try:
-            from tkinterdnd2 import DND_FILES, TkinterDnD
+            from tkinterdnd2 import COPY, DND_FILES
 
-            TkinterDnD._require(self)
-            self.drop_target_register(DND_FILES)  # type: ignore[attr-defined]
-            self.dnd_bind("<<Drop>>",  # type: ignore[attr-defined]
-                          lambda event: self.process.add_images(parse_path_list(event.data)))
+            load_drop_support(self)
+            # The root covers every widget inside it: tkdnd looks for a registered target
+            # from the widget under the pointer up to its toplevel.
+            self.drop_target_register(DND_FILES)
+            self.dnd_bind("<<Drop>>", lambda event: self._dropped(event.data, COPY))
         except (ImportError, RuntimeError, tkinter.TclError) as exc:
-            log.info("drag and drop unavailable: %s", exc)
+            log.warning("drag and drop unavailable: %s", exc)
             return False
         return True
+
+    def _dropped(self, data: str, action: str) -> str:
+        paths = parse_path_list(data)
+        if paths:
+            self.process.add_images(paths)
+        return action  # tells the drag source the drop was taken as a copy
 
     # ------------------------------------------------------------------ plumbing
     def report_callback_exception(self, exc: type[BaseException], val: BaseException,
@@ -279,25 +315,86 @@ class ImageFleetApp(ctk.CTk):
     def endpoint_text(self) -> str:
         return self.connected.endpoint if self.connected else "the endpoint"
 
-    def show_error(self, message: str) -> None:
+    # ------------------------------------------------------------------ messages
+    def show_error(self, message: str, key: str | None = None, action: str | None = None,
+                   on_action: Callable[[], None] | None = None) -> None:
+        """An error stays until dismissed, or until ``resolve_message(key)``."""
         log.warning("%s", message)
         self.errors_shown.append(message)
-        self._show_banner(message, ("#c62828", "#8e1b1b"))
-        self.unschedule("banner")  # an error stays until dismissed
+        self._post(Level.ERROR, message, key, action, on_action)
 
-    def show_info(self, message: str) -> None:
-        self._show_banner(message, ("#2e6bb0", "#1f538d"))
-        self.schedule("banner", INFO_BANNER_MS, self.hide_banner)
+    def show_info(self, message: str, key: str | None = None, action: str | None = None,
+                  on_action: Callable[[], None] | None = None) -> None:
+        """An info expires after a few seconds."""
+        self._post(Level.INFO, message, key, action, on_action)
 
-    def _show_banner(self, message: str, colour: tuple[str, str]) -> None:
-        self.banner.configure(fg_color=colour)
-        self.banner_label.configure(text=message)
-        self.banner.grid(row=1, column=0, sticky="ew", padx=14, pady=(10, 0))
-        self.banner_text = message
+    def _post(self, level: Level, text: str, key: str | None, action: str | None,
+              on_action: Callable[[], None] | None) -> None:
+        self.messages, message = self.messages.post(level, text, time.monotonic(), key,
+                                                    action if on_action else None)
+        if on_action is not None:
+            self._message_actions[message.id] = on_action
+        self._render_messages()
+
+    def resolve_message(self, key: str) -> None:
+        self.messages = self.messages.resolve(key)
+        self._render_messages()
+
+    def dismiss_message(self, message_id: int) -> None:
+        self.messages = self.messages.dismiss(message_id)
+        self._render_messages()
 
     def hide_banner(self) -> None:
-        self.banner.grid_forget()
-        self.banner_text = ""
+        """Dismiss every message (the name is older than the message area)."""
+        self.messages = self.messages.clear()
+        self._render_messages()
+
+    def _message_action(self, message_id: int) -> None:
+        callback = self._message_actions.get(message_id)
+        self.dismiss_message(message_id)
+        if callback is not None:
+            callback()
+
+    def _expire_messages(self) -> None:
+        self.messages = self.messages.expire(time.monotonic())
+        self._render_messages()
+
+    def _render_messages(self) -> None:
+        visible = self.messages.messages
+        ids = {m.id for m in visible}
+        for message_id in [i for i in self._message_actions if i not in ids]:
+            del self._message_actions[message_id]
+        self.message_area.show(visible)
+        if visible:
+            self.message_area.grid(row=1, column=0, sticky="ew", padx=14, pady=(10, 0))
+        else:
+            self.message_area.grid_forget()
+        expiry = self.messages.next_expiry()
+        if expiry is None:
+            self.unschedule("messages")
+        else:
+            delay = max(50, int((expiry - time.monotonic()) * 1000) + 20)
+            self.schedule("messages", delay, self._expire_messages)
+
+    @property
+    def banner_text(self) -> str:
+        """Every message on screen, newest first, one per line."""
+        return "\n".join(m.text for m in self.messages.messages)
+
+    def open_in_browser(self, url: str) -> None:
+        """Open a link off the UI thread; when no browser starts, offer to copy it."""
+        def opened(ok: bool) -> None:
+            if not ok:
+                self.show_error("No web browser could be opened for this link.",
+                                key="browser", action="Copy link",
+                                on_action=lambda: self.copy_to_clipboard(url, "Link copied."))
+
+        self.submit(asyncio.to_thread(self.dialogs.open_url, url), opened)
+
+    def copy_to_clipboard(self, text: str, note: str) -> None:
+        self.clipboard_clear()
+        self.clipboard_append(text)
+        self.show_info(note)
 
     def _set_status(self, text: str, state: str) -> None:
         colours = {"ok": ("#1b7f3b", "#5fd38d"), "busy": ("#8a6d00", "#f2c94c"),
@@ -350,15 +447,45 @@ class ImageFleetApp(ctk.CTk):
         self.connected = connected
         where = "local fleet" if connected.embedded else "endpoint"
         self._set_status(f"{where} · {connected.endpoint}", "ok")
+        self.resolve_message(CONNECTION)
+        self.resolve_message(FLEET_STOPPED)
         self.process.on_connected(connected, self.settings.concurrency)
         self.fleet.poll()
+        if connected.embedded:
+            seq = self._connect_seq
+
+            def exited(result: FleetExit | None) -> None:
+                if result is not None and seq == self._connect_seq:
+                    self._on_fleet_exit(result)
+
+            self.submit(self.connection.watch_fleet(), exited)
 
     def _on_connect_failed(self, exc: BaseException) -> None:
         message = describe_error(exc, choose_endpoint(self.endpoint_flag, self.environ,
                                                       self.settings) or "the local fleet")
         self._set_status("not connected", "error")
-        self.show_error(message)
+        self.show_error(message, key=CONNECTION)
         self.process_view.set_ready(False, "Not connected. " + message)
+
+    def _on_fleet_exit(self, exit_: FleetExit) -> None:
+        """The embedded fleet's process died: say so, and start a new one unless it keeps
+        dying (then the user decides, with the message's Restart button)."""
+        self.connected = None
+        self.process_view.set_ready(False, "The local fleet stopped.")
+        self._set_status("local fleet stopped", "error")
+        now = time.monotonic()
+        self._fleet_deaths = [*self._fleet_deaths, now][-10:]
+        if self.process.batch.running:
+            self.process.cancel_run()
+        if restart_allowed(self._fleet_deaths, now):
+            self.show_error(f"The local fleet stopped ({exit_.detail}); starting it again…",
+                            key=FLEET_STOPPED)
+            self.connect()
+            self._set_status("local fleet stopped · restarting…", "busy")
+        else:
+            self.show_error(f"The local fleet stopped ({exit_.detail}) and keeps stopping; "
+                            "see its log next to its storage folder.", key=FLEET_STOPPED,
+                            action="Restart", on_action=self.connect)
     # ------------------------------------------------------------------ settings
     def apply_settings(self, raw: dict[str, Any]) -> None:
         try:

@@ -657,7 +657,7 @@ class ProcessController:
     def open_link(self) -> None:
         job = self._selected_done()
         if job is not None and job.result is not None:
-            self.app.dialogs.open_url(job.result.url)
+            self.app.open_in_browser(job.result.url)
 
     def save_as(self) -> None:
         job = self._selected_done()

@@ -118,6 +118,17 @@ def child_pids(pid: int | None = None) -> list[int]:
     return children
 
 
+def descendant_pids(pid: int | None = None) -> list[int]:
+    """Live children of ``pid`` (default: this process), their children, and so on."""
+    found: list[int] = []
+    frontier = [os.getpid() if pid is None else pid]
+    while frontier:
+        children = [c for parent in frontier for c in child_pids(parent)]
+        found.extend(children)
+        frontier = children
+    return found
+
+
 def threads_now() -> set[threading.Thread]:
     return set(threading.enumerate())
 
@@ -126,3 +137,73 @@ def threads_started_since(baseline: set[threading.Thread]) -> list[str]:
     """Names of live threads that were not running at ``baseline`` (threads that ended
     meanwhile, e.g. another fixture's, do not count)."""
     return sorted(t.name for t in threading.enumerate() if t not in baseline)
+
+
+def xdnd_drop(app: Any, target: Any, paths: list[Path]) -> None:
+    """Drop ``paths`` on ``target`` the way an XDND drop from a file manager arrives.
+
+    Without a second program to drag from, this takes the drag source's part inside the
+    app: a hidden window owns the ``XdndSelection`` and serves the files as
+    ``text/uri-list``. Then it calls tkdnd's Tcl handlers exactly as tkdnd's C code does
+    on the XdndEnter, XdndPosition and XdndDrop client messages; the dropped data is
+    fetched through the X selection as in a real drop.
+    """
+    from urllib.parse import quote
+
+    uris = "".join(f"file://{quote(str(p))}\r\n" for p in paths)
+    import tkinter
+
+    source = tkinter.Toplevel(app)
+    source.withdraw()
+    app.tk.call("set", "::xdnd_test_uris", uris)
+    app.tk.eval("proc ::xdnd_test_serve {offset count} "
+                "{ string range $::xdnd_test_uris $offset [expr {$offset + $count - 1}] }")
+    try:
+        app.tk.call("selection", "handle", "-selection", "XdndSelection", "-type",
+                    "text/uri-list", str(source), "::xdnd_test_serve")
+        app.tk.call("selection", "own", "-selection", "XdndSelection", str(source))
+        source_id = source.winfo_id()
+        x = target.winfo_rootx() + target.winfo_width() // 2
+        y = target.winfo_rooty() + target.winfo_height() // 2
+        app.tk.call("tkdnd::xdnd::HandleXdndEnter", str(target), source_id,
+                    ("text/uri-list",), 0)
+        action = app.tk.call("tkdnd::xdnd::HandleXdndPosition", str(target), x, y, 0,
+                             source_id)
+        assert str(action) != "refuse_drop", "the window refused the drop"
+        result = app.tk.call("tkdnd::xdnd::HandleXdndDrop", 0)
+        assert str(result) == "copy", f"the drop was not taken: {result}"
+    finally:
+        app.tk.call("selection", "clear", "-selection", "XdndSelection")
+        source.destroy()
+
+
+# Run as its own process, so that nothing in the test's process (a blocked Tk thread that
+# holds the GIL) can delay it: polls URL for SECONDS after its first answer, touches READY
+# at that first answer, and prints the longest time between two answers as JSON.
+_PROBE = """
+import json, sys, time, urllib.request
+from pathlib import Path
+url, seconds, ready = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])
+gaps, last, end = [], None, None
+while end is None or time.monotonic() < end:
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        answer.read()
+    now = time.monotonic()
+    if last is None:
+        ready.touch()
+        end = now + seconds
+    else:
+        gaps.append(now - last)
+    last = now
+    time.sleep(0.05)
+print(json.dumps({"longest_gap_s": max(gaps), "answers": len(gaps) + 1}))
+"""
+
+
+def start_http_probe(url: str, seconds: float, ready: Path) -> subprocess.Popen:
+    """A separate process timing ``GET url`` answers (see ``_PROBE``); read its result
+    with ``json.loads(probe.communicate(timeout=...)[0])``."""
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", _PROBE, url, str(seconds), str(ready)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)

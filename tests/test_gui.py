@@ -7,13 +7,16 @@ buttons call), so the code under test is the app's own, end to end.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +26,12 @@ import requests
 from helpers_fleet import pid_alive
 from helpers_gui import (
     child_pids,
+    descendant_pids,
     pump_until,
+    start_http_probe,
     threads_now,
     threads_started_since,
+    xdnd_drop,
 )
 from PIL import Image
 from waiting import wait_until
@@ -48,6 +54,7 @@ class ScriptedDialogs:
         self.confirm_answer = True
         self.confirmations: list[str] = []
         self.opened_urls: list[str] = []
+        self.browser_works = True
 
     def ask_open_files(self) -> list[str]:
         return self.open_files
@@ -62,8 +69,9 @@ class ScriptedDialogs:
         self.confirmations.append(message)
         return self.confirm_answer
 
-    def open_url(self, url: str) -> None:
+    def open_url(self, url: str) -> bool:
         self.opened_urls.append(url)
+        return self.browser_works
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +162,9 @@ def test_process_two_photographs_end_to_end(fleet_app: Any, tmp_path: Path) -> N
     assert view.split.winfo_ismapped() and not view.after_label.winfo_ismapped()
     view.set_preview_mode("Side by side")
 
-    app.process.open_link()
-    assert app.scripted.opened_urls == [jobs[1].result.url]
+    app.process.open_link()  # the browser is started off the UI thread
+    pump_until(app, lambda: app.scripted.opened_urls == [jobs[1].result.url], 5,
+               "the link handed to the browser")
 
     # Ctrl+Shift+C copies the selected link
     app.clipboard_clear()
@@ -257,6 +266,112 @@ def test_cancel_stops_the_run_at_once(fleet_app: Any, tmp_path: Path
                for j in app.process.batch.jobs)
 
 
+def test_dropping_files_on_the_window_adds_them(fleet_app: Any, tmp_path: Path) -> None:
+    app = fleet_app
+    assert app.drop_enabled
+    assert "drop files and folders here" in app.process_view.empty_hint.cget("text")
+    spaced = tmp_path / "a photo with spaces.png"
+    spaced.write_bytes((IMAGES / "astronaut.png").read_bytes())
+    folder = tmp_path / "dropped folder"
+    folder.mkdir()
+    (folder / "rocket.jpg").write_bytes((IMAGES / "rocket.jpg").read_bytes())
+    before = len(app.process.batch)
+    xdnd_drop(app, app.process_view.image_list, [spaced, folder])
+    pump_until(app, lambda: len(app.process.batch) == before + 2, 10, "the dropped images")
+    assert [job.path for job in app.process.batch.jobs[-2:]] == [spaced, folder / "rocket.jpg"]
+
+
+def test_open_in_browser_without_a_browser_offers_copy_link(fleet_app: Any) -> None:
+    app = fleet_app
+    job = next(j for j in app.process.batch.jobs if j.result is not None)
+    app.process.select_image(job.id)
+    app.scripted.browser_works = False
+    try:
+        app.process.open_link()
+        pump_until(app, lambda: "No web browser could be opened" in app.banner_text, 5,
+                   "the no-browser message")
+    finally:
+        app.scripted.browser_works = True
+    row = app.message_area.rows[0]
+    assert row.action_button.winfo_manager() and row.action_button.cget("text") == "Copy link"
+    app.clipboard_clear()
+    row.action_button.invoke()
+    assert app.clipboard_get() == job.result.url
+    assert "No web browser" not in app.banner_text  # the message went with its action
+    assert "Link copied" in app.banner_text
+
+
+def test_the_fleet_runs_in_its_own_process_so_a_blocked_ui_costs_no_worker(
+        fleet_app: Any, tmp_path: Path) -> None:
+    """Tk's thread busy for 3 s, holding the GIL: the fleet, in its own process, keeps
+    answering and checking its workers. (With the fleet on a thread of the app, as it
+    was, the same probe waited 3.0 s for an answer.)"""
+    app = fleet_app
+    fleet = app.connection.fleet
+    assert fleet.pid != os.getpid() and fleet.pid in child_pids()
+    workers = child_pids(fleet.pid)
+    assert len(workers) >= 2 and not set(workers) & set(child_pids())
+    ready = json.loads(fleet.ready_file.read_text())
+    assert ready["pid"] == fleet.pid and ready["endpoint"] == app.connected.endpoint
+    assert stat.S_IMODE(fleet.ready_file.stat().st_mode) == 0o600
+
+    def fleet_state() -> dict[str, Any]:
+        return requests.get(app.connected.endpoint + "/fleet", timeout=5).json()
+
+    before = fleet_state()
+    healthy = {i["id"] for i in before["instances"] if i["health"] == "healthy"}
+    assert len(healthy) == 2
+
+    blocked: list[float] = []
+
+    def block_the_main_loop() -> None:
+        # Busy Python code on Tk's thread that keeps the GIL (a long switch interval), as
+        # a heavy UI operation does: no other thread of this process runs meanwhile.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(10.0)
+        start = time.monotonic()
+        try:
+            while time.monotonic() - start < 3.0:
+                pass
+        finally:
+            sys.setswitchinterval(interval)
+        blocked.append(time.monotonic() - start)
+
+    probe_ready = tmp_path / "probe-ready"
+    probe = start_http_probe(app.connected.endpoint + "/fleet", 5.0, probe_ready)
+    try:
+        pump_until(app, probe_ready.exists, 20, "the probe's first answer")
+        app.after(0, block_the_main_loop)
+        pump_until(app, lambda: blocked, 30, "the 3-s block of the main loop")
+        result = json.loads(probe.communicate(timeout=60)[0])
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+            probe.wait()
+    assert blocked[0] >= 3.0
+    assert result["longest_gap_s"] < 1.0, result  # the fleet answered all along
+    # ... and it judged its workers all along: no replacement, the same two healthy
+    state = fleet_state()
+    assert {i["id"] for i in state["instances"] if i["health"] == "healthy"} == healthy
+    seen = [json.dumps(e, sort_keys=True) for e in before["events"]]
+    new = [e for e in state["events"] if json.dumps(e, sort_keys=True) not in seen]
+    assert not [e for e in new if e["kind"] in ("launched", "terminated", "deregistered")
+                or "unhealthy" in e["kind"]], new
+
+
+def test_a_fleet_that_dies_is_reported_and_restarted(fleet_app: Any) -> None:
+    app = fleet_app
+    old_pid = app.connection.fleet.pid
+    os.kill(old_pid, signal.SIGKILL)
+    pump_until(app, lambda: "local fleet stopped" in app.status_label.cget("text"), 10,
+               "the app to notice the fleet's death")
+    assert "The local fleet stopped (killed by SIGKILL); starting it again" in app.banner_text
+    pump_until(app, lambda: app.connected is not None, FLEET_START, "the restarted fleet")
+    assert app.connection.fleet.pid != old_pid
+    assert "local fleet stopped" not in app.banner_text  # resolved by the restart
+    assert app.status_label.cget("text").startswith("local fleet · ")
+
+
 def test_terminate_in_fleet_view_leads_to_a_replacement(fleet_app: Any) -> None:
     app = fleet_app
     app.show_view("Fleet")
@@ -293,11 +408,16 @@ def test_terminate_in_fleet_view_leads_to_a_replacement(fleet_app: Any) -> None:
 def test_closing_the_app_leaves_nothing_running(fleet_app: Any, baseline: dict[str, Any]
                                                  ) -> None:
     app = fleet_app
-    assert set(child_pids()) - baseline["children"], "the fleet's workers are children"
+    fleet_pid = app.connection.fleet.pid
+    assert set(child_pids()) - baseline["children"] == {fleet_pid}, "one child: the fleet"
+    workers = child_pids(fleet_pid)
+    assert len(workers) >= 2, "the workers are the fleet process's children"
+    tree = set(descendant_pids()) - baseline["children"]
     assert app.failures == []  # no callback of the whole session raised
     app.close()
     assert threads_started_since(baseline["threads"]) == []
     assert set(child_pids()) - baseline["children"] == set()
+    assert [pid for pid in tree if pid_alive(pid)] == []
 
 
 def test_unreachable_endpoint_and_broken_settings_show_errors(
@@ -324,6 +444,63 @@ def test_unreachable_endpoint_and_broken_settings_show_errors(
     assert threads_started_since(baseline["threads"]) == []
 
 
+def test_opened_with_a_folder_lists_its_images_and_keeps_every_message(
+        display: str, baseline: dict[str, Any], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m gui FOLDER MISSING``: the folder's images are listed with no fleet at
+    all (the endpoint is unreachable), and the messages do not replace each other. Drag
+    and drop is made unavailable, so the empty list must not offer it."""
+    import gui.app
+    from gui.__main__ import parse_args
+    from gui.app import ImageFleetApp
+
+    def no_tkdnd(_root: Any) -> None:
+        raise RuntimeError("Unable to load tkdnd library.")
+
+    monkeypatch.setattr(gui.app, "load_drop_support", no_tkdnd)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut.png", "rocket.jpg", "coffee.png"):
+        (folder / name).write_bytes((IMAGES / name).read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    args = parse_args(["--endpoint", "http://127.0.0.1:9", str(folder),
+                       str(tmp_path / "missing.png")])
+    env = app_environ(tmp_path)
+    settings_file = Path(env["XDG_CONFIG_HOME"]) / "imagefleet" / "settings.json"
+    settings_file.parent.mkdir(parents=True)
+    settings_file.write_text("{not json")  # one more message, at once
+    app = ImageFleetApp(args.endpoint, environ=env, dialogs=ScriptedDialogs(),
+                        open_paths=args.paths)
+    try:
+        assert not app.drop_enabled
+        assert "drop" not in app.process_view.empty_hint.cget("text").lower()
+        pump_until(app, lambda: len(app.process.batch) == 3, 20, "the folder's three images")
+        assert [j.name for j in app.process.batch.jobs] == ["astronaut.png", "coffee.png",
+                                                           "rocket.jpg"]
+        pump_until(app, lambda: "Skipped 1: missing.png: no such file or folder"
+                   in app.banner_text, 10, "the unknown path reported")
+        errors = app.message_area.texts()  # "Cannot reach ..." may have come too
+        assert any("is not valid JSON" in t for t in errors), errors
+
+        # Five at most, and infos make room before errors do; each goes with its own ✕;
+        # infos go by themselves (sooner than the app's few seconds, for the test). No
+        # app.update() until the checks: nothing else can post a message in between.
+        app.messages = dataclasses.replace(app.messages, ttl_s=1.0)
+        for n in range(6):
+            app.show_info(f"note {n}")
+        notes = [f"note {n}" for n in (5, 4, 3, 2, 1)][:5 - len(errors)]
+        assert app.message_area.texts() == [*notes, *errors]
+        app.message_area.rows[0].dismiss_button.invoke()
+        assert app.message_area.texts() == [*notes[1:], *errors]
+        pump_until(app, lambda: not any(t.startswith("note") for t in
+                                        app.message_area.texts()), 15, "the infos to expire")
+        assert set(errors) <= set(app.message_area.texts())  # errors stay
+        assert app.failures == []
+    finally:
+        app.close()
+    assert threads_started_since(baseline["threads"]) == []
+
+
 def test_a_wrong_token_shows_401_until_settings_give_the_right_one(
         display: str, server_process: Any, tmp_path: Path) -> None:
     """A single server (no fleet API) that needs a token."""
@@ -339,6 +516,7 @@ def test_a_wrong_token_shows_401_until_settings_give_the_right_one(
                             "appearance": "dark"})
         pump_until(app, lambda: app.connected is not None, 30, "the reconnect with the token")
         assert app.process_view.operations
+        assert "(401)" not in app.banner_text  # the connection error went with the success
         saved = json.loads((Path(env["XDG_CONFIG_HOME"]) / "imagefleet" /
                             "settings.json").read_text())
         assert saved["token"] == "s3cret-token" and saved["appearance"] == "dark"
@@ -349,25 +527,63 @@ def test_a_wrong_token_shows_401_until_settings_give_the_right_one(
         app.close()
 
 
-def test_python_m_gui_runs_an_embedded_fleet_and_sigterm_stops_it_all(
-        display: str, tmp_path: Path) -> None:
-    """The real entry point as a process: its fleet's workers are its children; SIGTERM
-    closes the app like the window's close button and leaves no worker behind."""
+def start_python_m_gui(display: str, tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
+    """``python -m gui`` as a process, once its fleet process is ready with two workers:
+    returns the app's process and the pids of the fleet and its workers."""
     env = app_environ(tmp_path)
     env["DISPLAY"] = display
     proc = subprocess.Popen([sys.executable, "-m", "gui"], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "gui.log").open("wb"))
+
+    ready_file = Path(env["XDG_CACHE_HOME"]) / "imagefleet" / "local-fleet.json"
+
+    def fleet_with_two_workers() -> list[int] | None:
+        fleets = child_pids(proc.pid)
+        workers = [w for f in fleets for w in child_pids(f)]
+        ready = len(fleets) == 1 and len(workers) >= 2 and ready_file.exists()
+        return [*fleets, *workers] if ready else None
+
     try:
-        workers = wait_until(lambda: len(child_pids(proc.pid)) >= 2 and child_pids(proc.pid),
-                             timeout=FLEET_START, what="the embedded fleet's two workers")
+        tree = wait_until(fleet_with_two_workers, timeout=FLEET_START,
+                          what="the app's fleet process with its two workers")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, tree
+
+
+def test_python_m_gui_runs_an_embedded_fleet_and_sigterm_stops_it_all(
+        display: str, tmp_path: Path) -> None:
+    """The real entry point as a process: the fleet is its child process and the workers
+    are the fleet's; SIGTERM closes the app like the window's close button and leaves
+    neither the fleet nor a worker behind."""
+    proc, tree = start_python_m_gui(display, tmp_path)
+    try:
         proc.send_signal(signal.SIGTERM)
-        output = proc.communicate(timeout=60)[0].decode(errors="replace")
-        assert proc.returncode == 0, output
-        assert [pid for pid in workers if pid_alive(pid)] == [], output
+        proc.wait(timeout=60)
+        log = (tmp_path / "gui.log").read_text(errors="replace")
+        assert proc.returncode == 0, log
+        assert [pid for pid in tree if pid_alive(pid)] == [], log
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
+
+
+def test_a_killed_app_does_not_leave_its_fleet_running(display: str, tmp_path: Path) -> None:
+    """SIGKILL gives the app no chance to stop anything: the fleet notices its stdin pipe
+    close and stops its workers and itself."""
+    proc, tree = start_python_m_gui(display, tmp_path)
+    try:
+        proc.kill()
+        proc.wait(timeout=10)
+        wait_until(lambda: not any(pid_alive(pid) for pid in tree), timeout=30,
+                   what="the fleet and its workers to exit after the app was killed")
+    finally:
+        for pid in tree:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_without_a_display_the_app_explains_how_to_run_headless() -> None:

@@ -38,6 +38,14 @@ from gui.views.widgets import (
 PREVIEW_BOX = (600, 380)
 
 
+def empty_hint_text(drop: bool) -> str:
+    """What the empty list says; it promises dropping only when dropping works."""
+    ways = "the buttons above, Ctrl+O or by pasting paths (Ctrl+V)"
+    if drop:
+        return f"Add images with {ways}, or drop files and folders here."
+    return f"Add images with {ways}."
+
+
 class ProcessActions(ListActions, Protocol):
     def add_files_dialog(self) -> None: ...
     def add_folder_dialog(self) -> None: ...
@@ -100,9 +108,7 @@ class ProcessView(ctk.CTkFrame):
         ctk.CTkButton(buttons, text="Paste paths", width=92, fg_color="transparent",
                       border_width=1, text_color=("gray10", "gray90"),
                       command=self.controller.paste_paths).grid(row=0, column=2)
-        self.image_list = ImageList(
-            col, self.controller, "Add images with the buttons above, Ctrl+O, by pasting "
-            "paths (Ctrl+V) or by dropping files here.")
+        self.image_list = ImageList(col, self.controller, empty_hint_text(drop=False))
         self.image_list.grid(row=2, column=0, sticky="nsew", padx=4, pady=(0, 4))
         self.empty_hint = self.image_list.empty_hint
         run = ctk.CTkFrame(col, fg_color="transparent")
@@ -350,6 +356,10 @@ class ProcessView(ctk.CTkFrame):
 
     def set_running(self, running: bool) -> None:
         self.cancel_button.configure(state="normal" if running else "disabled")
+
+    def set_drop_available(self, available: bool) -> None:
+        self.image_list.empty_text = empty_hint_text(available)  # the list re-shows it
+        self.empty_hint.configure(text=self.image_list.empty_text)
 
     def set_ready(self, ready: bool, why: str = "") -> None:
         self.process_button.configure(state="normal" if ready else "disabled")

@@ -43,6 +43,7 @@ from gui.connection import (
     restart_allowed,
 )
 from gui.fleet_controller import FleetController
+from gui.fleet_process import LOG_FILE as FLEET_LOG_FILE
 from gui.messages import Level, MessageBoard
 from gui.preview import app_icon
 from gui.process_controller import ProcessController
@@ -157,6 +158,7 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
         self.messages = MessageBoard()
         self._message_actions: dict[int, Callable[[], None]] = {}
         self._fleet_deaths: list[float] = []
+        self._fleet_exit_handled: FleetExit | None = None
         self.ui_failures: list[BaseException] = []
         self.errors_shown: list[str] = []  # every error message shown, newest last
         self._closing = False
@@ -452,10 +454,11 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
         self.process.on_connected(connected, self.settings.concurrency)
         self.fleet.poll()
         if connected.embedded:
-            seq = self._connect_seq
-
+            # Every connect to the same fleet shares one watch, so one death comes back
+            # to each of them: it is handled once, whichever connect is current.
             def exited(result: FleetExit | None) -> None:
-                if result is not None and seq == self._connect_seq:
+                if result is not None and result is not self._fleet_exit_handled:
+                    self._fleet_exit_handled = result
                     self._on_fleet_exit(result)
 
             self.submit(self.connection.watch_fleet(), exited)
@@ -483,8 +486,9 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
             self.connect()
             self._set_status("local fleet stopped · restarting…", "busy")
         else:
+            log_file = self._display_path(cache_dir(self.environ) / FLEET_LOG_FILE)
             self.show_error(f"The local fleet stopped ({exit_.detail}) and keeps stopping; "
-                            "see its log next to its storage folder.", key=FLEET_STOPPED,
+                            f"its log is {log_file}.", key=FLEET_STOPPED,
                             action="Restart", on_action=self.connect)
     # ------------------------------------------------------------------ settings
     def apply_settings(self, raw: dict[str, Any]) -> None:

@@ -103,6 +103,8 @@ class Connection:
         self._fleet: EmbeddedFleet | None = None
         self._fleet_size = 0
         self._fleet_starting: asyncio.Future[Any] | None = None
+        self._watch: asyncio.Future[FleetExit | None] | None = None
+        self._watched: EmbeddedFleet | None = None
         self._client: ImageFleetClient | None = None
         self._admin: ImageFleetClient | None = None
         self.endpoint = ""
@@ -175,13 +177,21 @@ class Connection:
 
     async def watch_fleet(self) -> FleetExit | None:
         """Return when the running embedded fleet exits by itself (None when the app
-        stops or replaces it first). Polls a non-blocking wait on the child."""
+        stops or replaces it first). Every caller for the same fleet shares one watch,
+        so a reconnect to the same fleet does not start a second one."""
+        fleet = self._fleet
+        if fleet is None or getattr(fleet, "exit_status", None) is None:
+            return None
+        if self._watch is None or self._watched is not fleet:
+            self._watch = asyncio.ensure_future(self._watch_exit(fleet))
+            self._watched = fleet
+        return await asyncio.shield(self._watch)
+
+    async def _watch_exit(self, fleet: Any) -> FleetExit | None:
+        # Polls a non-blocking wait on the child: no thread sits in a blocking wait.
         from gui.fleet_process import describe_exit
 
-        fleet = self._fleet
-        exit_status = getattr(fleet, "exit_status", None)
-        if fleet is None or exit_status is None:
-            return None
+        exit_status = fleet.exit_status
         while self._fleet is fleet:
             returncode = exit_status()
             if returncode is not None:
@@ -199,7 +209,11 @@ class Connection:
         if fleet is None:
             return
         if starting is not None and not starting.done():
-            # closing while it still starts: let start() finish, then stop what it began
+            # closing while it still starts: cut the start short where the fleet can,
+            # let start() finish, then stop what it began
+            cancel_start = getattr(fleet, "cancel_start", None)
+            if cancel_start is not None:
+                cancel_start()
             await asyncio.wait([starting])
         await asyncio.to_thread(fleet.stop)
 

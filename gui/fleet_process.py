@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 READY_FILE = "local-fleet.json"
 LOG_FILE = "local-fleet.log"
+LOG_KEEP_BYTES = 5 * 1024 * 1024  # past this, the log starts afresh (the old one kept as .1)
 STOP_TIMEOUT_S = 20.0  # the fleet drains its workers (each gets up to 10 s) before exiting
 POLL_S = 0.05
 # The user's API token is for a remote endpoint; the embedded fleet's workers stay open
@@ -113,6 +115,7 @@ class FleetProcess:
         self._log_handle: IO[bytes] | None = None
         self._ready: FleetReady | None = None
         self._admin_token: str | None = None
+        self._cancel = threading.Event()
 
     # --- life-cycle ------------------------------------------------------------------------
 
@@ -124,6 +127,7 @@ class FleetProcess:
         self.ready_file.unlink(missing_ok=True)  # a killed fleet's file must not be read
         env = {k: v for k, v in self._environ.items() if k not in DROPPED_ENV}
         env["PYTHONUNBUFFERED"] = "1"
+        self._rotate_log()
         self._log_handle = self.log_file.open("ab")
         try:
             self._process = subprocess.Popen(
@@ -142,11 +146,19 @@ class FleetProcess:
         log.info("local fleet pid %d ready on %s", self._process.pid, self._ready.endpoint)
         return self
 
+    def cancel_start(self) -> None:
+        """Make a ``start()`` in progress (on another thread) give up and stop the child:
+        closing the app while its fleet starts need not wait for the fleet to be ready."""
+        self._cancel.set()
+
     def _wait_ready(self, timeout: float) -> FleetReady:
-        assert self._process is not None
+        process = self._process
+        assert process is not None
         deadline = time.monotonic() + timeout
         while True:
-            returncode = self._process.poll()
+            if self._cancel.is_set():
+                raise FleetStartError("the local fleet was stopped while starting")
+            returncode = process.poll()
             if returncode is not None:
                 tail = log_tail(self.log_file)
                 raise FleetStartError(f"the local fleet stopped while starting "
@@ -207,6 +219,11 @@ class FleetProcess:
 
         for note in cleanup_leftovers(self.storage_dir / ".fleet" / STATE_FILE):
             log.warning("%s", note)
+
+    def _rotate_log(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if self.log_file.stat().st_size > LOG_KEEP_BYTES:
+                os.replace(self.log_file, self.log_file.with_name(self.log_file.name + ".1"))
 
     def _close_log(self) -> None:
         if self._log_handle is not None:

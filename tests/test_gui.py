@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import requests
-from helpers_fleet import pid_alive
+from helpers_fleet import pid_alive, pids_mentioning
 from helpers_gui import (
     child_pids,
     descendant_pids,
@@ -551,6 +551,26 @@ def start_python_m_gui(display: str, tmp_path: Path) -> tuple[subprocess.Popen, 
         proc.wait()
         raise
     return proc, tree
+
+
+def test_closing_while_the_fleet_starts_stops_it_without_waiting(
+        display: str, baseline: dict[str, Any], tmp_path: Path) -> None:
+    from gui.app import ImageFleetApp
+
+    app = ImageFleetApp(environ=app_environ(tmp_path), dialogs=ScriptedDialogs())
+    try:
+        fleet_pid = pump_until(app, lambda: getattr(app.connection.fleet, "pid", None), 30,
+                               "the fleet process to be started")
+        assert app.connected is None  # still starting
+        started = time.monotonic()
+        tree = [fleet_pid, *descendant_pids(fleet_pid)]
+    finally:
+        app.close()
+    assert time.monotonic() - started < 15.0
+    assert [pid for pid in tree if pid_alive(pid)] == []
+    assert pids_mentioning(str(tmp_path)) == []  # no worker it may have launched meanwhile
+    assert set(child_pids()) - baseline["children"] == set()
+    assert threads_started_since(baseline["threads"]) == []
 
 
 def test_python_m_gui_runs_an_embedded_fleet_and_sigterm_stops_it_all(

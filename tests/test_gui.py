@@ -283,7 +283,12 @@ def test_dropping_files_on_the_window_adds_them(fleet_app: Any, tmp_path: Path) 
 
 def test_open_in_browser_without_a_browser_offers_copy_link(fleet_app: Any) -> None:
     app = fleet_app
-    job = next(j for j in app.process.batch.jobs if j.result is not None)
+    job = app.process.batch.jobs[-1]  # the image dropped by the test before
+    app.process_view.select_operation("invert")
+    app.process.retry_image(job.id)  # runs this one image
+    pump_until(app, lambda: app.process.batch.get(job.id).result is not None,
+               PROCESS_TIMEOUT, "the image to be processed")
+    job = app.process.batch.get(job.id)
     app.process.select_image(job.id)
     app.scripted.browser_works = False
     try:

@@ -97,6 +97,10 @@ class Dialogs:
     def confirm(self, title: str, message: str) -> bool:
         return bool(messagebox.askyesno(title, message, parent=self.parent, icon="warning"))
 
+    def ask_yes_no_cancel(self, title: str, message: str) -> bool | None:
+        """Yes (True), No (False) or Cancel/closed (None)."""
+        return messagebox.askyesnocancel(title, message, parent=self.parent, icon="warning")
+
     def open_url(self, url: str) -> bool:
         """Open ``url`` in a web browser; False when none could be started. Called off
         the UI thread: a text-mode browser would block until it is closed."""

@@ -13,12 +13,11 @@ work does not grow with the number of images.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import tkinter
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,8 +26,17 @@ from PIL import Image
 
 from gui.client import ClientError, ProcessResult
 from gui.connection import Connected
+from gui.imagecheck import check_headers
+from gui.naming import (
+    SaveOutcome,
+    batch_candidates,
+    save_result,
+    save_summary,
+    save_to_path,
+)
 from gui.preview import downscaled_bytes, load_for_preview, open_image
 from gui.run_events import Outcome, Progress, RunEvents
+from gui.settings import save_settings
 from gui.thumbnails import Thumbnails
 from gui.viewmodel import (
     Batch,
@@ -37,17 +45,23 @@ from gui.viewmodel import (
     Overall,
     ProcessRequest,
     ResultInfo,
+    StaleChoice,
     Step,
     build_request,
     describe_error,
     describe_os_error,
+    describe_request,
     expand_paths,
     format_elapsed,
     format_expiry,
+    not_images_text,
     order_depends_on_state,
     order_ids,
     parse_path_list,
     result_filename,
+    runs_text,
+    stale_choice,
+    stale_question,
 )
 from gui.views.widgets import ERROR, MUTED
 
@@ -88,15 +102,19 @@ def _decode_pair(path: Path, data: bytes) -> tuple[Image.Image, Image.Image]:
     return before, after
 
 
-def _write_file(path: Path, data: bytes) -> Path:
-    tmp = path.with_name(path.name + ".part")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # never leave half a file behind on a full disk
-        raise
-    return path
+def _expand_and_check(paths: list[str | Path]
+                      ) -> tuple[list[Path], list[tuple[str, str]], dict[Path, str]]:
+    """Folder listing and the header check of every file (worker thread)."""
+    files, missing = expand_paths(paths)
+    return files, missing, check_headers(files)
+
+
+@dataclass(frozen=True)
+class PendingSave:
+    """A Save all waiting for its stale results to be re-run."""
+
+    folder: Path
+    job_ids: frozenset[int]
 
 
 class ProcessController:
@@ -120,6 +138,7 @@ class ProcessController:
         self._preview_future: Any = None
         self._selection_future: Any = None
         self._preview_seq = 0
+        self.shown_preview_request: ProcessRequest | None = None
         self._slots: asyncio.Semaphore | None = None
         self._concurrency = 4
         self._sort = ("added", "all")
@@ -130,10 +149,22 @@ class ProcessController:
         self.in_flight = 0  # requests on their way (counted on the worker thread)
         self.thumbs = Thumbnails(self.app.submit, self._thumbnail_ready,
                                  self._image_unreadable)
+        self._pending_save: PendingSave | None = None
+        self.save_outcomes: list[SaveOutcome] = []
 
     @property
     def view(self) -> ProcessView:
         return self.app.process_view
+
+    def result_bytes(self, job_id: int) -> bytes | None:
+        """The downloaded result of an image (what Save writes), if it is still held."""
+        output = self._outputs.get(job_id)
+        return output.data if output is not None else None
+
+    @property
+    def preview_busy(self) -> bool:
+        """A quick preview request is on its way."""
+        return self._preview_future is not None and not self._preview_future.done()
 
     def images_loaded(self) -> bool:
         """The rows on screen have their thumbnails and the selected image its preview
@@ -149,9 +180,8 @@ class ProcessController:
         self._concurrency = concurrency
         self.view.set_operations(connected.operations)
         self.view.set_ready(bool(connected.operations))
-        job = self.batch.get(self.selected) if self.selected is not None else None
-        if job is not None and job.result is None:
-            self.params_changed()
+        self.view.set_on_conflict(self.app.settings.on_conflict)
+        self.params_changed()  # the "Runs:" line, stale marks and the selected preview
 
     # ------------------------------------------------------------------ the list
     def job_of(self, job_id: int) -> ImageJob | None:
@@ -232,19 +262,27 @@ class ProcessController:
     def add_images(self, paths: Iterable[str | Path]) -> None:
         """Add files and folders (what the file dialog, a drop and a paste all call).
         Folder listing runs on the worker thread; thumbnails come as rows show."""
-        self.app.submit(asyncio.to_thread(expand_paths, list(paths)), self._add_expanded)
+        self.app.submit(asyncio.to_thread(_expand_and_check, list(paths)), self._add_expanded)
 
-    def _add_expanded(self, expanded: tuple[list[Path], list[tuple[str, str]]]) -> None:
-        files, missing = expanded
+    def _add_expanded(self, expanded: tuple[list[Path], list[tuple[str, str]],
+                                            dict[Path, str]]) -> None:
+        files, missing, not_images = expanded
         self._add_seq += 1
-        self._add_chunk(files, 0, list(missing), f"add-{self._add_seq}")
+        self._add_chunk(files, 0, list(missing), f"add-{self._add_seq}", not_images, [])
 
     def _add_chunk(self, files: list[Path], start: int, problems: list[tuple[str, str]],
-                   name: str) -> None:
+                   name: str, not_images: dict[Path, str] | None = None,
+                   marked: list[ImageJob] | None = None) -> None:
         """Add ``ADD_CHUNK`` files per UI callback: the first rows show at once and a
-        folder of 10,000 never holds the UI for more than a few tens of milliseconds."""
-        outcome = self.batch.add(files[start:start + ADD_CHUNK])
+        folder of 10,000 never holds the UI for more than a few tens of milliseconds.
+        Files that failed the header check (``not_images``) are listed as such."""
+        marked = [] if marked is None else marked
+        outcome = self.batch.add(files[start:start + ADD_CHUNK], not_images)
         problems.extend(outcome.skipped)
+        for job in outcome.added:
+            if job.status == JobStatus.NOT_IMAGE:
+                self._unreadable.add(job.id)  # no thumbnail or preview to make
+                marked.append(job)
         if outcome.added:
             self._reorder()
         self.view.set_count(len(self.batch))
@@ -252,8 +290,10 @@ class ProcessController:
             self.select_image(outcome.added[0].id)
         if start + ADD_CHUNK < len(files):
             self.app.schedule(name, 1, lambda: self._add_chunk(
-                files, start + ADD_CHUNK, problems, name))
+                files, start + ADD_CHUNK, problems, name, not_images, marked))
             return
+        if marked:
+            self.app.show_error(not_images_text(marked))
         if problems:
             shown = "; ".join(f"{Path(p).name}: {why}" for p, why in problems[:4])
             more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
@@ -300,9 +340,16 @@ class ProcessController:
             for other in [k for k in store if k != job_id]:
                 del store[other]
         self._show_selected()
-        if job.result is None:
-            # a processed image shows its result; a new one gets a quick preview
+        if self._wants_preview(job_id):
             self.params_changed()
+
+    def _wants_preview(self, job_id: int) -> bool:
+        """A processed image shows its result, unless that was made with other settings
+        (then the preview shows what Process all would make now); others get a quick
+        preview."""
+        job = self.batch.get(job_id)
+        return job is not None and job.status != JobStatus.NOT_IMAGE and (
+            job.result is None or job.stale)
 
     def _show_selected(self) -> None:
         job = self.batch.get(self.selected) if self.selected is not None else None
@@ -310,11 +357,14 @@ class ProcessController:
             return
         output = self._outputs.get(job.id)
         self.shown_result = None
-        if output is not None and job.result is not None and output.result == job.result:
+        if job.status == JobStatus.NOT_IMAGE:
+            self.view.show_images(None, None, f"{job.name}: {job.message}", problem=True)
+        elif (output is not None and job.result is not None and output.result == job.result
+              and not job.stale):
             self.shown_result = job.id
             self.view.show_images(output.before, output.after,
                                   f"{job.name}: original and processed result")
-        elif job.result is not None:
+        elif job.result is not None and not job.stale:
             self.view.show_images(self._originals.get(job.id), None,
                                   f"{job.name}: loading the result…")
             self._load_selected(job, with_result=True)
@@ -364,13 +414,18 @@ class ProcessController:
     def _show_result_info(self, job: ImageJob) -> None:
         r = job.result
         if r is None:
-            self.view.show_result(job.name, job.message if job.status ==
-                                          JobStatus.FAILED else "Not processed yet.", "")
+            # the whole message (the row shows a shortened one), wrapped by the panel
+            full = job.message if job.status in (JobStatus.FAILED, JobStatus.NOT_IMAGE) \
+                else "Not processed yet."
+            self.view.show_result(job.name, full, "")
             return
         size_kb = r.bytes / 1024
         meta = (f"Instance {r.instance_id} · {format_elapsed(r.elapsed_s)} · "
                 f"{r.width}×{r.height} {r.format.upper()} · {size_kb:,.0f} KB"
                 + (" · cached" if r.cached else ""))
+        if job.stale and job.made_with is not None:
+            meta += ("\nStale: made with " + describe_request(job.made_with, self._titles())
+                     + "; the current settings make another result.")
         self.view.show_result(job.name, meta,
                                       format_expiry(r.expires_at, datetime.now(UTC)), r.url)
 
@@ -397,6 +452,8 @@ class ProcessController:
             return
         self.pipeline.append(Step(op, params))
         self.view.set_pipeline(self.pipeline, self._titles())
+        # the step is in the pipeline now: editing it further would run it twice
+        self.view.clear_operation()
         self.params_changed()
 
     def remove_step(self, index: int) -> None:
@@ -411,12 +468,15 @@ class ProcessController:
         self.params_changed()
 
     def current_request(self, *, preview: bool = False) -> ProcessRequest:
-        """The request for Process (or, for a preview, the pipeline plus the step being
-        edited, so a parameter change shows its effect). Raises ValueError."""
+        """The one request both the quick preview and Process all send: the pipeline
+        plus the step being edited (the operation picked above it, if any), so what the
+        preview shows is what runs. ``preview`` changes nothing; it stays for callers
+        that say which use they mean. Raises ValueError."""
+        del preview
         op = self.view.current_operation()
-        params = self.view.current_params()
+        params = self.view.current_params() if op else {}
         pipeline = list(self.pipeline)
-        if preview and pipeline and op:
+        if pipeline and op:
             pipeline.append(Step(op, params))
         return build_request(operation=op, params=params, pipeline=pipeline,
                              output_format=self.view.output_format(),
@@ -433,10 +493,14 @@ class ProcessController:
         except ValueError as exc:
             self.app.show_error(str(exc))
             return
+        self._mark_stale(request)
         started = self.batch.start()
         if not started:
-            self.app.show_error("Add images first." if not len(self.batch)
-                            else "Every image is already being processed.")
+            not_images = sum(1 for job in self.batch.jobs if job.status == JobStatus.NOT_IMAGE)
+            self.app.show_error(
+                "Add images first." if not len(self.batch) else
+                "Nothing to process: the files in the list are not images." if
+                not_images == len(self.batch) else "Every image is already being processed.")
             return
         self._launch(started, request)
 
@@ -519,7 +583,7 @@ class ProcessController:
                     finally:
                         self.in_flight -= 1
                 self._report(outcome=Outcome(job_id, ticket, result_info(result),
-                                             label=request.label))
+                                             label=request.label, request=request))
 
         lanes = [asyncio.create_task(lane()) for _ in range(max(1, self._concurrency))]
         try:
@@ -540,7 +604,7 @@ class ProcessController:
         for outcome in outcomes:
             if outcome.result is not None:
                 job = self.batch.finish(outcome.job_id, outcome.ticket, outcome.result,
-                                        outcome.label)
+                                        outcome.label, outcome.request)
             else:
                 job = self.batch.fail(outcome.job_id, outcome.ticket, outcome.error)
             if job is not None and job.id == self.selected:
@@ -560,6 +624,10 @@ class ProcessController:
         self.flush_list()
         self.view.set_running(False)
         overall = self.batch.overall()
+        pending, self._pending_save = self._pending_save, None
+        if pending is not None:  # a Save all waited for its stale results to be re-run
+            self._save_all_to(pending.folder)
+            return
         if overall.failed:
             self.app.show_error(f"{overall.failed} of {overall.total} images failed; "
                                 "see the messages in the list and use Retry.")
@@ -575,6 +643,9 @@ class ProcessController:
     def cancel_run(self) -> None:
         """Stop the run now: requests in flight are cancelled, waiting images are never
         sent, and what finished keeps its result."""
+        if self._pending_save is not None:
+            self._pending_save = None  # Cancel stops the save waiting for this run too
+            self.app.show_info("Save all cancelled with the run.")
         for future in list(self._runs):
             future.cancel()
         self._runs.clear()
@@ -588,23 +659,50 @@ class ProcessController:
 
     # ------------------------------------------------------------------ quick preview
     def params_changed(self) -> None:
-        """Debounced: a burst of slider moves sends one preview request."""
-        self.app.schedule("preview", PREVIEW_DEBOUNCE_MS, self._quick_preview)
+        """The line saying what runs follows at once; the stale marks and the preview
+        are debounced (a burst of slider moves sends one preview request)."""
+        try:
+            request: ProcessRequest | None = self.current_request()
+            problem = ""
+        except ValueError as exc:
+            request, problem = None, str(exc)
+        self.view.set_runs(runs_text(request, problem, self._titles()), problem=bool(problem))
+        self.app.schedule("preview", PREVIEW_DEBOUNCE_MS, self._settings_settled)
+
+    def _mark_stale(self, request: ProcessRequest | None) -> None:
+        changed = self.batch.set_current(request)
+        if changed:
+            self._mark_list_dirty()  # one redraw of the visible rows, whatever the count
+            if any(job.id == self.selected for job in changed):
+                self._show_selected()
+
+    def _settings_settled(self) -> None:
+        try:
+            request: ProcessRequest | None = self.current_request()
+        except ValueError:
+            request = None
+        self._mark_stale(request)
+        if self.selected is not None and self._wants_preview(self.selected):
+            self._quick_preview()
 
     def _quick_preview(self) -> None:
         job_id = self.selected
         if self.app.connected is None or job_id is None or job_id not in self._originals:
             return
         try:
-            request = self.current_request(preview=True)
-        except ValueError:
-            return  # the control already shows what is wrong
+            request = self.current_request()
+        except ValueError as exc:
+            self._preview_seq += 1  # a preview still on its way is for other settings
+            self.view.show_images(self._originals[job_id], None,
+                                  f"No preview: {exc}", after_text=f"No preview: {exc}",
+                                  problem=True)
+            return
         if self._preview_future is not None:
             self._preview_future.cancel()
         self._preview_seq += 1
         seq = self._preview_seq
         source = self._originals[job_id]
-        self.view.preview_caption.configure(text="Updating quick preview…")
+        self.view.preview_caption.configure(text="Updating quick preview…", text_color=MUTED)
 
         async def run() -> tuple[Image.Image, Image.Image]:
             data, _fmt = await asyncio.to_thread(downscaled_bytes, source)
@@ -619,22 +717,19 @@ class ProcessController:
             if seq != self._preview_seq or self.selected != job_id:
                 return
             self.previews_shown += 1
-            pending = (" · includes the step being edited (not added yet)"
-                       if self.pipeline and request.steps and
-                       len(request.steps) > len(self.pipeline) else "")
+            self.shown_preview_request = request
             self.view.show_images(
                 pair[0], pair[1],
-                f"Quick preview, downscaled to {pair[1].width}×{pair[1].height}: "
-                f"{' → '.join(s.op for s in request.steps) if request.steps else request.label}"
-                f"{pending}")
+                f"Quick preview, downscaled to {pair[1].width}×{pair[1].height}, of what "
+                "Process all runs (the line above).")
 
         def failed(exc: BaseException) -> None:
-            if seq == self._preview_seq:
-                self.view.preview_caption.configure(
-                    text="Preview failed: " + describe_error(exc, self.app.endpoint_text()),
-                    text_color=ERROR)
+            if seq == self._preview_seq and self.selected == job_id:
+                # the old "after" goes: it was made with other settings than these
+                reason = describe_error(exc, self.app.endpoint_text())
+                self.view.show_images(source, None, "Preview failed: " + reason,
+                                      after_text="No preview: " + reason, problem=True)
 
-        self.view.preview_caption.configure(text_color=MUTED)
         self._preview_future = self.app.submit(run(), shown, failed)
 
     # ------------------------------------------------------------------ results
@@ -663,44 +758,111 @@ class ProcessController:
         job = self._selected_done()
         if job is None or job.result is None:
             return
+        if job.stale and not self.app.dialogs.confirm(
+                "Save a stale result?",
+                f"{job.name} was processed with other settings than the current ones. "
+                "Save that result anyway?"):
+            return
         name = result_filename(job.path, job.label or "result", job.result.format)
         target = self.app.dialogs.ask_save_as(name)
         if target:
-            self._save([(job, Path(target))])
+            self._save([(job, Path(target))], None)
+
+    def on_conflict_changed(self, value: str) -> None:
+        """The Save all conflict setting, kept in the settings file."""
+        settings = replace(self.app.settings, on_conflict=value)
+        self.app.settings = settings
+
+        def not_saved(exc: BaseException) -> None:
+            self.app.show_error(describe_os_error(exc, "save settings to")
+                                if isinstance(exc, OSError) else str(exc))
+
+        self.app.submit(asyncio.to_thread(save_settings, settings, self.app.config_path),
+                        None, not_saved)
 
     def save_all(self) -> None:
         jobs = self.batch.done_jobs()
         if not jobs:
             self.app.show_error("Nothing to save yet: process some images first.")
             return
+        stale = self.batch.stale_jobs()
+        choice = StaleChoice.INCLUDE
+        if stale:
+            choice = stale_choice(self.app.dialogs.ask_yes_no_cancel(
+                "Some results are stale", stale_question(len(stale), len(jobs))))
+            if choice is StaleChoice.CANCEL:
+                return
         folder = self.app.dialogs.ask_directory("Save all results to folder")
         if not folder:
             return
-        targets = [(job, Path(folder) / result_filename(job.path, job.label or "result",
-                                                        job.result.format if job.result
-                                                        else "png"))
-                   for job in jobs]
-        self._save(targets)
+        if choice is StaleChoice.RERUN:
+            self._rerun_then_save(stale, Path(folder))
+            return
+        self._save_all_to(Path(folder))
 
-    def _save(self, targets: list[tuple[ImageJob, Path]]) -> None:
-        """Write results off the UI thread; downloads again only if the bytes are gone."""
-        items = [(job, path, self._outputs.get(job.id)) for job, path in targets]
+    def _rerun_then_save(self, stale: list[ImageJob], folder: Path) -> None:
+        if self.app.connected is None:
+            self.app.show_error("Not connected: cannot re-run the stale results.")
+            return
+        try:
+            request = self.current_request()
+        except ValueError as exc:
+            self.app.show_error(f"Cannot re-run with the current settings: {exc}")
+            return
+        started = self.batch.start([job.id for job in stale])
+        if not started:  # all of them are already being processed again
+            self._pending_save = PendingSave(folder, frozenset())
+            return
+        self._pending_save = PendingSave(folder, frozenset(job.id for job in started))
+        self._launch(started, request)
+        self._update_overall()
+        self.app.show_info(f"Re-running {len(started)} stale result"
+                           f"{'s' if len(started) != 1 else ''}; all results are saved to "
+                           f"{folder} when they are done.")
 
-        async def run() -> list[Path]:
-            written = []
-            for job, path, output in items:
+    def _save_all_to(self, folder: Path) -> None:
+        jobs = [job for job in self.batch.done_jobs() if job.result is not None]
+        if not jobs:
+            self.app.show_error("Nothing to save: no image is done.")
+            return
+        names = batch_candidates([job.path for job in jobs],
+                                 [job.label or "result" for job in jobs],
+                                 [job.result.format for job in jobs if job.result])
+        self._save(list(zip(jobs, names, strict=True)), folder)
+
+    def _save(self, targets: list[tuple[ImageJob, Any]], folder: Path | None) -> None:
+        """Write results off the UI thread; downloads again only if the bytes are gone.
+
+        With a ``folder`` (Save all) each target carries its candidate names and the
+        conflict setting decides; without (Save as) each target is the chosen path."""
+        items = [(job, where, self._outputs.get(job.id)) for job, where in targets]
+        policy = self.app.settings.on_conflict
+
+        async def run() -> list[SaveOutcome]:
+            outcomes = []
+            for job, where, output in items:
                 data = output.data if output is not None else None
                 if data is None and job.result is not None:
                     data = await self.app.connection.client.download(job.result.url)
-                if data is not None:
-                    written.append(await asyncio.to_thread(_write_file, path, data))
-            return written
+                if data is None:
+                    continue
+                if folder is None:
+                    outcomes.append(await asyncio.to_thread(save_to_path, where, data))
+                elif job.result is not None:
+                    natural = result_filename(job.path, job.label or "result",
+                                              job.result.format)
+                    outcomes.append(await asyncio.to_thread(save_result, folder, where, data,
+                                                            policy, natural))
+            return outcomes
 
-        def saved(paths: list[Path]) -> None:
-            where = paths[0] if len(paths) == 1 else paths[0].parent if paths else ""
-            plural = "s" if len(paths) != 1 else ""
-            self.app.show_info(f"Saved {len(paths)} file{plural} to {where}.")
-            self.saved_paths = paths
+        def saved(outcomes: list[SaveOutcome]) -> None:
+            self.save_outcomes = outcomes
+            self.saved_paths = [o.path for o in outcomes if o.saved]
+            if folder is None:
+                where = self.saved_paths[0] if self.saved_paths else ""
+                self.app.show_info(f"Saved to {where}.")
+            else:
+                self.app.show_info(save_summary(outcomes, folder))
 
         def failed(exc: BaseException) -> None:
             if isinstance(exc, OSError):

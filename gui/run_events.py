@@ -29,6 +29,7 @@ class Outcome:
     result: Any = None  # a ResultInfo when it worked
     error: str = ""  # what went wrong, for the user, when it did not
     label: str = ""
+    request: Any = None  # the ProcessRequest it was made with (stale marks compare it)
 
 
 class RunEvents:

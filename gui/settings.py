@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from gui.naming import ON_CONFLICT_CHOICES as ON_CONFLICT  # Save all when a name is taken
+
 log = logging.getLogger(__name__)
 
 APPEARANCES = ("system", "light", "dark")
@@ -53,6 +55,7 @@ class Settings:
     fleet_size: int = 2
     admin_endpoint: str = ""
     ca_file: str = ""
+    on_conflict: str = "unique"  # Save all: never overwrite unless the user chose it
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,6 +143,12 @@ def parse_settings(data: Mapping[str, Any], base: Settings | None = None) -> Set
             allowed = ", ".join(APPEARANCES)
             problems.append(f"appearance must be one of {allowed}, got {appearance!r}")
         values["appearance"] = appearance
+    if "on_conflict" in data:
+        policy = str(data["on_conflict"]).strip().lower()
+        if policy not in ON_CONFLICT:
+            problems.append(f"on_conflict must be one of {', '.join(ON_CONFLICT)}, "
+                            f"got {policy!r}")
+        values["on_conflict"] = policy
     for name, (low, high) in {
         "link_ttl_s": (LINK_TTL_MIN_S, LINK_TTL_MAX_S),
         "concurrency": CONCURRENCY_RANGE,

@@ -24,6 +24,8 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from gui.naming import pipeline_label, result_name
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 OUTPUT_FORMATS = ("original", "png", "jpeg", "webp")
 LOSSY_FORMATS = frozenset({"jpeg", "webp"})
@@ -235,10 +237,16 @@ class ProcessRequest:
 
     @property
     def label(self) -> str:
-        """Short name of the processing, used in file names (``<stem>.<label>.<ext>``)."""
+        """Short name of the processing, used in file names (``<stem>.<label>.<ext>``):
+        ``grayscale+invert`` for a pipeline, as the command line names it."""
         if self.steps:
-            return "-".join(step.op for step in self.steps)
+            return pipeline_label(None, [{"op": step.op} for step in self.steps])
         return self.operation or "result"
+
+    def same_output(self, other: ProcessRequest | None) -> bool:
+        """Whether ``other`` makes the same result (the link's lifetime does not count)."""
+        return other is not None and replace(self, expires_in=None) == replace(
+            other, expires_in=None)
 
     def steps_payload(self) -> list[dict[str, Any]] | None:
         if not self.steps:
@@ -288,9 +296,28 @@ def _short(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def describe_request(request: ProcessRequest, titles: Mapping[str, str] | None = None) -> str:
+    """Every step the request runs, in order, with its parameters, and the output:
+    ``resize (width=64) → canny (low=100, high=200) · png``. The preview caption and
+    the line next to Process all both show this text for the same request."""
+    steps = request.steps or (Step(request.operation or "?", dict(request.params or {})),)
+    text = " → ".join(describe_step(step, titles) for step in steps)
+    fmt = request.format or "original format"
+    if request.quality is not None:
+        fmt += f", quality {request.quality}"
+    return f"{text} · {fmt}"
+
+
+def runs_text(request: ProcessRequest | None, problem: str = "",
+              titles: Mapping[str, str] | None = None) -> str:
+    """The line saying what Process all runs (or why it cannot run yet)."""
+    if request is None:
+        return f"Cannot run yet: {problem}" if problem else "Nothing to run yet."
+    return "Runs: " + describe_request(request, titles)
+
+
 def result_filename(source: Path, label: str, fmt: str) -> str:
-    ext = {"jpeg": "jpg"}.get(fmt.lower(), fmt.lower())
-    return f"{source.stem}.{label}.{ext}"
+    return result_name(source.stem, label, fmt)
 
 
 # --------------------------------------------------------------------------- batch
@@ -306,6 +333,7 @@ class JobStatus(StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    NOT_IMAGE = "not an image"  # failed the header check when added: never uploaded
 
 
 ACTIVE = frozenset({JobStatus.UPLOADING, JobStatus.PROCESSING, JobStatus.RETRYING,
@@ -356,6 +384,8 @@ class ImageJob:
     ticket: int = 0  # bumped on every (re)start so late events of an older run are ignored
     result: ResultInfo | None = None
     label: str = ""  # the request's label when the result was made
+    made_with: ProcessRequest | None = None  # the request the result was made with
+    stale: bool = False  # done, but the current settings would make another result
 
     @property
     def name(self) -> str:
@@ -411,6 +441,7 @@ class Batch:
         self._filled_milli = 0  # the run's summed bar positions, in 1/1000 of an image
         self._in_run_anywhere = 0  # jobs queued or active, run member or not
         self.version = 0  # bumped on every change: views redraw when it moved
+        self.current: ProcessRequest | None = None  # what the settings on screen make
 
     # -- bookkeeping
     @staticmethod
@@ -473,8 +504,12 @@ class Batch:
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def add(self, paths: Iterable[Path]) -> AddOutcome:
-        """Add files (already expanded; resolved when they come from ``expand_paths``)."""
+    def add(self, paths: Iterable[Path],
+            not_images: Mapping[Path, str] | None = None) -> AddOutcome:
+        """Add files (already expanded; resolved when they come from ``expand_paths``).
+        ``not_images`` maps paths that failed the header check to why: they are listed
+        as such, and never run."""
+        bad = not_images or {}
         added: list[ImageJob] = []
         skipped: list[tuple[str, str]] = []
         for raw in paths:
@@ -489,7 +524,10 @@ class Batch:
             if path in self._paths:
                 skipped.append((str(raw), "already in the list"))
                 continue
-            job = ImageJob(self._next_id, path)
+            why = bad.get(Path(raw))
+            job = (ImageJob(self._next_id, path) if why is None else
+                   ImageJob(self._next_id, path, JobStatus.NOT_IMAGE,
+                            message=f"not an image: {why}"))
             self._next_id += 1
             self._jobs[job.id] = job
             self._paths.add(path)
@@ -525,7 +563,7 @@ class Batch:
             self._new_run()
         for job_id in ids:
             job = self._jobs[job_id]
-            if job.status in IN_RUN:
+            if job.status in IN_RUN or job.status == JobStatus.NOT_IMAGE:
                 continue
             self._join_run(job_id)
             started.append(self._set(replace(job, status=JobStatus.QUEUED, progress=0.0,
@@ -559,12 +597,37 @@ class Batch:
         return self._set(job)
 
     def finish(self, job_id: int, ticket: int, result: ResultInfo,
-               label: str = "") -> ImageJob | None:
+               label: str = "", made_with: ProcessRequest | None = None) -> ImageJob | None:
         job = self._current(job_id, ticket)
         if job is None:
             return None
         return self._set(replace(job, status=JobStatus.DONE, progress=1.0, message="",
-                                 result=result, label=label))
+                                 result=result, label=label, made_with=made_with,
+                                 stale=made_with is not None
+                                 and not made_with.same_output(self.current)))
+
+    def set_current(self, request: ProcessRequest | None) -> list[ImageJob]:
+        """The request the settings on screen make now (None while they are invalid:
+        then nothing changes). Returns the done images whose stale mark changed.
+
+        One pass over the list per settings change (the caller debounces), comparing a
+        small frozen value per image; no widget work."""
+        if request is None:
+            return []
+        self.current = request
+        changed = []
+        for job in list(self._jobs.values()):
+            if job.status != JobStatus.DONE or job.made_with is None:
+                continue
+            stale = not job.made_with.same_output(request)
+            if stale != job.stale:
+                marked = replace(job, stale=stale)
+                self._set(marked)
+                changed.append(marked)
+        return changed
+
+    def stale_jobs(self) -> list[ImageJob]:
+        return [job for job in self._jobs.values() if job.status == JobStatus.DONE and job.stale]
 
     def fail(self, job_id: int, ticket: int, message: str) -> ImageJob | None:
         job = self._current(job_id, ticket)
@@ -619,7 +682,7 @@ SORT_KEYS = ("added", "name", "state")
 STATE_FILTERS = ("all", "failed", "done", "pending")
 # the order of "state": what needs attention first
 _STATE_RANK: Mapping[JobStatus, int] = MappingProxyType({
-    JobStatus.FAILED: 0, JobStatus.CANCELLED: 1, JobStatus.RETRYING: 2,
+    JobStatus.FAILED: 0, JobStatus.NOT_IMAGE: 0, JobStatus.CANCELLED: 1, JobStatus.RETRYING: 2,
     JobStatus.UPLOADING: 3, JobStatus.PROCESSING: 3, JobStatus.DOWNLOADING: 3,
     JobStatus.QUEUED: 4, JobStatus.READY: 5, JobStatus.DONE: 6,
 })
@@ -629,7 +692,7 @@ _PENDING = frozenset({JobStatus.READY, JobStatus.CANCELLED}) | IN_RUN
 def matches_filter(job: ImageJob, state_filter: str) -> bool:
     """``pending``: not finished yet (never run, cancelled, waiting or running)."""
     if state_filter == "failed":
-        return job.status == JobStatus.FAILED
+        return job.status in (JobStatus.FAILED, JobStatus.NOT_IMAGE)  # no result to be had
     if state_filter == "done":
         return job.status == JobStatus.DONE
     if state_filter == "pending":
@@ -659,13 +722,46 @@ def order_depends_on_state(sort_key: str, state_filter: str) -> bool:
     return sort_key == "state" or state_filter != "all"
 
 
+ROW_MESSAGE_CHARS = 60  # a row shows this much of an error; the details panel shows all
+
+
+def short_message(text: str, limit: int = ROW_MESSAGE_CHARS) -> str:
+    """One line of at most ``limit`` characters, cut at a word with an ellipsis."""
+    line = " ".join(text.split())
+    if len(line) <= limit:
+        return line
+    cut = line[:limit - 1]
+    if " " in cut[limit // 2:]:
+        cut = cut[:cut.rindex(" ")]
+    return cut.rstrip(" ,;:·") + "…"
+
+
+def not_images_text(jobs: Sequence[ImageJob], shown: int = 3) -> str:
+    """The message when added files fail the header check (listed, never uploaded)."""
+    names = "; ".join(f"{job.name} ({job.message.removeprefix('not an image: ')})"
+                      for job in jobs[:shown])
+    more = f" and {len(jobs) - shown} more" if len(jobs) > shown else ""
+    if len(jobs) == 1:
+        return f"Not an image, will not be processed: {names}."
+    return f"{len(jobs)} files are not images and will not be processed: {names}{more}."
+
+
+def can_retry(job: ImageJob) -> bool:
+    """Whether the row offers Retry: a failed or cancelled run, never a file that is
+    not an image (sending it again cannot help)."""
+    return job.status in (JobStatus.FAILED, JobStatus.CANCELLED)
+
+
 def status_text(job: ImageJob) -> str:
+    """The row's state line; short enough for a row (errors in full: details_text)."""
     if job.status == JobStatus.DONE and job.result is not None:
         r = job.result
+        if job.stale:
+            return "done · stale (made with other settings)"
         cached = " · cached" if r.cached else ""
         return f"{r.width}×{r.height} {r.format} · {format_elapsed(r.elapsed_s)}{cached}"
-    if job.status == JobStatus.FAILED:
-        return job.message or "failed"
+    if job.status in (JobStatus.FAILED, JobStatus.NOT_IMAGE):
+        return short_message(job.message or job.status.value)
     if job.status in ACTIVE:
         text = {JobStatus.UPLOADING: "uploading", JobStatus.PROCESSING: "processing",
                 JobStatus.DOWNLOADING: "fetching result",
@@ -673,6 +769,29 @@ def status_text(job: ImageJob) -> str:
         return f"{text} {round(job.progress * 100)}%"
     return {JobStatus.READY: "ready", JobStatus.QUEUED: "waiting",
             JobStatus.CANCELLED: "cancelled"}.get(job.status, job.status.value)
+
+
+class StaleChoice(StrEnum):
+    """What Save all does with results made with other settings than the current ones."""
+
+    RERUN = "rerun"  # process them again with the current settings, then save
+    INCLUDE = "include"  # save them as they are
+    CANCEL = "cancel"
+
+
+def stale_choice(answer: bool | None) -> StaleChoice:
+    """The Yes / No / Cancel answer to :func:`stale_question`."""
+    if answer is None:
+        return StaleChoice.CANCEL
+    return StaleChoice.RERUN if answer else StaleChoice.INCLUDE
+
+
+def stale_question(stale: int, done: int) -> str:
+    which = "result was" if stale == 1 else "results were"
+    return (f"{stale} of {done} {which} made with other settings than the current ones.\n\n"
+            "Yes: re-run them with the current settings, then save all.\n"
+            "No: save them as they are.\n"
+            "Cancel: save nothing.")
 
 
 # --------------------------------------------------------------------------- fleet

@@ -28,8 +28,10 @@ result's format, ``.jpg`` for JPEG). When inputs share a stem (``a/photo.png`` a
 ``b/photo.jpg``), the first in input order keeps it and the next ones get ``<stem>-2``,
 ``<stem>-3``, ...; names are fixed before processing starts, so they never depend on
 which image finishes first. Files are written under a temporary name and renamed, so
-an interrupted run leaves no half-written result; an existing file of the same name
-is replaced.
+an interrupted run leaves no half-written result. A name already taken in DIR is handled
+by ``--on-conflict``: ``unique`` (default) takes the next free ``<stem>-N``, ``overwrite``
+replaces the file, ``skip`` keeps it and writes nothing (the same rule as the desktop
+app's Save all, in gui/naming.py).
 
 A busy fleet (503 ``overloaded``) is waited for, not failed: such answers are retried
 for up to ``--patience`` seconds without using ``--attempts``, and the client keeps
@@ -64,6 +66,18 @@ from gui.client import (
     RetryPolicy,
     Timeout,
     pinned_context,
+)
+from gui.naming import (
+    ON_CONFLICT_CHOICES,
+    OnConflict,
+    SaveAction,
+    candidate_names,
+    extension_for,  # noqa: F401 - part of this module's interface since before gui.naming
+    output_numbers,
+    output_stems,
+    pipeline_label,
+    result_name,
+    save_result,
 )
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -243,51 +257,6 @@ def check_steps(operations: Sequence[OperationSpec], steps: list[dict[str, Any]]
     return checked
 
 
-def pipeline_label(operation: str | None, steps: Sequence[Mapping[str, Any]] | None) -> str:
-    """``grayscale`` or ``grayscale+gaussian_blur``: the ``<op>`` part of output names."""
-    if operation is not None:
-        return operation
-    return "+".join(str(step["op"]) for step in steps or ())
-
-
-def output_stems(inputs: Sequence[Path]) -> list[str]:
-    """A distinct stem per input, in input order (the collision rule in the module doc).
-
-    Compared case-insensitively, since some file systems are.
-    """
-    claimed = set()
-    first: set[int] = set()
-    for index, path in enumerate(inputs):
-        key = path.stem.lower()
-        if key not in claimed:
-            claimed.add(key)
-            first.add(index)
-    stems = []
-    for index, path in enumerate(inputs):
-        if index in first:
-            stems.append(path.stem)
-            continue
-        n = 2
-        while f"{path.stem}-{n}".lower() in claimed:
-            n += 1
-        claimed.add(f"{path.stem}-{n}".lower())
-        stems.append(f"{path.stem}-{n}")
-    return stems
-
-
-def extension_for(image_format: str) -> str:
-    return {"jpeg": "jpg"}.get(image_format.lower(), image_format.lower())
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.part")
-    try:
-        temporary.write_bytes(data)
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 # --------------------------------------------------------------------------- progress
 
 
@@ -300,6 +269,7 @@ class Tally:
     ok: int = 0
     failed: int = 0
     busy: int = 0  # back-pressure answers (503 overloaded) waited out and retried
+    saves: dict[SaveAction, int] = field(default_factory=lambda: dict.fromkeys(SaveAction, 0))
 
     @property
     def finished(self) -> int:
@@ -309,6 +279,11 @@ class Tally:
         elapsed = time.monotonic() - self.started
         rate = self.finished / elapsed if elapsed > 0 else 0.0
         text = f"{self.ok} ok, {self.failed} failed in {elapsed:.1f} s ({rate:.2f} images/s)"
+        renamed, skipped, overwritten = (self.saves[SaveAction.RENAMED],
+                                         self.saves[SaveAction.SKIPPED],
+                                         self.saves[SaveAction.OVERWRITTEN])
+        if renamed or skipped or overwritten:
+            text += f"; {renamed} renamed, {skipped} skipped, {overwritten} overwritten"
         if self.busy:
             text += f"; server busy {self.busy} times"
         if cancelled:
@@ -450,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images in flight at once (default 4)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="download results into DIR (created if missing)")
+    parser.add_argument("--on-conflict", choices=ON_CONFLICT_CHOICES, default="unique",
+                        help="when a result's name is taken in --out: unique (default) takes "
+                             "the next free <stem>-N, overwrite replaces the file, skip "
+                             "keeps it and writes nothing")
     parser.add_argument("-r", "--recursive", action="store_true",
                         help="look for images in subfolders too")
     parser.add_argument("--attempts", type=_bounded_int(1, 20), default=5,
@@ -513,6 +492,7 @@ class Plan:
 
     inputs: list[Path]
     stems: list[str]
+    numbers: list[int]  # each stem's number: 1 = the input's own, n = <stem>-n
     operation: str | None
     raw_params: dict[str, str]
     steps: list[dict[str, Any]] | None
@@ -532,6 +512,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     return Plan(
         inputs=inputs,
         stems=output_stems(inputs),
+        numbers=output_numbers(inputs),
         operation=args.op,
         raw_params=raw_params,
         steps=steps,
@@ -588,7 +569,8 @@ async def run_batch(
                                      progress=display.event)
         async with contextlib.aclosing(stream):
             async for outcome in stream:
-                saved, line = _finish(outcome, plan, args.out)
+                saved, line = _finish(outcome, plan, args.out, OnConflict(args.on_conflict),
+                                      tally)
                 if saved.ok:
                     tally.ok += 1
                 else:
@@ -599,22 +581,32 @@ async def run_batch(
     return EXIT_OK if tally.failed == 0 else EXIT_FAILED
 
 
-def _finish(outcome: JobOutcome, plan: Plan, out_dir: Path | None) -> tuple[JobOutcome, str]:
+def _finish(outcome: JobOutcome, plan: Plan, out_dir: Path | None,
+            on_conflict: OnConflict = OnConflict.UNIQUE,
+            tally: Tally | None = None) -> tuple[JobOutcome, str]:
     """Save a downloaded result if asked; return the outcome and its stdout line."""
     source = str(plan.inputs[outcome.index])
     if outcome.ok and outcome.result is not None:
         result = outcome.result
         fields = [source, result.url, result.instance_id]
         if out_dir is not None and outcome.data is not None:
-            name = f"{plan.stems[outcome.index]}.{plan.label}.{extension_for(result.format)}"
-            target = out_dir / name
+            source_path = plan.inputs[outcome.index]
+            names = candidate_names(source_path.stem, plan.label, result.format, plan.stems,
+                                    plan.numbers[outcome.index])
+            target = out_dir / result_name(plan.stems[outcome.index], plan.label,
+                                           result.format)
             try:
-                write_atomically(target, outcome.data)
+                written = save_result(out_dir, names, outcome.data, on_conflict,
+                                      natural=result_name(source_path.stem, plan.label,
+                                                          result.format))
             except OSError as exc:
                 error = ClientError(f"cannot write {target}: {exc.strerror or exc}")
                 return JobOutcome(outcome.index, outcome.job, result, error), \
                     f"{source}\tFAILED\t{error}"
-            fields.append(str(target))
+            if tally is not None:
+                tally.saves[written.action] += 1
+            fields.append(str(written.path) if written.saved
+                          else f"skipped: {written.path} exists")
         return outcome, "\t".join(fields)
     reason = " ".join(str(outcome.error).split())  # one line, whatever the server said
     return outcome, f"{source}\tFAILED\t{reason}"

@@ -52,6 +52,7 @@ class ScriptedDialogs:
         self.directory: str | None = None
         self.save_as: str | None = None
         self.confirm_answer = True
+        self.three_way_answer: bool | None = None  # Yes / No / Cancel (None)
         self.confirmations: list[str] = []
         self.opened_urls: list[str] = []
         self.browser_works = True
@@ -68,6 +69,10 @@ class ScriptedDialogs:
     def confirm(self, title: str, message: str) -> bool:
         self.confirmations.append(message)
         return self.confirm_answer
+
+    def ask_yes_no_cancel(self, title: str, message: str) -> bool | None:
+        self.confirmations.append(message)
+        return self.three_way_answer
 
     def open_url(self, url: str) -> bool:
         self.opened_urls.append(url)
@@ -207,8 +212,12 @@ def test_changing_a_parameter_updates_the_quick_preview(fleet_app: Any) -> None:
 
 def test_failed_image_shows_server_message_and_retry(fleet_app: Any, tmp_path: Path) -> None:
     app = fleet_app
+    # a PNG cut in half: its header passes the check made when it is added (a file that
+    # is not an image at all is never uploaded: tests/test_gui_files.py), so the server
+    # is asked and its answer is what the row shows
     broken = tmp_path / "broken.png"
-    broken.write_bytes(b"this is not a png")
+    whole = (IMAGES / "astronaut.png").read_bytes()
+    broken.write_bytes(whole[:len(whole) // 2])
     app.clipboard_clear()
     app.clipboard_append(f"file://{broken}\n")  # as a file manager copies it
     app.process.paste_paths()

@@ -44,8 +44,8 @@ class Dialogs:
     def confirm(self, title: str, message: str) -> bool:
         return True
 
-    def open_url(self, url: str) -> None:
-        pass
+    def open_url(self, url: str) -> bool:
+        return True
 
 
 @pytest.fixture(scope="module")

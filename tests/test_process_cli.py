@@ -333,6 +333,26 @@ def test_inputs_sharing_a_stem_get_distinct_names(endpoint: str, tmp_path: Path)
     np.testing.assert_array_equal(first, 255 - read_image(tmp_path / "a" / "x.png"))
     np.testing.assert_array_equal(second, 255 - read_image(tmp_path / "b" / "x.png"))
 
+    # again into the same folder: unique by default, then skip, then overwrite when asked
+    again = cli("--endpoint", endpoint, "--op", "invert", "--out", str(out),
+                str(tmp_path / "a"), str(tmp_path / "b"))
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "x-2.invert.png", "x-3.invert.png", "x-4.invert.png", "x.invert.png"]
+    assert "2 renamed, 0 skipped, 0 overwritten" in again.stderr
+    np.testing.assert_array_equal(read_image(out / "x.invert.png"), first)  # untouched
+    skipped = cli("--endpoint", endpoint, "--op", "invert", "--out", str(out),
+                  "--on-conflict", "skip", str(tmp_path / "a"))
+    assert skipped.returncode == 0, skipped.stderr
+    assert f"skipped: {out / 'x.invert.png'} exists" in skipped.stdout
+    assert "0 renamed, 1 skipped, 0 overwritten" in skipped.stderr
+    (out / "x.invert.png").write_bytes(b"stale")
+    replaced = cli("--endpoint", endpoint, "--op", "invert", "--out", str(out),
+                   "--on-conflict", "overwrite", str(tmp_path / "a"))
+    assert replaced.returncode == 0, replaced.stderr
+    np.testing.assert_array_equal(read_image(out / "x.invert.png"), first)
+    assert len(list(out.iterdir())) == 4
+
 
 def test_a_failed_image_is_reported_and_the_others_still_finish(
     endpoint: str, tmp_path: Path

@@ -287,7 +287,7 @@ def test_pipeline_wins_over_the_selected_operation() -> None:
                                                 {"op": "gaussian_blur", "ksize": 7}]
     assert "operation" not in request.client_kwargs()
     assert request.quality == 70 and request.format == "jpeg"
-    assert request.label == "grayscale-gaussian_blur"
+    assert request.label == "grayscale+gaussian_blur"
     assert describe_step(steps[1], {"gaussian_blur": "Gaussian blur"}) == \
         "Gaussian blur (ksize=7)"
 

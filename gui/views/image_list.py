@@ -30,7 +30,14 @@ from gui.list_window import (
     scrolled,
     wheel_rows,
 )
-from gui.viewmodel import SORT_KEYS, STATE_FILTERS, ImageJob, JobStatus, status_text
+from gui.viewmodel import (
+    SORT_KEYS,
+    STATE_FILTERS,
+    ImageJob,
+    JobStatus,
+    can_retry,
+    status_text,
+)
 from gui.views.widgets import CARD, ERROR, MUTED, SELECTED, caption, destroy_widgets
 
 ROW_HEIGHT = 72  # the 56 px thumbnail and its padding
@@ -100,7 +107,7 @@ class PoolRow(ctk.CTkFrame):
     def show(self, job: ImageJob, thumb: ctk.CTkImage | None, selected: bool) -> None:
         """Point the row at ``job``; only what differs from what it shows is redrawn."""
         self.job_id = job.id
-        failed = job.status == JobStatus.FAILED
+        failed = job.status in (JobStatus.FAILED, JobStatus.NOT_IMAGE)
         if self._changed("name", job.name):
             self.name.configure(text=_short(job.name, 40))
         status = _short(status_text(job))
@@ -109,7 +116,7 @@ class PoolRow(ctk.CTkFrame):
         if self._changed("progress", (job.progress, failed)):
             self.bar.set(job.progress)
             self.bar.configure(progress_color=ERROR if failed else BAR_COLOUR)
-        retry = job.status in (JobStatus.FAILED, JobStatus.CANCELLED)
+        retry = can_retry(job)  # never for a file that is not an image
         if self._changed("retry", retry):
             if retry:
                 self.retry_button.grid(row=1, column=2, padx=(4, 6))

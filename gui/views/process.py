@@ -36,6 +36,8 @@ from gui.views.widgets import (
 )
 
 PREVIEW_BOX = (600, 380)
+NO_STEP = "No step being edited"  # the menu entry for "run just the pipeline"
+ON_CONFLICT_LABELS = {"unique": "add -2, -3…", "overwrite": "overwrite", "skip": "skip"}
 
 
 def empty_hint_text(drop: bool) -> str:
@@ -63,6 +65,7 @@ class ProcessActions(ListActions, Protocol):
     def open_link(self) -> None: ...
     def save_as(self) -> None: ...
     def save_all(self) -> None: ...
+    def on_conflict_changed(self, value: str) -> None: ...
 
 
 class ProcessView(ctk.CTkFrame):
@@ -76,6 +79,7 @@ class ProcessView(ctk.CTkFrame):
         self._title_to_name: dict[str, str] = {}
         self._before: Image.Image | None = None
         self._after: Image.Image | None = None
+        self._after_text = "processing preview…"
         self._images: list[ctk.CTkImage] = []
         self.columnconfigure(0, weight=0, minsize=310)
         self.columnconfigure(1, weight=0, minsize=320)
@@ -128,6 +132,8 @@ class ProcessView(ctk.CTkFrame):
                                            hover_color=("gray60", "gray35"),
                                            state="disabled", command=self.controller.cancel_run)
         self.cancel_button.grid(row=2, column=1)
+        self.runs_label = caption(run, "", wraplength=280, justify="left")
+        self.runs_label.grid(row=3, column=0, columnspan=2, sticky="ew", pady=(4, 0))
 
     def _build_operation_column(self) -> None:
         col = ctk.CTkFrame(self)
@@ -198,6 +204,9 @@ class ProcessView(ctk.CTkFrame):
                                            command=lambda _v: self._render_preview())
         self.mode.set("Side by side")
         self.mode.grid(row=0, column=1, sticky="e")
+        # the same text as under Process all: what the preview shows is what runs
+        self.preview_runs_label = caption(head, "", wraplength=560, justify="left")
+        self.preview_runs_label.grid(row=1, column=0, columnspan=2, sticky="ew", pady=(2, 0))
         self.stage = ctk.CTkFrame(col, fg_color=("gray78", "gray14"), corner_radius=8)
         self.stage.grid(row=1, column=0, sticky="nsew", padx=12)
         self.stage.columnconfigure((0, 1), weight=1)
@@ -205,12 +214,12 @@ class ProcessView(ctk.CTkFrame):
         self._blank = ctk.CTkImage(light_image=Image.new("RGBA", (1, 1), (0, 0, 0, 0)),
                                    size=(1, 1))
         self.before_label = ctk.CTkLabel(self.stage, text="")
-        self.after_label = ctk.CTkLabel(self.stage, text="")
+        self.after_label = ctk.CTkLabel(self.stage, text="", wraplength=260, justify="left")
         self.stage_hint = caption(self.stage, "Select an image to see it here.")
         self.stage_hint.grid(row=0, column=0, columnspan=2)
         self.split = ctk.CTkSlider(col, from_=0, to=1, command=lambda _v: self._render_preview())
         self.split.set(0.5)
-        self.preview_caption = caption(col, "")
+        self.preview_caption = caption(col, "", wraplength=560, justify="left")
         self.preview_caption.grid(row=3, column=0, sticky="ew", padx=12, pady=(4, 0))
 
         info = ctk.CTkFrame(col, fg_color=CARD, corner_radius=8)
@@ -219,8 +228,12 @@ class ProcessView(ctk.CTkFrame):
         self.result_title = ctk.CTkLabel(info, text="No result selected", anchor="w",
                                          font=ctk.CTkFont(size=13, weight="bold"))
         self.result_title.grid(row=0, column=0, sticky="ew", padx=10, pady=(8, 0))
-        self.result_meta = caption(info, "Process an image to get a shareable link.")
+        # wrapped, never cut: a failed image's whole server message is shown here
+        self.result_meta = caption(info, "Process an image to get a shareable link.",
+                                   wraplength=540, justify="left")
         self.result_meta.grid(row=1, column=0, sticky="ew", padx=10)
+        info.bind("<Configure>", lambda e: self.result_meta.configure(
+            wraplength=max(200, e.width - 24)), add="+")
         self.expiry_label = caption(info, "")
         self.expiry_label.grid(row=2, column=0, sticky="ew", padx=10)
         self.link_entry = ctk.CTkEntry(info, state="readonly", height=28)
@@ -240,14 +253,37 @@ class ProcessView(ctk.CTkFrame):
         for i, button in enumerate((self.copy_button, self.open_button, self.save_button,
                                     self.save_all_button)):
             button.grid(row=0, column=i, padx=(0, 6))
+        conflict = ctk.CTkFrame(info, fg_color="transparent")
+        conflict.grid(row=5, column=0, sticky="ew", padx=10, pady=(0, 10))
+        caption(conflict, "Save all, when a name is taken:").grid(row=0, column=0, sticky="w")
+        self._conflict_by_label = {label: value for value, label in ON_CONFLICT_LABELS.items()}
+        self.on_conflict_var = ctk.StringVar(value=ON_CONFLICT_LABELS["unique"])
+        self.on_conflict_menu = ctk.CTkOptionMenu(
+            conflict, values=list(ON_CONFLICT_LABELS.values()), variable=self.on_conflict_var,
+            width=130, command=lambda label: self.controller.on_conflict_changed(
+                self._conflict_by_label[label]))
+        self.on_conflict_menu.grid(row=0, column=1, padx=(6, 0))
         self.show_result(None, "", "")
 
     # ------------------------------------------------------------------ operations
+    def set_on_conflict(self, value: str) -> None:
+        self.on_conflict_var.set(ON_CONFLICT_LABELS.get(value, ON_CONFLICT_LABELS["unique"]))
+
+    def on_conflict(self) -> str:
+        return self._conflict_by_label[self.on_conflict_var.get()]
+
+    def set_runs(self, text: str, problem: bool = False) -> None:
+        for label in (self.runs_label, self.preview_runs_label):
+            label.configure(text=text, text_color=ERROR if problem else MUTED)
+
     def set_operations(self, operations: Sequence[Any]) -> None:
         self.operations = {op.name: op for op in operations}
         titles = [op.title or op.name for op in operations]
         self._title_to_name = {(op.title or op.name): op.name for op in operations}
-        self.operation_menu.configure(values=titles or ["no operations"])
+        self.operation_menu.configure(values=[*titles, NO_STEP] if titles else
+                                      ["no operations"])
+        if operations and self.operation_var.get() == NO_STEP:
+            return  # a reconnect must not slip an operation into the pipeline's run
         if operations:
             current = self.current_operation()
             op = self.operations.get(current or "") or operations[0]
@@ -259,6 +295,18 @@ class ProcessView(ctk.CTkFrame):
         if op is not None:
             self._show_operation(op)
             self.controller.params_changed()
+        elif title == NO_STEP:
+            self.clear_operation()
+            self.controller.params_changed()
+
+    def clear_operation(self) -> None:
+        """No step being edited: Process all runs the pipeline alone."""
+        destroy_widgets(self.params_frame.winfo_children())
+        self.controls = []
+        self.operation_var.set(NO_STEP)
+        self.description.configure(
+            text="Process all runs the pipeline below. Pick an operation to add a step.",
+            text_color=MUTED)
 
     def _show_operation(self, op: Any) -> None:
         destroy_widgets(self.params_frame.winfo_children())
@@ -368,10 +416,18 @@ class ProcessView(ctk.CTkFrame):
 
     # ------------------------------------------------------------------ preview
     def show_images(self, before: Image.Image | None, after: Image.Image | None,
-                    caption_text: str = "") -> None:
+                    caption_text: str = "", after_text: str = "processing preview…",
+                    problem: bool = False) -> None:
+        """``after_text`` stands in the after side while there is no after image."""
         self._before, self._after = before, after
-        self.preview_caption.configure(text=caption_text)
+        self._after_text = after_text
+        self.preview_caption.configure(text=caption_text, text_color=ERROR if problem else MUTED)
         self._render_preview()
+
+    @property
+    def shown_after(self) -> Image.Image | None:
+        """The "after" image on screen (None: the after side shows a text instead)."""
+        return self._after
 
     def set_preview_mode(self, mode: str, split: float | None = None) -> None:
         """Show "Side by side" or "Slider" (with the divider at ``split``, 0..1)."""
@@ -410,7 +466,7 @@ class ProcessView(ctk.CTkFrame):
             half = (box_w - 24) // 2
             put(self.before_label, flatten(fit_within(self._before, half, box_h)))
             if self._after is None:
-                put(self.after_label, None, "processing preview…")
+                put(self.after_label, None, self._after_text)
             else:
                 put(self.after_label, flatten(fit_within(self._after, half, box_h)))
             self.before_label.grid(row=0, column=0, padx=(8, 4), pady=8)

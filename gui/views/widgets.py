@@ -94,14 +94,16 @@ class ParamControl(ctk.CTkFrame):
         self.widget: Any
         if spec.kind == "checkbox":
             self.label.configure(text="")
-            self.var = ctk.BooleanVar(value=bool(spec.default))
-            self.widget = ctk.CTkCheckBox(self, text=spec.label, variable=self.var,
-                                          command=self._changed)
+            # No Tk Variable here or below: a destroyed control's Variable can be
+            # garbage-collected on the worker thread, where its __del__ may not call Tcl.
+            self.widget = ctk.CTkCheckBox(self, text=spec.label, command=self._changed)
+            if spec.default:
+                self.widget.select()
         elif spec.kind == "dropdown":
-            self.var = ctk.StringVar(value=str(spec.default))
-            self.widget = ctk.CTkOptionMenu(self, values=list(spec.choices), variable=self.var,
+            self.widget = ctk.CTkOptionMenu(self, values=list(spec.choices),
                                             command=lambda _v: self._changed(),
                                             dynamic_resizing=False)
+            self.widget.set(str(spec.default))
         elif spec.kind == "slider":
             self.widget = ctk.CTkSlider(self, from_=spec.minimum, to=spec.maximum,
                                         number_of_steps=spec.steps,
@@ -128,8 +130,8 @@ class ParamControl(ctk.CTkFrame):
         self._on_change()
 
     def raw(self) -> Any:
-        if self.spec.kind in ("checkbox", "dropdown"):
-            return self.var.get()
+        if self.spec.kind == "checkbox":
+            return bool(self.widget.get())
         return self.widget.get()
 
     def value(self) -> Any:
@@ -144,8 +146,10 @@ class ParamControl(ctk.CTkFrame):
         return value
 
     def set(self, value: Any) -> None:
-        if self.spec.kind in ("checkbox", "dropdown"):
-            self.var.set(value)
+        if self.spec.kind == "checkbox":
+            (self.widget.select if value else self.widget.deselect)()
+        elif self.spec.kind == "dropdown":
+            self.widget.set(str(value))
         else:
             self.widget.set(value)
             if self.spec.kind == "slider":

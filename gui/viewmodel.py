@@ -757,7 +757,7 @@ def status_text(job: ImageJob) -> str:
     if job.status == JobStatus.DONE and job.result is not None:
         r = job.result
         if job.stale:
-            return "done · stale (made with other settings)"
+            return "done · stale (other settings)"
         cached = " · cached" if r.cached else ""
         return f"{r.width}×{r.height} {r.format} · {format_elapsed(r.elapsed_s)}{cached}"
     if job.status in (JobStatus.FAILED, JobStatus.NOT_IMAGE):

@@ -230,8 +230,14 @@ def test_failed_image_shows_server_message_and_retry(fleet_app: Any, tmp_path: P
     pump_until(app, lambda: app.process.batch.get(job.id).status.value == "failed", PROCESS_TIMEOUT,
                "the broken image to fail")
     row = app.process_view.rows[job.id]
-    assert "415" in row.status.cget("text")
+    # the row shows the start of the message, as much as fits beside Retry; selecting
+    # the image shows all of it, code included
+    assert app.process.batch.get(job.id).message.startswith(
+        row.status.cget("text").removesuffix("…"))
     assert row.retry_button.winfo_ismapped()
+    app.process.select_image(job.id)
+    app.update()
+    assert "415" in app.process_view.result_meta.cget("text")
     app.process.remove_image(job.id)
     pump_until(app, lambda: job.id not in app.process_view.rows, 5, "the row to go")
 

@@ -21,6 +21,8 @@ import requests
 from helpers_gui import pump_until
 from PIL import Image
 
+from gui.viewmodel import status_text
+
 pytestmark = pytest.mark.gui
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -208,7 +210,7 @@ def test_a_changed_parameter_marks_results_stale_and_save_all_asks(app: Any,
     settle(app)
     assert app.process.batch.get(job.id).stale
     app.process.flush_list()
-    assert view.rows[job.id].status.cget("text") == "done · stale (made with other settings)"
+    assert view.rows[job.id].status.cget("text") == "done · stale (other settings)"
     assert "Stale: made with" in view.result_meta.cget("text")
 
     out = tmp_path / "out"
@@ -276,9 +278,12 @@ def test_files_that_are_not_images_are_marked_at_add_and_never_uploaded(
     app.process.select_image(jobs[0].id)  # no preview for a file that is not an image
     assert [j.status.value for j in jobs] == ["not an image"] * 2
     app.process.flush_list()
-    assert [app.process_view.rows[j.id].status.cget("text") for j in jobs] == [
+    assert [status_text(j) for j in jobs] == [
         "not an image: it starts with text, not an image header",
         "not an image: a PNG whose header is cut short or damaged"]
+    for job in jobs:  # the row shows as much as fits beside its buttons
+        shown = app.process_view.rows[job.id].status.cget("text")
+        assert status_text(job).startswith(shown.removesuffix("…"))
     assert app.errors_shown == [
         "2 files are not images and will not be processed: notes.jpg (it starts with text, "
         "not an image header); cut.png (a PNG whose header is cut short or damaged)."]
@@ -312,6 +317,9 @@ def test_a_failed_image_shows_the_whole_server_message_when_selected(
     row = app.process_view.rows[job.id]
     assert len(row.status.cget("text")) <= 60 and row.status.cget("text").endswith("…")
     assert row.retry_button.winfo_ismapped()
+    text = row.status.cget("text")  # ends before the Retry button: nothing under it
+    assert row.status.winfo_x() + row.status.cget("font").measure(text) <= (
+        row.retry_button.winfo_x())
 
     app.process.select_image(job.id)
     app.update()

@@ -160,7 +160,7 @@ def test_a_result_made_with_other_settings_is_stale_and_says_so() -> None:
     changed = batch.set_current(request(low=50.0))
     assert [job.id for job in changed] == [a.id]
     assert batch.get(a.id).stale and batch.stale_jobs() == [batch.get(a.id)]
-    assert status_text(batch.get(a.id)) == "done · stale (made with other settings)"
+    assert status_text(batch.get(a.id)) == "done · stale (other settings)"
     # b finishes with the old request after the change: stale at once
     batch.finish(b.id, b.ticket, result(), "canny", made)
     assert batch.get(b.id).stale

@@ -63,6 +63,20 @@ def _short(text: str, limit: int = STATUS_CHARS) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def fit_text(text: str, measure: Callable[[str], int], width: int) -> str:
+    """``text``, cut with an ellipsis to fit ``width`` pixels as ``measure`` says."""
+    if measure(text) <= width:
+        return text
+    low, high = 0, len(text)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if measure(text[:mid] + "…") <= width:
+            low = mid
+        else:
+            high = mid - 1
+    return text[:low].rstrip() + "…"
+
+
 class PoolRow(ctk.CTkFrame):
     """One row widget, shown for whichever image sits at its place in the list."""
 
@@ -110,13 +124,17 @@ class PoolRow(ctk.CTkFrame):
         failed = job.status in (JobStatus.FAILED, JobStatus.NOT_IMAGE)
         if self._changed("name", job.name):
             self.name.configure(text=_short(job.name, 40))
-        status = _short(status_text(job))
+        retry = can_retry(job)  # never for a file that is not an image
+        # cut to the pixels left of the Retry/remove buttons, so nothing runs under them
+        # (the whole text is in the result panel when the image is selected)
+        row_width = self.winfo_width() if self.winfo_width() > 1 else 270
+        room = row_width - 72 - (66 if retry else 40)
+        status = fit_text(_short(status_text(job)), self.status.cget("font").measure, room)
         if self._changed("status", (status, failed)):
             self.status.configure(text=status, text_color=ERROR if failed else MUTED)
         if self._changed("progress", (job.progress, failed)):
             self.bar.set(job.progress)
             self.bar.configure(progress_color=ERROR if failed else BAR_COLOUR)
-        retry = can_retry(job)  # never for a file that is not an image
         if self._changed("retry", retry):
             if retry:
                 self.retry_button.grid(row=1, column=2, padx=(4, 6))

@@ -37,6 +37,7 @@ from gui.connection import (
     FleetExit,
     FleetFactory,
     choose_admin_endpoint,
+    choose_ca_file,
     choose_endpoint,
     choose_token,
     default_fleet_factory,
@@ -446,7 +447,8 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
                 self._on_connect_failed(exc)
 
         self.submit(self.connection.connect(endpoint, choose_token(self.environ, settings),
-                                            settings.concurrency, settings.fleet_size, admin),
+                                            settings.concurrency, settings.fleet_size, admin,
+                                            choose_ca_file(self.environ, settings)),
                     connected, failed)
 
     def _on_connected(self, connected: Connected) -> None:

@@ -82,6 +82,11 @@ def choose_admin_endpoint(flag: str | None, environ: Mapping[str, str],
     return ""
 
 
+def choose_ca_file(environ: Mapping[str, str], settings: Settings) -> str:
+    """The pinned certificate's file (env ``IMAGEFLEET_CA_FILE`` > settings), or ""."""
+    return (environ.get("IMAGEFLEET_CA_FILE") or settings.ca_file or "").strip()
+
+
 def choose_token(environ: Mapping[str, str], settings: Settings) -> str | None:
     return environ.get("IMAGEFLEET_TOKEN") or settings.token or None
 
@@ -129,20 +134,23 @@ class Connection:
         return self._fleet
 
     async def connect(self, endpoint: str, token: str | None, concurrency: int,
-                      fleet_size: int, admin_endpoint: str = "") -> Connected:
+                      fleet_size: int, admin_endpoint: str = "", ca_file: str = "",
+                      ) -> Connected:
         """(Re)connect. An empty endpoint means the embedded fleet, started if needed (and
-        restarted when its size changed). Fetches the operations to prove the link works."""
+        restarted when its size changed). Fetches the operations to prove the link works.
+        ``ca_file``: the only certificate a remote endpoint is trusted with (pinning)."""
         await self._close_client()
         embedded = not endpoint
         if embedded:
             endpoint = await self._ensure_fleet(fleet_size)
         elif self._fleet is not None:
             await self._stop_fleet()
-        client = ImageFleetClient(endpoint, token, concurrency=concurrency)
+        pin = None if embedded or not ca_file else ca_file  # the local fleet is plain HTTP
+        client = ImageFleetClient(endpoint, token, concurrency=concurrency, ca_file=pin)
         await client.__aenter__()
         self._client, self.endpoint = client, endpoint
         if admin_endpoint and admin_endpoint != endpoint and not embedded:
-            admin = ImageFleetClient(admin_endpoint, token, concurrency=2)
+            admin = ImageFleetClient(admin_endpoint, token, concurrency=2, ca_file=pin)
             await admin.__aenter__()
             self._admin = admin
         elif embedded:

@@ -1,11 +1,11 @@
 """The chaos run, repeated: 200 images through the batch command while a serving worker
 of a local fleet of 2 is SIGKILLed every 2 s, ``--runs`` times (default 20).
 
-    python -m scripts.bench_chaos [--runs 20] [--images 200] [--every 2] [--concurrency 8]
+    python -m scripts.bench_chaos [--runs 20] [--images 200] [--every 2] [--concurrency 8] [--size 640x480]
 
 Each run starts a fresh fleet (its own storage folder, so no result is served from an
 earlier run's cache) and runs ``python -m scripts.process --op bilateral`` over the same
-folder of distinct 960x720 JPEGs. Prints, per run, the images lost (failed), the kills
+folder of distinct 640x480 JPEGs (the first kill after 0.5 s, then every 2 s). Prints, per run, the images lost (failed), the kills
 and the batch time; then the total lost over all runs (target: 0) and the median batch
 time. Exit status 1 when any image was lost.
 """
@@ -30,12 +30,16 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--every", type=float, default=2.0, help="seconds between kills")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--size", default="x".join(map(str, CHAOS_IMAGE_SIZE)),
+                        help="image size WxH (default: the chaos test's)")
     args = parser.parse_args()
 
+    width, _, height = args.size.partition("x")
+    size = (int(width), int(height))
     lost_total, times, kills_total = 0, [], 0
     with tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp:
-        folder = write_images(Path(tmp) / "in", distinct_jpegs(args.images, CHAOS_IMAGE_SIZE))
-        print(f"{args.runs} runs: {args.images} images, batch command at concurrency "
+        folder = write_images(Path(tmp) / "in", distinct_jpegs(args.images, size))
+        print(f"{args.runs} runs: {args.images} {args.size} images, batch command at concurrency "
               f"{args.concurrency}, a serving worker of 2 SIGKILLed every {args.every:g} s")
         for run in range(args.runs):
             started = time.monotonic()

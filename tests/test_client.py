@@ -1178,3 +1178,32 @@ def test_a_bad_ca_file_is_a_clear_error_before_connecting(tmp_path: Path) -> Non
     (tmp_path / "junk.pem").write_text("not a certificate")
     with pytest.raises(InvalidRequest, match="holds no PEM certificate"):
         run(open_with(tmp_path / "junk.pem"))
+
+
+def test_the_apps_connection_pins_the_settings_certificate(tmp_path: Path) -> None:
+    """The desktop app's Connection passes the Settings' (or IMAGEFLEET_CA_FILE's)
+    certificate to its clients: it connects to the server holding that certificate and
+    refuses another one with the same names."""
+    from gui.connection import Connection, choose_ca_file
+    from gui.settings import Settings
+
+    first, first_pem = _tls_server_context(tmp_path, "first")
+    second, _ = _tls_server_context(tmp_path, "second")
+    settings = Settings(ca_file=str(first_pem))
+    assert choose_ca_file({}, settings) == str(first_pem)
+    assert choose_ca_file({"IMAGEFLEET_CA_FILE": "/elsewhere.pem"}, settings) == "/elsewhere.pem"
+
+    async def connect(url: str) -> Any:
+        connection = Connection(tmp_path / "storage")
+        try:
+            return await connection.connect(url, None, 2, 1, "",
+                                            choose_ca_file({}, settings))
+        finally:
+            await connection.close()
+
+    with LoopbackServer(operations_routes, tls=first) as server:
+        assert run(connect(server.url)).operations == []
+    with LoopbackServer(operations_routes, tls=second) as server:
+        with pytest.raises(TransportError, match="certificate verify failed"):
+            run(connect(server.url))
+        assert server.stats.requests == 0

@@ -1,13 +1,15 @@
 """The chaos run, repeated: 200 images through the batch command while a serving worker
 of a local fleet of 2 is SIGKILLed every 2 s, ``--runs`` times (default 20).
 
-    python -m scripts.bench_chaos [--runs 20] [--images 200] [--every 2] [--concurrency 8] [--size 640x480]
+    python -m scripts.bench_chaos [--runs 20] [--images 200] [--every 2]
+        [--concurrency 8] [--size 640x480]
 
 Each run starts a fresh fleet (its own storage folder, so no result is served from an
 earlier run's cache) and runs ``python -m scripts.process --op bilateral`` over the same
-folder of distinct 640x480 JPEGs (the first kill after 0.5 s, then every 2 s). Prints, per run, the images lost (failed), the kills
-and the batch time; then the total lost over all runs (target: 0) and the median batch
-time. Exit status 1 when any image was lost.
+folder of distinct JPEGs (640x480 by default; the first kill after 0.5 s, then every 2 s).
+Prints, per run, the images lost (failed), the kills and the batch time; then the total
+lost over all runs (target: 0) and the median batch time. Exit status 1 when any image
+was lost.
 """
 
 from __future__ import annotations

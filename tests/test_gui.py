@@ -25,6 +25,7 @@ import pytest
 import requests
 from helpers_fleet import pid_alive, pids_mentioning
 from helpers_gui import (
+    ScriptedDialogs,
     child_pids,
     descendant_pids,
     pump_until,
@@ -42,41 +43,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES = REPO_ROOT.parent / "shared" / "testdata" / "images"
 FLEET_START = 60.0
 PROCESS_TIMEOUT = 60.0
-
-
-class ScriptedDialogs:
-    """Stands in for the file dialogs and confirmations; records what was asked."""
-
-    def __init__(self) -> None:
-        self.open_files: list[str] = []
-        self.directory: str | None = None
-        self.save_as: str | None = None
-        self.confirm_answer = True
-        self.three_way_answer: bool | None = None  # Yes / No / Cancel (None)
-        self.confirmations: list[str] = []
-        self.opened_urls: list[str] = []
-        self.browser_works = True
-
-    def ask_open_files(self) -> list[str]:
-        return self.open_files
-
-    def ask_directory(self, title: str) -> str | None:
-        return self.directory
-
-    def ask_save_as(self, initial_name: str) -> str | None:
-        return self.save_as
-
-    def confirm(self, title: str, message: str) -> bool:
-        self.confirmations.append(message)
-        return self.confirm_answer
-
-    def ask_yes_no_cancel(self, title: str, message: str) -> bool | None:
-        self.confirmations.append(message)
-        return self.three_way_answer
-
-    def open_url(self, url: str) -> bool:
-        self.opened_urls.append(url)
-        return self.browser_works
 
 
 @pytest.fixture(scope="module")

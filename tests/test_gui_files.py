@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import requests
-from helpers_gui import pump_until
+from helpers_gui import ScriptedDialogs, pump_until
 from PIL import Image
 
 from gui.viewmodel import status_text
@@ -29,40 +29,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES = REPO_ROOT.parent / "shared" / "testdata" / "images"
 FLEET_START = 60.0
 PROCESS_TIMEOUT = 60.0
-
-
-class ScriptedDialogs:
-    """Answers the app's dialogs; records the questions."""
-
-    def __init__(self) -> None:
-        self.open_files: list[str] = []
-        self.directory: str | None = None
-        self.save_as: str | None = None
-        self.confirm_answer = True
-        self.three_way_answer: bool | None = None
-        self.questions: list[str] = []
-        self.opened_urls: list[str] = []
-
-    def ask_open_files(self) -> list[str]:
-        return self.open_files
-
-    def ask_directory(self, title: str) -> str | None:
-        return self.directory
-
-    def ask_save_as(self, initial_name: str) -> str | None:
-        return self.save_as
-
-    def confirm(self, title: str, message: str) -> bool:
-        self.questions.append(message)
-        return self.confirm_answer
-
-    def ask_yes_no_cancel(self, title: str, message: str) -> bool | None:
-        self.questions.append(message)
-        return self.three_way_answer
-
-    def open_url(self, url: str) -> bool:
-        self.opened_urls.append(url)
-        return True
 
 
 @pytest.fixture(scope="module")
@@ -217,10 +183,10 @@ def test_a_changed_parameter_marks_results_stale_and_save_all_asks(app: Any,
     out.mkdir()
     app.scripted.directory = str(out)
     app.scripted.three_way_answer = None  # Cancel
-    asked = len(app.scripted.questions)
+    asked = len(app.scripted.confirmations)
     app.process.save_all()
-    assert len(app.scripted.questions) == asked + 1
-    assert app.scripted.questions[-1].startswith("1 of 1 result was made with other settings")
+    assert len(app.scripted.confirmations) == asked + 1
+    assert app.scripted.confirmations[-1].startswith("1 of 1 result was made with other settings")
     app.update()
     assert list(out.iterdir()) == []
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_gui import pump_until
+from helpers_gui import ScriptedDialogs, pump_until
 from PIL import Image
 from waiting import wait_until
 
@@ -29,25 +29,6 @@ MANY = 10_000
 MAX_ROW_WIDGETS = 20  # a 1280x800 window fits about 7 rows; never one per image
 
 
-class Dialogs:
-    """Answers nothing: these tests add images with ``add_images`` directly."""
-
-    def ask_open_files(self) -> list[str]:
-        return []
-
-    def ask_directory(self, title: str) -> str | None:
-        return None
-
-    def ask_save_as(self, initial_name: str) -> str | None:
-        return None
-
-    def confirm(self, title: str, message: str) -> bool:
-        return True
-
-    def open_url(self, url: str) -> bool:
-        return True
-
-
 @pytest.fixture(scope="module")
 def app(x_display: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from gui.app import ImageFleetApp
@@ -56,7 +37,7 @@ def app(x_display: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[An
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEFLEET_")}
     env["XDG_CONFIG_HOME"] = str(base / "config")
     env["XDG_CACHE_HOME"] = str(base / "cache")
-    application = ImageFleetApp(environ=env, dialogs=Dialogs())
+    application = ImageFleetApp(environ=env, dialogs=ScriptedDialogs())
     try:
         pump_until(application, lambda: application.connected is not None, FLEET_START,
                    "the embedded fleet to start")

@@ -92,6 +92,10 @@ class AwsFleetConfig:
     bootstrap_timeout_s: float = 420.0
     grace_period_s: float = 480.0
     observe_interval_s: float = 2.0
+    # Poll each worker's /health on its private address for its load and completed work
+    # (fleet/load_probe.py): needs a manager that reaches the workers (inside the VPC).
+    # Without it scaling on load is off and progress is the ALB's verdict only.
+    poll_worker_load: bool = False
     lease_key: str = "fleet/lease.json"
     lease_ttl_s: float = 30.0
     admin_host: str = "127.0.0.1"
@@ -156,6 +160,9 @@ def _problems(data: dict[str, Any]) -> list[str]:
     for key in ("api_url", "token_parameter", "certificate_arn", "ca_pem"):
         if data.get(key) is not None and (not isinstance(data[key], str) or not data[key]):
             problems.append(f"{key!r} must be a non-empty string or null (got {data[key]!r})")
+    if "poll_worker_load" in data and not isinstance(data["poll_worker_load"], bool):
+        problems.append(f"'poll_worker_load' must be true or false "
+                        f"(got {data['poll_worker_load']!r})")
     if "insecure_http" in data and not isinstance(data["insecure_http"], bool):
         problems.append(f"'insecure_http' must be true or false (got {data['insecure_http']!r})")
     if data.get("api_url") and not str(data["api_url"]).startswith(("http://", "https://")):

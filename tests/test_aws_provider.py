@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -578,3 +579,92 @@ def test_fleet_run_serves_the_admin_api(infra: AwsFleetConfig) -> None:
     assert all(i["address"].endswith(":8080") for i in state["instances"])
     assert any(e["kind"] == "lease_acquired" for e in state["events"])
     assert status == 400 and "1..4" in error["error"]["message"]
+
+
+def test_polled_worker_load_scales_the_aws_fleet_out_and_in(infra: AwsFleetConfig,
+                                                            tmp_path: Path) -> None:
+    """With ``poll_worker_load`` the provider reads each worker's own /health: in-flight
+    work and completed requests reach ``decide()``, which scales on them as it does for a
+    local fleet. EC2 and the ALB are moto; moto's instances have private IPs nothing
+    listens on, so (injected at the provider's boundary) the probe's addresses are mapped
+    to real ``python -m server`` processes on loopback, one per instance."""
+    import requests
+    from helpers_fleet import IMAGES, ServerProcess
+
+    from fleet.load_probe import probe_all
+    from fleet.model import Memory, Observed
+    from fleet.reconcile import decide
+
+    config = dataclasses.replace(infra, bootstrap="user-data", poll_worker_load=True)
+    servers = [ServerProcess(tmp_path / "storage", f"w{n}",
+                             ["--process-slots", "1", "--queue-limit", "8"]) for n in (1, 2)]
+    try:
+        for server in servers:
+            server.wait_healthy()
+        by_instance: dict[str, ServerProcess] = {}
+        provider = AwsProvider(config, clients=_proxies(),  # type: ignore[arg-type]
+                               bootstrapper=FakeBootstrapper(), load_probe=lambda addresses:
+                               probe_all({iid: by_instance[iid].address for iid in addresses}))
+        for n, server in enumerate(servers):
+            iid = asyncio.run(provider.launch(f"load-{n}"))
+            asyncio.run(provider.register(iid))
+            by_instance[iid] = server
+        busy_iid = next(iter(by_instance))
+        observed = asyncio.run(provider.observe())
+        assert {i.id: i.inflight for i in observed} == dict.fromkeys(by_instance, 0)
+
+        photo = (IMAGES / "astronaut.png").read_bytes()
+        slow = json.dumps([{"op": "bilateral", "diameter": 15}] * 3)
+
+        def heavy() -> None:
+            requests.post(f"http://{by_instance[busy_iid].address}/process",
+                          files={"image": ("a.png", photo)},
+                          data={"steps": slow, "format": "png"}, timeout=120)
+
+        spec = dataclasses.replace(spec_from_config(config), desired=2, min=1, max=4,
+                                   target_inflight=2, scale_out_window_s=0,
+                                   scale_cooldown_s=0)
+        seen = Memory(ever_healthy=frozenset(by_instance))
+        threads = [threading.Thread(target=heavy) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                observed = asyncio.run(provider.observe())
+                loads = {i.id: i.inflight for i in observed}
+                if (loads[busy_iid] or 0) >= 6:
+                    break
+                assert time.monotonic() < deadline, f"load never showed: {loads}"
+            plan = decide(spec, Observed(observed, seen), time.time())
+            assert plan.desired > 2, plan.events  # 6+ in flight over 2 workers: scale out
+            assert any(e.kind == "scale_out" for e in plan.events)
+        finally:
+            for thread in threads:
+                thread.join(120)
+
+        # The work finished: the busy worker's completed counter grew (progress), its load
+        # is gone, and a long quiet window scales the fleet back in.
+        observed = asyncio.run(provider.observe())
+        busy = next(i for i in observed if i.id == busy_iid)
+        assert busy.inflight == 0 and busy.last_progress_at is not None
+        quiet = dataclasses.replace(spec, desired=3, scale_in_window_s=0)
+        plan = decide(quiet, Observed(observed, Memory(ever_healthy=frozenset(by_instance),
+                                                       low_load_since=0.0)), time.time())
+        assert plan.desired == 2 and any(e.kind == "scale_in" for e in plan.events)
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_progress_is_a_completed_counter_that_grew() -> None:
+    from fleet.gateway import HealthReport
+    from fleet.load_probe import progress_times
+
+    counters, progressed = progress_times({}, {"a": HealthReport(1, 5), "b": None}, 10.0)
+    assert counters == {"a": 5} and progressed == {}  # a first reading is no evidence yet
+    counters, progressed = progress_times(counters, {"a": HealthReport(0, 7),
+                                                     "b": HealthReport(0, 3)}, 12.0)
+    assert counters == {"a": 7, "b": 3} and progressed == {"a": 12.0}
+    counters, progressed = progress_times(counters, {"a": HealthReport(4, 7)}, 14.0)
+    assert progressed == {}  # busy but nothing finished since: not progress

@@ -29,6 +29,7 @@ subnet or group) with a message that says which and why.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.aws_config import FLEET_TAG_KEY, ROLE_TAG_KEY, AwsFleetConfig
+from fleet.load_probe import LoadProbe, probe_all, progress_times
 from fleet.model import Health, Instance, InstanceState
 from fleet.providers.base import PermanentProviderError, TransientProviderError
 
@@ -137,8 +139,13 @@ class AwsProvider:
 
     def __init__(self, config: AwsFleetConfig, *, clients: tuple[Any, Any, Any] | None = None,
                  bootstrapper: Bootstrapper | None = None, session_id: str | None = None,
-                 clock: Callable[[], float] = time.time, max_bootstraps: int = 8) -> None:
+                 clock: Callable[[], float] = time.time, max_bootstraps: int = 8,
+                 load_probe: LoadProbe | None = None) -> None:
         self.config = config
+        # Workers' own /health for load and progress (None: the ALB's verdict only).
+        self._load_probe = load_probe or (probe_all if config.poll_worker_load else None)
+        self._completed: dict[str, int] = {}
+        self._last_progress: dict[str, float] = {}
         self.ec2, self.elbv2, self.s3 = clients or make_clients(config)
         self.session_id = session_id or uuid.uuid4().hex
         self._clock = clock
@@ -192,7 +199,30 @@ class AwsProvider:
         gone = set(self._jobs) - set(seen)
         for iid in gone:
             self._jobs.pop(iid, None)
+        if self._load_probe is not None:
+            seen = self._with_load(seen, now)
         return tuple(sorted(seen.values(), key=lambda i: (i.launched_at, i.id)))
+
+    def _with_load(self, seen: dict[str, Instance], now: float) -> dict[str, Instance]:
+        """Each serving instance's in-flight work and progress from its own /health."""
+        assert self._load_probe is not None
+        addresses = {iid: i.address for iid, i in seen.items()
+                     if i.address and i.registered and i.bootstrapped
+                     and i.state is InstanceState.RUNNING}
+        reports = self._load_probe(addresses)
+        self._completed, progressed = progress_times(
+            {k: v for k, v in self._completed.items() if k in seen}, reports, now)
+        self._last_progress = {k: v for k, v in self._last_progress.items() if k in seen}
+        self._last_progress.update(progressed)
+        out = {}
+        for iid, instance in seen.items():
+            report = reports.get(iid)
+            marks = [t for t in (instance.last_progress_at, self._last_progress.get(iid))
+                     if t is not None]
+            out[iid] = dataclasses.replace(
+                instance, inflight=None if report is None else report.inflight,
+                last_progress_at=max(marks) if marks else None)
+        return out
 
     def _to_instance(self, record: dict[str, Any],
                      target: dict[str, Any] | None) -> Instance | None:

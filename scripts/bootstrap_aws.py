@@ -54,6 +54,7 @@ from fleet.aws_config import (
     validate_fleet_name,
     write_private_file,
 )
+from fleet.lease import LeaseRecord
 from fleet.tls import certificate_info, needs_new_certificate, self_signed_certificate
 from server.tokens import TokenSet, TokenSourceError, parse_token_document
 
@@ -1012,7 +1013,33 @@ def status(clients: Clients, name: str, *, show_token: bool = False) -> dict[str
         for i in fleet_instances(clients, name)]
     # Targets still registered but no longer (or never) ours to see as instances.
     result["other_targets"] = health
+    result["manager"] = manager_status(clients, names.bucket) if result["bucket"] else None
     return result
+
+
+# Where `fleet run` keeps its lease (AwsFleetConfig.lease_key's default).
+DEFAULT_LEASE_KEY = AwsFleetConfig.__dataclass_fields__["lease_key"].default
+
+
+def manager_status(clients: Clients, bucket: str, key: str = DEFAULT_LEASE_KEY,
+                   now: float | None = None) -> dict[str, Any] | None:
+    """Who manages the fleet, from the lease object the managers share: the holder
+    (``host:pid:id``), since when, and whether its lease is still live (a live holder
+    renews it every few seconds, so ``expires_at`` in the future means it ran a cycle
+    recently). None when no manager ever ran."""
+    try:
+        body = clients.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as exc:
+        if _error_code(exc) in ("NoSuchKey", "404"):
+            return None
+        raise
+    record = LeaseRecord.parse(body)
+    if record is None:
+        return {"holder": None, "active": False, "acquired_at": None, "expires_at": None}
+    now = time.time() if now is None else now
+    iso = lambda t: dt.datetime.fromtimestamp(t, dt.UTC).isoformat() if t else None  # noqa: E731
+    return {"holder": record.holder or None, "active": record.expires_at > now,
+            "acquired_at": iso(record.acquired_at), "expires_at": iso(record.expires_at)}
 
 
 def format_status(info: dict[str, Any]) -> str:
@@ -1042,6 +1069,14 @@ def format_status(info: dict[str, Any]) -> str:
         lines.append(f"  endpoint          {info['endpoint']}")
     if "token" in info:
         lines.append(f"  token             {info['token']}")
+    manager = info.get("manager")
+    if manager is None:
+        lines.append("  manager           - (none has run: python -m fleet run --config ...)")
+    else:
+        state = ("active, lease until " + str(manager["expires_at"]) if manager["active"]
+                 else "not running (lease expired)")
+        lines.append(f"  manager           {manager['holder'] or '-'} ({state}; since "
+                     f"{manager['acquired_at'] or '-'})")
     lines.append(f"  target group      {info['target_group'] or '-'}")
     lines.append(f"  instances         {len(info['instances'])}")
     for inst in info["instances"]:

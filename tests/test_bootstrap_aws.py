@@ -507,3 +507,26 @@ def test_a_token_file_must_be_private_and_is_re_read(tmp_path: Path) -> None:
         assert gate.accepts("Bearer file-token-two")
     finally:
         gate.close()
+
+
+def test_status_shows_the_manager_from_the_lease(aws: None, tmp_path: Path) -> None:
+    """`status` names the manager holding the fleet's lease (where it runs), since when,
+    and whether it is live; the lease is the real one `fleet run` takes (fleet.lease)."""
+    from fleet.lease import S3Lease
+
+    assert _up(tmp_path) == 0
+    config = load_config(tmp_path / "fleet.json")
+    clients = bootstrap_aws.make_clients(REGION, None, None)
+    assert bootstrap_aws.status(clients, NAME)["manager"] is None
+    assert "manager           - (none has run" in bootstrap_aws.format_status(
+        bootstrap_aws.status(clients, NAME))
+    lease = S3Lease(boto3.client("s3", region_name=REGION), config.bucket, config.lease_key,
+                    "admin-laptop:4242:abcd", ttl_s=30.0)
+    assert lease.refresh().held
+    manager = bootstrap_aws.status(clients, NAME)["manager"]
+    assert manager["holder"] == "admin-laptop:4242:abcd" and manager["active"]
+    assert "admin-laptop:4242:abcd (active, lease until" in bootstrap_aws.format_status(
+        bootstrap_aws.status(clients, NAME))
+    # A lease nobody renewed any more reads as a manager that is not running.
+    later = bootstrap_aws.manager_status(clients, config.bucket, now=time.time() + 60)
+    assert later is not None and not later["active"]

@@ -32,9 +32,7 @@ import gc
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +44,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from scripts.xvfb import XvfbError, running_xvfb  # noqa: E402 - after the path above
 
 RESULT_PREFIX = "BENCH_GUI_RESULT "
 PHOTOS = ("rocket.jpg", "hubble_deep_field.jpg", "retina.jpg", "coffee.png", "chelsea.png",
@@ -177,43 +177,12 @@ def child(config: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def xvfb() -> Iterator[str]:
-    """``Xvfb :N`` on a free display number (the approach of the GUI tests' helper)."""
-    binary = shutil.which("Xvfb")
-    if binary is None:
-        raise SystemExit("Xvfb is not installed (run scripts/install_system_deps.sh)")
-    for number in range(150, 210):
-        if Path(f"/tmp/.X{number}-lock").exists() or Path(f"/tmp/.X11-unix/X{number}").exists():
-            continue
-        proc = subprocess.Popen([binary, f":{number}", "-screen", "0", "1280x800x24",
-                                 "-nolisten", "tcp"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while proc.poll() is None and not _x_ready(number):
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit("Xvfb did not start")
-            time.sleep(0.05)
-        if proc.poll() is not None:
-            continue
-        try:
-            yield f":{number}"
-        finally:
-            proc.terminate()
-            proc.wait(10)
-        return
-    raise SystemExit("no free X display")
-
-
-def _x_ready(number: int) -> bool:
-    path = f"/tmp/.X11-unix/X{number}"
-    if not os.path.exists(path):
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(path)
-        except OSError:
-            return False
-    return True
+    """A private Xvfb display from :150 up (away from the GUI tests' :90 and up)."""
+    try:
+        with running_xvfb(150) as display:
+            yield display
+    except XvfbError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def write_images(folder: Path, count: int, first_nonce: int) -> None:

@@ -4,8 +4,6 @@ checks that nothing (threads, child processes) is left running."""
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -16,70 +14,27 @@ from typing import Any, TypeVar
 
 import pytest
 
+from scripts.xvfb import XvfbError, running_xvfb, xvfb_binary
+
 T = TypeVar("T")
 
-XVFB_START_TIMEOUT = 15.0
 FIRST_DISPLAY = 90  # away from the :0/:1 a developer's own session uses
-
-
-def _display_free(number: int) -> bool:
-    return not (Path(f"/tmp/.X{number}-lock").exists()
-                or Path(f"/tmp/.X11-unix/X{number}").exists())
-
-
-def _display_ready(number: int) -> bool:
-    path = f"/tmp/.X11-unix/X{number}"
-    if not os.path.exists(path):
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 @contextmanager
 def xvfb_display() -> Iterator[str]:
-    """Start ``Xvfb :N -screen 0 1280x800x24 -nolisten tcp`` on a free N and yield ":N".
+    """A private Xvfb display (``scripts/xvfb.py``) from :90 up; yields ":N".
 
     Without Xvfb the test fails in CI (``CI`` set) and is skipped elsewhere.
-    Another process may grab the same N between the check and the start; then Xvfb
-    exits at once and the next number is tried.
     """
-    binary = shutil.which("Xvfb")
-    if binary is None:
-        message = "Xvfb is not installed (run scripts/install_system_deps.sh)"
+    try:
+        xvfb_binary()
+    except XvfbError as exc:
         if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    for number in range(FIRST_DISPLAY, FIRST_DISPLAY + 60):
-        if not _display_free(number):
-            continue
-        proc = subprocess.Popen(
-            [binary, f":{number}", "-screen", "0", "1280x800x24", "-nolisten", "tcp"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + XVFB_START_TIMEOUT
-        while proc.poll() is None and not _display_ready(number):
-            if time.monotonic() > deadline:
-                proc.kill()
-                proc.wait(5)
-                raise AssertionError(f"Xvfb :{number} did not become ready in "
-                                     f"{XVFB_START_TIMEOUT:.0f}s")
-            time.sleep(0.02)
-        if proc.poll() is not None:  # lost the race for this number: try the next
-            continue
-        try:
-            yield f":{number}"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        return
-    raise AssertionError("no free X display number for Xvfb")
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    with running_xvfb(FIRST_DISPLAY) as display:
+        yield display
 
 
 def pump_until(app: Any, predicate: Callable[[], T], timeout: float,

@@ -37,6 +37,15 @@ def xvfb_display() -> Iterator[str]:
         yield display
 
 
+def app_environ(base: Path) -> dict[str, str]:
+    """This process's environment without IMAGEFLEET_* settings, with the app's config
+    and cache folders under ``base`` (so a test never reads or writes the user's)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEFLEET_")}
+    env["XDG_CONFIG_HOME"] = str(base / "config")
+    env["XDG_CACHE_HOME"] = str(base / "cache")
+    return env
+
+
 def pump_until(app: Any, predicate: Callable[[], T], timeout: float,
                what: str = "condition") -> T:
     """Run Tk's event loop (``app.update()``) until ``predicate()`` is truthy."""

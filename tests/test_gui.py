@@ -26,6 +26,7 @@ import requests
 from helpers_fleet import pid_alive, pids_mentioning
 from helpers_gui import (
     ScriptedDialogs,
+    app_environ,
     child_pids,
     descendant_pids,
     pump_until,
@@ -49,13 +50,6 @@ PROCESS_TIMEOUT = 60.0
 def display(x_display: str) -> str:
     """The session's Xvfb (conftest.py: one display for all GUI modules)."""
     return x_display
-
-
-def app_environ(base: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEFLEET_")}
-    env["XDG_CONFIG_HOME"] = str(base / "config")
-    env["XDG_CACHE_HOME"] = str(base / "cache")
-    return env
 
 
 @pytest.fixture(scope="module")

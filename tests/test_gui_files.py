@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 import requests
-from helpers_gui import ScriptedDialogs, pump_until
+from helpers_gui import ScriptedDialogs, app_environ, pump_until
 from PIL import Image
 
 from gui.viewmodel import status_text
@@ -36,10 +35,7 @@ def app(x_display: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[An
     """The module's app (overrides conftest's Flask ``app``) on the session's display."""
     from gui.app import ImageFleetApp
 
-    base = tmp_path_factory.mktemp("gui-files")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEFLEET_")}
-    env["XDG_CONFIG_HOME"] = str(base / "config")
-    env["XDG_CACHE_HOME"] = str(base / "cache")
+    env = app_environ(tmp_path_factory.mktemp("gui-files"))
     dialogs = ScriptedDialogs()
     instance = ImageFleetApp(environ=env, dialogs=dialogs)
     instance.scripted = dialogs

@@ -9,14 +9,13 @@ is small, then the 10,000-image ones).
 from __future__ import annotations
 
 import io
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_gui import ScriptedDialogs, pump_until
+from helpers_gui import ScriptedDialogs, app_environ, pump_until
 from PIL import Image
 from waiting import wait_until
 
@@ -33,10 +32,7 @@ MAX_ROW_WIDGETS = 20  # a 1280x800 window fits about 7 rows; never one per image
 def app(x_display: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from gui.app import ImageFleetApp
 
-    base = tmp_path_factory.mktemp("volume")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEFLEET_")}
-    env["XDG_CONFIG_HOME"] = str(base / "config")
-    env["XDG_CACHE_HOME"] = str(base / "cache")
+    env = app_environ(tmp_path_factory.mktemp("volume"))
     application = ImageFleetApp(environ=env, dialogs=ScriptedDialogs())
     try:
         pump_until(application, lambda: application.connected is not None, FLEET_START,

@@ -10,8 +10,8 @@ does not answer in time reports nothing (None), which the decision treats as unk
 
 from __future__ import annotations
 
+import http.client
 import logging
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +33,9 @@ def read_health(address: str, timeout: float = PROBE_TIMEOUT_S) -> HealthReport 
     try:
         with urllib.request.urlopen(f"http://{address}/health", timeout=timeout) as resp:
             return parse_health_report(resp.read(HEALTH_BODY_LIMIT))
-    except (OSError, urllib.error.URLError, ValueError) as exc:
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        # OSError covers URLError/HTTPError (refused, timed out, not 200); HTTPException a
+        # worker that answers something other than HTTP: either way, no report.
         log.debug("load probe of %s failed: %s", address, exc)
         return None
 

@@ -668,3 +668,27 @@ def test_progress_is_a_completed_counter_that_grew() -> None:
     assert counters == {"a": 7, "b": 3} and progressed == {"a": 12.0}
     counters, progressed = progress_times(counters, {"a": HealthReport(4, 7)}, 14.0)
     assert progressed == {}  # busy but nothing finished since: not progress
+
+
+def test_a_worker_that_answers_no_http_gives_no_load_report() -> None:
+    """Something on the worker's port that does not speak HTTP (a real socket on
+    loopback): no report, and the probe does not raise into the manager's observe."""
+    import socket
+
+    from fleet.load_probe import probe_all
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def answer_garbage() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"garbage\r\n\r\n")
+
+        thread = threading.Thread(target=answer_garbage)
+        thread.start()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        assert probe_all({"i-odd": address}) == {"i-odd": None}
+        thread.join(5)

@@ -27,6 +27,8 @@ APP_PORT = 8080
 # names are capped at 32 characters ("imgf-" + 20 + "-alb" = 29).
 _FLEET_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,18}[a-z0-9])?$")
 _BOOTSTRAP_MODES = ("ssh", "user-data")
+# SSM parameter names: a path of letters, digits and _.-/ (what AWS allows, minus spaces).
+_PARAMETER = re.compile(r"^/[A-Za-z0-9_.\-/]{1,1010}$")
 
 
 class ConfigError(ValueError):
@@ -100,6 +102,20 @@ class AwsFleetConfig:
     lease_ttl_s: float = 30.0
     admin_host: str = "127.0.0.1"
     admin_port: int = 8001
+    # The manager in the cloud (fleet/manager_host.py). The admin token's SSM SecureString
+    # (only its name here; the manager reads the value with its instance role); required
+    # with IMAGEFLEET_ADMIN_TOKEN as the alternative when admin_host is not loopback.
+    admin_token_parameter: str | None = None
+    # Serve the admin API over HTTPS with a self-signed certificate made in memory at
+    # start (fleet/tls.py): the ALB's hop to the manager is encrypted too.
+    admin_tls: bool = False
+    # The manager makes the workers' SSH key pair itself (in state_dir) and imports the
+    # public half under key_name, so the private key never leaves the manager's machine.
+    manage_ssh_key: bool = False
+    # Where the manager keeps its state (the SSH key), mode 0700; systemd's StateDirectory.
+    state_dir: str | None = None
+    # The manager instance's security group: the only source the workers accept SSH from.
+    manager_security_group: str | None = None
     version: int = CONFIG_VERSION
     extra_tags: dict[str, str] = field(default_factory=dict)
 
@@ -157,14 +173,23 @@ def _problems(data: dict[str, Any]) -> list[str]:
             or not lo <= data[key] <= hi
         ):
             problems.append(f"{key!r} must be a number in {lo}..{hi} (got {data[key]!r})")
-    for key in ("api_url", "token_parameter", "certificate_arn", "ca_pem"):
+    for key in ("api_url", "token_parameter", "certificate_arn", "ca_pem",
+                "admin_token_parameter", "state_dir", "manager_security_group"):
         if data.get(key) is not None and (not isinstance(data[key], str) or not data[key]):
             problems.append(f"{key!r} must be a non-empty string or null (got {data[key]!r})")
-    if "poll_worker_load" in data and not isinstance(data["poll_worker_load"], bool):
-        problems.append(f"'poll_worker_load' must be true or false "
-                        f"(got {data['poll_worker_load']!r})")
-    if "insecure_http" in data and not isinstance(data["insecure_http"], bool):
-        problems.append(f"'insecure_http' must be true or false (got {data['insecure_http']!r})")
+    for key in ("poll_worker_load", "insecure_http", "admin_tls", "manage_ssh_key"):
+        if key in data and not isinstance(data[key], bool):
+            problems.append(f"{key!r} must be true or false (got {data[key]!r})")
+    parameter = data.get("admin_token_parameter")
+    if isinstance(parameter, str) and parameter and not _PARAMETER.match(parameter):
+        problems.append("'admin_token_parameter' must be an SSM parameter path like "
+                        f"/imagefleet/NAME/admin-token (got {parameter!r})")
+    state_dir = data.get("state_dir")
+    if isinstance(state_dir, str) and state_dir and not state_dir.startswith("/"):
+        problems.append(f"'state_dir' must be an absolute path (got {state_dir!r})")
+    if data.get("manage_ssh_key") is True and not data.get("state_dir"):
+        problems.append("'manage_ssh_key' needs 'state_dir': the folder where the manager "
+                        "keeps the key it makes")
     if data.get("api_url") and not str(data["api_url"]).startswith(("http://", "https://")):
         problems.append(f"'api_url' must start with https:// or http:// (got {data['api_url']!r})")
     if "bootstrap" in data and data["bootstrap"] not in _BOOTSTRAP_MODES:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gzip
 import io
 import logging
 import re
@@ -58,6 +59,8 @@ HOST_KEY_TYPES = frozenset({
 })
 # What the server imports; versions come from requirements.txt (one source of truth).
 SERVER_PACKAGES = ("numpy", "opencv-python-headless", "pillow", "flask", "waitress", "boto3")
+# What ``python -m fleet run`` imports (the manager host's venv; no GUI, no OpenCV).
+MANAGER_PACKAGES = ("aiohttp", "boto3", "paramiko", "cryptography")
 OUTPUT_TAIL_BYTES = 64 * 1024
 
 
@@ -334,41 +337,76 @@ def check_command(client: paramiko.SSHClient, command: str, *, deadline: float,
 
 # --------------------------------------------------------------------------- bundle
 
+def _requirement_name(line: str) -> str:
+    return re.split(r"[\s\[<>=!~;]", line.strip(), maxsplit=1)[0].lower()
+
+
+def requirements_for(packages: Iterable[str], root: Path = PROJECT_ROOT) -> str:
+    """The lines of requirements.txt naming ``packages`` (one source of versions)."""
+    wanted = set(packages)
+    lines = [line.strip()
+             for line in (root / "requirements.txt").read_text(encoding="utf-8").splitlines()
+             if _requirement_name(line) in wanted]
+    missing = wanted - {_requirement_name(x) for x in lines}
+    if missing:
+        raise BootstrapError(f"requirements.txt lacks packages: {sorted(missing)}")
+    return "\n".join(lines) + "\n"
+
+
 def server_requirements(root: Path = PROJECT_ROOT) -> str:
     """The lines of requirements.txt the server needs (so workers skip GUI/test deps)."""
     own = root / "server" / "requirements.txt"
     if own.exists():
         return own.read_text(encoding="utf-8")
-    wanted = set(SERVER_PACKAGES)
-    lines = []
-    for line in (root / "requirements.txt").read_text(encoding="utf-8").splitlines():
-        name = re.split(r"[\s\[<>=!~;]", line.strip(), maxsplit=1)[0].lower()
-        if name in wanted:
-            lines.append(line.strip())
-    missing = wanted - {re.split(r"[\s\[<>=!~;]", x, maxsplit=1)[0].lower() for x in lines}
-    if missing:
-        raise BootstrapError(f"requirements.txt lacks server packages: {sorted(missing)}")
-    return "\n".join(lines) + "\n"
+    return requirements_for(SERVER_PACKAGES, root)
+
+
+def _tarball(files: Iterable[tuple[str, bytes, int]]) -> bytes:
+    """A reproducible tar.gz (fixed mtime, sorted by the caller) of (name, data, mode).
+    The gzip header's own mtime is fixed too: ``tarfile``'s ``w:gz`` writes the current
+    time there, so two builds a second apart differed."""
+    buffer = io.BytesIO()
+    with (gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as compressed,
+          tarfile.open(fileobj=compressed, mode="w", format=tarfile.PAX_FORMAT) as tar):
+        for name, data, mode in files:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), mode, 0
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _package_files(root: Path, package: str) -> list[tuple[str, bytes, int]]:
+    return [(path.relative_to(root).as_posix(), path.read_bytes(), 0o644)
+            for path in sorted((root / package).rglob("*"))
+            if path.is_file() and "__pycache__" not in path.parts
+            and path.suffix not in (".pyc", ".pyo")]
+
+
+def _script(root: Path, name: str) -> tuple[str, bytes, int]:
+    return (f"scripts/{name}", (root / "scripts" / name).read_bytes(), 0o755)
 
 
 def build_bundle(root: Path = PROJECT_ROOT) -> bytes:
     """A reproducible tar.gz of ``server/``, its requirements and ``remote_setup.sh``."""
-    buffer = io.BytesIO()
+    return _tarball([*_package_files(root, "server"),
+                     ("requirements.txt", server_requirements(root).encode(), 0o644),
+                     _script(root, "remote_setup.sh")])
 
-    def add(name: str, data: bytes, mode: int = 0o644) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = len(data), mode, 0
-        tar.addfile(info, io.BytesIO(data))
 
-    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted((root / "server").rglob("*")):
-            if (path.is_file() and "__pycache__" not in path.parts
-                    and path.suffix not in (".pyc", ".pyo")):
-                add(path.relative_to(root).as_posix(), path.read_bytes())
-        add("requirements.txt", server_requirements(root).encode())
-        add("scripts/remote_setup.sh", (root / "scripts" / "remote_setup.sh").read_bytes(),
-            0o755)
-    return buffer.getvalue()
+def build_manager_bundle(root: Path = PROJECT_ROOT) -> bytes:
+    """The manager host's bundle: ``fleet/`` and the manager's requirements
+    (``manager-requirements.txt``) with ``scripts/manager_setup.sh``, plus everything
+    :func:`build_bundle` reads (``server/``, ``requirements.txt``, ``remote_setup.sh``),
+    because the manager builds the workers' bundle itself when it bootstraps them."""
+    requirements = (root / "requirements.txt").read_bytes()
+    return _tarball([
+        *_package_files(root, "fleet"),
+        *_package_files(root, "server"),
+        ("manager-requirements.txt", requirements_for(MANAGER_PACKAGES, root).encode(), 0o644),
+        ("requirements.txt", requirements, 0o644),
+        _script(root, "manager_setup.sh"),
+        _script(root, "remote_setup.sh"),
+    ])
 
 
 # ------------------------------------------------------------------------ bootstrap

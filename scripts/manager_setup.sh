@@ -1,0 +1,281 @@
+#!/usr/bin/env bash
+# Set up (or update) the ImageFleet fleet manager on this machine: the manager's
+# counterpart of remote_setup.sh. Idempotent: run it again with a new bundle to update.
+#
+# Production (root, systemd; what the manager's user data runs):
+#   manager_setup.sh --source DIR --config FILE [--region R] [--prefix /opt/imagefleet-manager]
+#       [--user imagefleet-manager] [--health-timeout 120]
+#   creates a system user, a venv under PREFIX with the manager's requirements, installs
+#   the config as /etc/imagefleet/manager.json (root:USER 0640) and the systemd unit
+#   imagefleet-manager.service (`python -m fleet run --config ...`, non-root,
+#   Restart=always, hardened, the config's state_dir as its StateDirectory, mode 0700),
+#   starts it and waits for GET /fleet/ping on the admin port.
+#
+# Tests (no root, no systemd):
+#   manager_setup.sh --no-systemd --prefix DIR --source DIR --config FILE
+#       [--venv EXISTING_VENV] [--python PYTHON] [--health-timeout N]
+#   copies the code to PREFIX/app, uses EXISTING_VENV as is (no pip, no network) or
+#   creates PREFIX/venv, starts the manager in the background (PREFIX/manager.pid,
+#   PREFIX/manager.log) and waits for /fleet/ping.
+#
+# SOURCE holds fleet/, server/, scripts/ and the requirements files (the bundle built by
+# fleet.bootstrap.build_manager_bundle). Exit codes: 0 answering; 1 failed (the reason is
+# on stderr); 2 usage.
+set -euo pipefail
+
+source_dir=""
+config=""
+region=""
+prefix=/opt/imagefleet-manager
+service_user=imagefleet-manager
+python_bin=python3
+venv=""
+use_systemd=1
+health_timeout=120
+
+die() { echo "manager_setup: $*" >&2; exit 1; }
+usage() { echo "manager_setup: $*" >&2; echo "see the header of $0 for usage" >&2; exit 2; }
+log() { echo "manager_setup: $*"; }
+
+while (($#)); do
+    case "$1" in
+        --source) source_dir=${2:?}; shift 2 ;;
+        --config) config=${2:?}; shift 2 ;;
+        --region) region=${2:?}; shift 2 ;;
+        --prefix) prefix=${2:?}; shift 2 ;;
+        --user) service_user=${2:?}; shift 2 ;;
+        --python) python_bin=${2:?}; shift 2 ;;
+        --venv) venv=${2:?}; shift 2 ;;
+        --no-systemd) use_systemd=0; shift ;;
+        --health-timeout) health_timeout=${2:?}; shift 2 ;;
+        *) usage "unknown argument '$1'" ;;
+    esac
+done
+
+[[ -n "$source_dir" ]] || usage "--source DIR is required"
+[[ -n "$config" ]] || usage "--config FILE is required (the fleet config)"
+[[ -f "$config" ]] || die "no fleet config at $config"
+[[ -f "$source_dir/fleet/__main__.py" && -f "$source_dir/manager-requirements.txt" ]] \
+    || die "$source_dir does not hold the manager bundle (fleet/, manager-requirements.txt)"
+[[ "$health_timeout" =~ ^[0-9]+$ ]] || usage "--health-timeout must be whole seconds"
+[[ -z "$region" || "$region" =~ ^[a-z]{2}(-[a-z]+)+-[0-9]+$ ]] \
+    || usage "--region must be a region name like eu-west-1 (got '$region')"
+source_dir=$(cd "$source_dir" && pwd)
+config=$(cd "$(dirname "$config")" && pwd)/$(basename "$config")
+
+if ((use_systemd)); then
+    ((EUID == 0)) || die "systemd mode must run as root (use sudo), or pass --no-systemd"
+else
+    mkdir -p "$prefix"
+    prefix=$(cd "$prefix" && pwd)
+fi
+
+# What the unit and the readiness check need from the config, read by the same
+# validation the manager uses (a bad config fails here with the field named).
+config_field() {
+    PYTHONPATH="$source_dir" "$venv/bin/python" - "$config" "$1" <<'EOF'
+import sys
+from fleet.aws_config import ConfigError, load_config
+try:
+    value = getattr(load_config(sys.argv[1]), sys.argv[2])
+except ConfigError as exc:
+    sys.exit(f"manager_setup: {exc}")
+print("" if value is None else str(value).lower() if isinstance(value, bool) else value)
+EOF
+}
+
+install_code() {
+    # Copy then rename, so a restarting manager never sees a half-written tree.
+    local app="$prefix/app" item
+    rm -rf "$app.new"
+    mkdir -p "$app.new/scripts"
+    for item in fleet server requirements.txt manager-requirements.txt; do
+        cp -R "$source_dir/$item" "$app.new/$item"
+    done
+    # The manager bundles remote_setup.sh for the workers it bootstraps.
+    cp "$source_dir/scripts/remote_setup.sh" "$source_dir/scripts/manager_setup.sh" \
+        "$app.new/scripts/"
+    rm -rf "$app.old"
+    if [[ -d "$app" ]]; then mv "$app" "$app.old"; fi
+    mv "$app.new" "$app"
+    rm -rf "$app.old"
+    log "code installed in $app"
+}
+
+ensure_venv() {
+    if [[ -n "$venv" ]]; then
+        [[ -x "$venv/bin/python" ]] || die "--venv $venv has no bin/python"
+        log "using existing venv $venv (no install)"
+        return
+    fi
+    venv="$prefix/venv"
+    "$python_bin" -c 'import ensurepip, venv' 2>/dev/null \
+        || die "$python_bin cannot create virtual environments (install python3-venv)"
+    [[ -x "$venv/bin/python" ]] || "$python_bin" -m venv "$venv"
+    local stamp="$venv/.requirements.sha256" wanted
+    wanted=$(sha256sum "$prefix/app/manager-requirements.txt" | cut -d' ' -f1)
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then
+        log "requirements unchanged; skipping pip"
+        return
+    fi
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        -r "$prefix/app/manager-requirements.txt"
+    echo "$wanted" > "$stamp"
+    log "requirements installed in $venv"
+}
+
+wait_for_ping() {
+    # Poll with backoff until the deadline. Over TLS the manager's certificate is made in
+    # memory at start; it writes the public half to state_dir, which this check pins.
+    local deadline=$((SECONDS + health_timeout)) delay=0.1
+    local port tls state_dir url
+    port=$(config_field admin_port)
+    tls=$(config_field admin_tls)
+    state_dir=$(config_field state_dir)
+    if [[ "$tls" == true ]]; then url="https://127.0.0.1:$port/fleet/ping"
+    else url="http://127.0.0.1:$port/fleet/ping"; fi
+    while ((SECONDS < deadline)); do
+        if "$venv/bin/python" - "$url" "$state_dir/admin-cert.pem" <<'EOF' 2>/dev/null; then
+import ssl, sys, urllib.request
+url, pem = sys.argv[1], sys.argv[2]
+context = ssl.create_default_context(cafile=pem) if url.startswith("https:") else None
+with urllib.request.urlopen(url, timeout=2, context=context) as response:
+    sys.exit(0 if response.status == 200 else 1)
+EOF
+            log "answering: $url"
+            return 0
+        fi
+        if [[ -n "${manager_pid:-}" ]] && ! kill -0 "$manager_pid" 2>/dev/null; then
+            tail -n 30 "$prefix/manager.log" >&2 || true
+            die "the manager exited before answering"
+        fi
+        sleep "$delay"
+        delay=$(awk -v d="$delay" 'BEGIN { d *= 2; if (d > 2) d = 2; print d }')
+    done
+    if ((use_systemd)); then
+        journalctl -u imagefleet-manager.service -n 30 --no-pager >&2 || true
+    else
+        tail -n 30 "$prefix/manager.log" >&2 || true
+    fi
+    die "no answer from $url within ${health_timeout}s"
+}
+
+setup_systemd() {
+    if ! id -u "$service_user" >/dev/null 2>&1; then
+        useradd --system --home-dir "$prefix" --no-create-home \
+            --shell /usr/sbin/nologin "$service_user"
+        log "created system user $service_user"
+    fi
+    mkdir -p "$prefix" /etc/imagefleet
+    install_code
+    ensure_venv
+    local state_dir state_lines config_file=/etc/imagefleet/manager.json
+    local unit=/etc/systemd/system/imagefleet-manager.service new_unit
+    state_dir=$(config_field state_dir)
+    # systemd creates the StateDirectory for the service user with mode 0700 and keeps
+    # it across restarts and upgrades; anywhere else would be writable only by hand.
+    if [[ -z "$state_dir" ]]; then
+        state_lines=""
+    elif [[ "$state_dir" =~ ^/var/lib/([A-Za-z0-9_.-]+)$ ]]; then
+        state_lines="StateDirectory=${BASH_REMATCH[1]}"$'\n'"StateDirectoryMode=0700"
+    else
+        die "state_dir must be /var/lib/NAME for the systemd service (got '$state_dir')"
+    fi
+    install -o root -g "$service_user" -m 0640 "$config" "$config_file.new"
+    mv "$config_file.new" "$config_file"
+    new_unit=$(cat <<EOF
+[Unit]
+Description=ImageFleet fleet manager
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=simple
+User=$service_user
+Group=$service_user
+WorkingDirectory=$prefix/app
+ExecStart=$venv/bin/python -m fleet run --config $config_file
+Environment=PYTHONUNBUFFERED=1
+${region:+Environment=AWS_REGION=$region AWS_DEFAULT_REGION=$region}
+Restart=always
+RestartSec=2
+KillSignal=SIGTERM
+TimeoutStopSec=30
+$state_lines
+UMask=0077
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictSUIDSGID=yes
+RestrictRealtime=yes
+RestrictNamespaces=yes
+LockPersonality=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+SystemCallArchitectures=native
+
+[Install]
+WantedBy=multi-user.target
+EOF
+)
+    if [[ ! -f "$unit" || "$(cat "$unit")" != "$new_unit" ]]; then
+        printf '%s\n' "$new_unit" > "$unit.new"
+        mv "$unit.new" "$unit"
+    fi
+    systemctl daemon-reload
+    systemctl enable imagefleet-manager.service >/dev/null
+    # New code is always installed, so restart; the lease hands over on SIGTERM.
+    systemctl restart imagefleet-manager.service
+    log "imagefleet-manager.service (re)started"
+    wait_for_ping
+}
+
+stop_background_manager() {
+    local pid_file="$prefix/manager.pid" pid deadline
+    [[ -f "$pid_file" ]] || return 0
+    pid=$(cat "$pid_file")
+    if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid"
+        deadline=$((SECONDS + 30))
+        while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+        log "stopped previous manager (pid $pid)"
+    fi
+    rm -f "$pid_file"
+}
+
+setup_background() {
+    install_code
+    ensure_venv
+    stop_background_manager
+    local state_dir
+    state_dir=$(config_field state_dir)
+    if [[ -n "$state_dir" ]]; then mkdir -p "$state_dir" && chmod 0700 "$state_dir"; fi
+    install -m 0600 "$config" "$prefix/manager.json"
+    cd "$prefix/app"
+    local -a env_args=(PYTHONUNBUFFERED=1)
+    [[ -n "$region" ]] && env_args+=(AWS_REGION="$region" AWS_DEFAULT_REGION="$region")
+    # setsid + closed stdio: the manager outlives this session and holds none of its pipes.
+    env "${env_args[@]}" setsid "$venv/bin/python" -m fleet run --config "$prefix/manager.json" \
+        </dev/null >>"$prefix/manager.log" 2>&1 &
+    manager_pid=$!
+    echo "$manager_pid" > "$prefix/manager.pid"
+    log "started manager pid $manager_pid (log $prefix/manager.log)"
+    wait_for_ping
+}
+
+if ((use_systemd)); then
+    setup_systemd
+else
+    setup_background
+fi

@@ -16,7 +16,11 @@ What a request must bring (checked in this order, :func:`admin_refusal`):
   a CORS preflight, which this API never grants. Bodies are capped (413, answered from
   ``Content-Length`` before reading) and must be JSON (400, also when nested too deep).
 - ``GET /fleet`` needs the token only from off this machine: it stays readable on
-  loopback.
+  loopback (unless ``loopback_reads_open`` is off: the cloud manager, whose loopback is
+  not the admin's).
+
+``create_admin_app`` also answers ``GET /fleet/ping`` (200, no information, no token):
+the load balancer's health check of a manager behind it.
 """
 
 from __future__ import annotations
@@ -57,6 +61,13 @@ STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: 
                 417: "expectation_failed", 421: "misdirected_request",
                 431: "headers_too_large", 500: "internal_error", 501: "not_implemented",
                 502: "bad_gateway", 503: "unavailable", 504: "gateway_timeout"}
+
+
+class TokenCheck(Protocol):
+    """A token source that may change while the server runs (``server.tokens.TokenGate``:
+    an SSM parameter re-read periodically, with a rotation's overlap)."""
+
+    def accepts(self, authorization: str) -> bool: ...
 
 
 class FleetAdmin(Protocol):
@@ -165,11 +176,13 @@ class AdminPolicy:
     """``token``: required for state changes (and for ``GET /fleet`` from off this
     machine); None: open (only when the caller chose so). ``allowed_hosts``: the Host
     values this server answers to (``127.0.0.1:PORT``...); None: any (behind a load
-    balancer, whose name we do not know)."""
+    balancer, whose name we do not know). ``loopback_reads_open``: ``GET /fleet`` from
+    loopback needs no token."""
 
-    token: str | None = None
+    token: str | TokenCheck | None = None
     allowed_hosts: frozenset[str] | None = None
     max_body_bytes: int = ADMIN_BODY_LIMIT
+    loopback_reads_open: bool = True
 
 
 @dataclass(frozen=True)
@@ -199,12 +212,14 @@ def is_loopback(remote: str | None) -> bool:
         return False
 
 
-def authorized(given: str | None, token: str | None) -> bool:
+def authorized(given: str | None, token: str | TokenCheck | None) -> bool:
     """Constant-time comparison of an ``Authorization`` value with ``Bearer TOKEN``.
     Header values may hold any bytes (aiohttp maps undecodable ones to surrogates);
     ``surrogatepass`` encodes every str, so this never raises."""
     if token is None:
         return True
+    if not isinstance(token, str):
+        return token.accepts(given or "")
     encoded = (given or "").encode("utf-8", "surrogatepass")
     return hmac.compare_digest(encoded, f"Bearer {token}".encode("utf-8", "surrogatepass"))
 
@@ -220,10 +235,13 @@ def admin_refusal(policy: AdminPolicy, *, host: str | None,
                        f"Host {host!r} is not this gateway; the admin API answers only to "
                        f"{allowed}")
     if not changes_state:
-        if policy.token is not None and not is_loopback(remote) \
+        if policy.token is not None \
+                and not (policy.loopback_reads_open and is_loopback(remote)) \
                 and not authorized(authorization, policy.token):
             return Refusal(401, "unauthorized", "missing or wrong token: send "
-                           "'Authorization: Bearer TOKEN' (only loopback may read without)")
+                           "'Authorization: Bearer TOKEN'" + (
+                               " (only loopback may read without)"
+                               if policy.loopback_reads_open else ""))
         return None
     if origin is not None and policy.allowed_hosts is not None and \
             origin.lower() not in {f"http://{h}" for h in policy.allowed_hosts}:
@@ -288,11 +306,12 @@ def _template_matches(template: str, path: str) -> bool:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def admin_routes(admin: FleetAdmin, token: str | None = None, *,
+def admin_routes(admin: FleetAdmin, token: str | TokenCheck | None = None, *,
                  allowed_hosts: frozenset[str] | None = None,
-                 max_body_bytes: int = ADMIN_BODY_LIMIT) -> list[web.RouteDef]:
+                 max_body_bytes: int = ADMIN_BODY_LIMIT,
+                 loopback_reads_open: bool = True) -> list[web.RouteDef]:
     """Routes for ``admin`` under :class:`AdminPolicy` (see the module docstring)."""
-    policy = AdminPolicy(token, allowed_hosts, max_body_bytes)
+    policy = AdminPolicy(token, allowed_hosts, max_body_bytes, loopback_reads_open)
 
     def guarded(handler: Handler, *, changes_state: bool) -> Handler:
         async def wrapper(request: web.Request) -> web.StreamResponse:
@@ -334,8 +353,14 @@ def admin_routes(admin: FleetAdmin, token: str | None = None, *,
             for (method, path), handler in handlers.items()]
 
 
-def create_admin_app(admin: FleetAdmin, token: str | None = None, *,
-                     allowed_hosts: frozenset[str] | None = None) -> web.Application:
+async def ping(request: web.Request) -> web.Response:
+    """For a load balancer's health check: answers, tells nothing, needs no token."""
+    return web.json_response({"status": "ok"})
+
+
+def create_admin_app(admin: FleetAdmin, token: str | TokenCheck | None = None, *,
+                     allowed_hosts: frozenset[str] | None = None,
+                     loopback_reads_open: bool = True) -> web.Application:
     async def fallback(request: web.Request) -> web.Response:
         if request.path == ADMIN_PREFIX or request.path.startswith(ADMIN_PREFIX + "/"):
             return admin_fallback(request)
@@ -344,6 +369,8 @@ def create_admin_app(admin: FleetAdmin, token: str | None = None, *,
     app = web.Application(middlewares=[json_errors_middleware()],
                           client_max_size=ADMIN_BODY_LIMIT)
     app.on_response_prepare.append(server_name_hook("imagefleet-fleet"))
-    app.add_routes(admin_routes(admin, token, allowed_hosts=allowed_hosts))
+    app.add_routes(admin_routes(admin, token, allowed_hosts=allowed_hosts,
+                                loopback_reads_open=loopback_reads_open))
+    app.router.add_get(ADMIN_PREFIX + "/ping", ping)
     app.router.add_route("*", "/{tail:.*}", fallback)
     return app

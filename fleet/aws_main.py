@@ -5,22 +5,29 @@ The same :class:`fleet.manager.FleetManager` as the local fleet, with
 only one manager acts on a fleet. A manager that does not hold the lease is a standby: it
 keeps observing (its ``/fleet`` shows the live instances and who leads) and takes over
 when the leader's lease expires. The admin API (``GET /fleet``, ``POST /fleet/scale``,
-``POST /fleet/instances/<id>/terminate``) listens on ``admin_host:admin_port`` from the
-config (loopback by default); set ``IMAGEFLEET_ADMIN_TOKEN`` to require a bearer token.
+``POST /fleet/instances/<id>/terminate``, ``GET /fleet/ping``) listens on
+``admin_host:admin_port`` from the config (loopback by default); set
+``IMAGEFLEET_ADMIN_TOKEN`` to require a bearer token. Off loopback (the manager in the
+cloud) a token is required and may come from SSM, and the API may serve HTTPS: see
+:mod:`fleet.admin_access`. With ``manage_ssh_key`` the manager makes the workers' SSH key
+itself (:mod:`fleet.ssh_key`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,27 +182,81 @@ async def _upload_bundle(config: AwsFleetConfig, s3: Any) -> None:
                             Body=body)
 
 
-async def start_admin(service: AwsFleetService, host: str, port: int) -> tuple[Any, str]:
-    """Serve the admin API for ``service``; returns the aiohttp runner and its URL."""
+@dataclass
+class AdminServing:
+    """How the admin API is served: the token (a fixed string or a refreshing
+    ``TokenGate``), whether loopback may read ``GET /fleet`` without it, and TLS."""
+
+    token: Any = None
+    loopback_reads_open: bool = True
+    ssl_context: ssl.SSLContext | None = None
+
+    def close(self) -> None:
+        if self.token is not None and hasattr(self.token, "close"):
+            self.token.close()
+
+
+def prepare_admin(config: AwsFleetConfig,
+                  environ: Mapping[str, str] = os.environ) -> AdminServing:
+    """The admin API's token and TLS for ``config``; raises ``ConfigError`` (off
+    loopback without a token) or ``TokenSourceError`` (SSM unreadable now)."""
+    from fleet.admin_access import admin_tls_context, open_admin_gate, plan_admin_access
+
+    plan = plan_admin_access(config, environ)
+    gate = open_admin_gate(plan, config)
+    context = admin_tls_context(config)[0] if plan.tls else None
+    return AdminServing(gate, plan.loopback_reads_open, context)
+
+
+async def start_admin(service: AwsFleetService, host: str, port: int,
+                      serving: AdminServing | None = None) -> tuple[Any, str]:
+    """Serve the admin API for ``service``; returns the aiohttp runner and its URL.
+    Without ``serving``: a token only from ``IMAGEFLEET_ADMIN_TOKEN``, plain HTTP."""
     from aiohttp import web
 
     from fleet.admin import create_admin_app
 
-    app = create_admin_app(service, token=os.environ.get("IMAGEFLEET_ADMIN_TOKEN"))
+    if serving is None:
+        serving = AdminServing(token=os.environ.get("IMAGEFLEET_ADMIN_TOKEN") or None)
+    app = create_admin_app(service, token=serving.token,
+                           loopback_reads_open=serving.loopback_reads_open)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=serving.ssl_context)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
-    return runner, f"http://{host}:{bound}/fleet"
+    scheme = "https" if serving.ssl_context is not None else "http"
+    return runner, f"{scheme}://{host}:{bound}/fleet"
+
+
+async def prepare_ssh_key(config: AwsFleetConfig) -> AwsFleetConfig:
+    """With ``manage_ssh_key``: the key pair made (or reused) in ``state_dir`` and
+    imported under ``key_name``; the config then points at that private key."""
+    if not config.manage_ssh_key:
+        return config
+    from fleet.providers.aws import make_clients
+    from fleet.ssh_key import ensure_fleet_key
+
+    ec2 = make_clients(config)[0]
+    key = await asyncio.to_thread(ensure_fleet_key, ec2, config)
+    return dataclasses.replace(config, key_file=str(key.private_key_path))
 
 
 async def serve(config: AwsFleetConfig, stop: asyncio.Event,
-                service: AwsFleetService | None = None) -> None:
-    service = service or build_service(config)
-    if config.bootstrap == "user-data":
-        await _upload_bundle(config, service.lease.s3)
-    runner, admin_url = await start_admin(service, config.admin_host, config.admin_port)
+                service: AwsFleetService | None = None,
+                serving: AdminServing | None = None) -> None:
+    if serving is None:
+        serving = await asyncio.to_thread(prepare_admin, config)
+    try:
+        config = await prepare_ssh_key(config)
+        service = service or build_service(config)
+        if config.bootstrap == "user-data":
+            await _upload_bundle(config, service.lease.s3)
+        runner, admin_url = await start_admin(service, config.admin_host, config.admin_port,
+                                              serving)
+    except BaseException:
+        serving.close()
+        raise
     print(f"ImageFleet AWS fleet {config.name!r} in {config.region}: endpoint "
           f"{config.api_url or 'http://' + config.load_balancer_dns}; admin {admin_url}",
           flush=True)
@@ -204,6 +265,7 @@ async def serve(config: AwsFleetConfig, stop: asyncio.Event,
     finally:
         await service.aclose()
         await runner.cleanup()
+        serving.close()
 
 
 def main(config_path: str | Path) -> int:
@@ -220,8 +282,13 @@ def main(config_path: str | Path) -> int:
             loop.add_signal_handler(sig, stop.set)
         await serve(config, stop)
 
+    from server.tokens import TokenSourceError
+
     try:
         asyncio.run(run())
+    except (ConfigError, TokenSourceError) as exc:
+        print(f"python -m fleet run: {exc}", file=sys.stderr)
+        return 2
     except ProviderError as exc:
         print(f"python -m fleet run: {exc}", file=sys.stderr)
         return 1

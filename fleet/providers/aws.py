@@ -484,7 +484,12 @@ class SshBootstrapper:
         from fleet import bootstrap
 
         iid = record["InstanceId"]
-        host = record.get("PublicIpAddress") or record.get("PrivateIpAddress")
+        # A manager inside the VPC (it has a security group of its own) reaches workers
+        # on their private address: the only one their SSH rule, which names the
+        # manager's security group, admits.
+        private = record.get("PrivateIpAddress")
+        host = ((private if self.config.manager_security_group else None)
+                or record.get("PublicIpAddress") or private)
         if not host:
             raise bootstrap.BootstrapError(f"{iid} has no IP address")
         keys = bootstrap.wait_for_host_keys(lambda: self.console_output(iid),

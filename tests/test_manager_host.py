@@ -5,16 +5,34 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import os
+import stat
 import subprocess
+import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import helpers_manager
+import paramiko
 import pytest
+from conftest import free_port
+from helpers_aws import moto_server
+from helpers_manager import (
+    ADMIN_TOKEN,
+    REGION,
+    get,
+    moto_fleet_config,
+    pinned_context,
+    put_admin_token,
+    stop_pid_file,
+)
 
 from fleet import bootstrap
 from fleet.aws_config import ConfigError, config_from_dict
-from fleet.manager_host import render_manager_user_data
+from fleet.manager_host import FETCH_SCRIPT, render_manager_user_data
 
 MINIMAL: dict[str, Any] = {
     "name": "mgr", "region": "eu-west-1", "vpc_id": "vpc-1", "subnets": ["subnet-1"],
@@ -44,7 +62,6 @@ def test_manager_fields_round_trip_through_the_file_format() -> None:
                                "admin_tls": True, "manage_ssh_key": True,
                                "state_dir": "/var/lib/imagefleet-manager",
                                "manager_security_group": "sg-mgr"})
-    import json
     assert config_from_dict(json.loads(config.to_json())) == config
 
 
@@ -105,3 +122,114 @@ def test_manager_user_data_fetches_with_the_instance_role_and_is_valid_bash(
             render_manager_user_data(**args)
 
 
+
+
+# ---------------------------------------------------------- set-up, for real (test mode)
+
+@pytest.fixture
+def moto(fake_aws: None) -> Iterator[str]:
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+def _fetch_like_user_data(endpoint: str, workdir: Path, bucket: str) -> None:
+    """The user data's download step, as is (boto3 honours AWS_ENDPOINT_URL)."""
+    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint}
+    subprocess.run([sys.executable, "-", bucket, REGION, "manager/bundle.tar.gz",
+                    "manager/fleet.json"], input=FETCH_SCRIPT, text=True, cwd=workdir,
+                   env=env, check=True, timeout=60, capture_output=True)
+
+
+def test_manager_setup_fetches_installs_and_serves_ping_over_pinned_tls(
+        moto: str, tmp_path: Path) -> None:
+    """The manager host's path without root or systemd: the bundle and config lie in S3
+    (moto in server mode); the user data's fetch step downloads them; manager_setup.sh
+    --no-systemd installs the code and starts ``python -m fleet run``, which reads its
+    admin token from SSM, makes its SSH key, serves HTTPS with a certificate made in
+    memory, and answers /fleet/ping. Everything it started is stopped by PID."""
+    parameter = "/imagefleet/mgr/admin-token"
+    put_admin_token(moto, parameter)
+    state = tmp_path / "state"
+    config = moto_fleet_config(
+        moto, "mgr", admin_host="0.0.0.0", admin_port=free_port(), admin_tls=True,
+        admin_token_parameter=parameter, manage_ssh_key=True, state_dir=str(state))
+    s3 = helpers_manager.client("s3", moto)
+    s3.put_object(Bucket=config["bucket"], Key="manager/bundle.tar.gz",
+                  Body=bootstrap.build_manager_bundle())
+    s3.put_object(Bucket=config["bucket"], Key="manager/fleet.json",
+                  Body=json.dumps(config).encode())
+    workdir = tmp_path / "boot"
+    workdir.mkdir()
+    _fetch_like_user_data(moto, workdir, config["bucket"])
+    assert stat.S_IMODE((workdir / "fleet.json").stat().st_mode) == 0o600
+    with tarfile.open(workdir / "bundle.tar.gz") as tar:
+        tar.extractall(workdir, filter="data")
+
+    prefix = tmp_path / "prefix"
+    try:
+        result = subprocess.run(
+            ["bash", "scripts/manager_setup.sh", "--no-systemd", "--source", ".",
+             "--config", "fleet.json", "--prefix", str(prefix), "--venv", sys.prefix,
+             "--region", REGION, "--health-timeout", "60"],
+            cwd=workdir, capture_output=True, text=True, timeout=120, check=False)
+        log = (prefix / "manager.log").read_text() if (prefix / "manager.log").exists() else ""
+        assert result.returncode == 0, result.stderr + log
+        assert "answering: https://127.0.0.1:" in result.stdout
+        assert (prefix / "app" / "fleet" / "__main__.py").exists()
+
+        pem = (state / "admin-cert.pem").read_text()
+        context = pinned_context(pem)
+        base = f"https://127.0.0.1:{config['admin_port']}/fleet"
+        assert get(f"{base}/ping", context=context) == (200, {"status": "ok"})
+        status, body = get(base, context=context)  # loopback, but off-loopback serving
+        assert status == 401 and body["error"]["code"] == "unauthorized"
+        status, body = get(base, context=context, token="wrong-token-123")
+        assert status == 401
+        status, body = get(base, context=context, token=ADMIN_TOKEN)
+        assert status == 200 and body["name"] == "mgr" and body["provider"] == "aws"
+        # The key it made: private in the 0700 state folder, public half in EC2.
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        key_file = state / "imgf-mgr_ed25519"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        pairs = helpers_manager.client("ec2", moto).describe_key_pairs(
+            KeyNames=["imgf-mgr"], IncludePublicKey=True)["KeyPairs"]
+        ours = paramiko.PKey.from_path(str(key_file))  # paramiko loads what it wrote
+        assert pairs[0]["PublicKey"].split()[:2] == [ours.get_name(), ours.get_base64()]
+        # The certificate is the one served, and only its public half is on disk.
+        assert "PRIVATE KEY" not in pem and not list(state.glob("*key*.pem"))
+    finally:
+        stop_pid_file(prefix / "manager.pid")
+
+
+def test_manager_setup_reports_a_manager_that_cannot_start(moto: str, tmp_path: Path) -> None:
+    """Off loopback with no token anywhere: the manager refuses to start, and the set-up
+    script says so with the manager's own words."""
+    config = moto_fleet_config(moto, "open", admin_host="0.0.0.0", admin_port=free_port())
+    source = tmp_path / "bundle"
+    source.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(bootstrap.build_manager_bundle())) as tar:
+        tar.extractall(source, filter="data")
+    (tmp_path / "fleet.json").write_text(json.dumps(config))
+    prefix = tmp_path / "prefix"
+    env = {k: v for k, v in os.environ.items() if k != "IMAGEFLEET_ADMIN_TOKEN"}
+    try:
+        result = subprocess.run(
+            ["bash", str(source / "scripts" / "manager_setup.sh"), "--no-systemd",
+             "--source", str(source), "--config", str(tmp_path / "fleet.json"),
+             "--prefix", str(prefix), "--venv", sys.prefix, "--health-timeout", "60"],
+            capture_output=True, text=True, timeout=120, check=False, env=env)
+    finally:
+        stop_pid_file(prefix / "manager.pid")
+    assert result.returncode == 1
+    assert "the manager exited before answering" in result.stderr
+    assert "needs a token" in result.stderr and "admin_token_parameter" in result.stderr
+
+
+def test_manager_setup_rejects_bad_arguments(tmp_path: Path) -> None:
+    script = bootstrap.PROJECT_ROOT / "scripts" / "manager_setup.sh"
+    result = subprocess.run(["bash", str(script), "--no-systemd", "--source", "."],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 2 and "--config FILE is required" in result.stderr
+    result = subprocess.run(["bash", str(script), "--colour", "blue"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 2 and "unknown argument '--colour'" in result.stderr

@@ -37,6 +37,7 @@ from gui.connection import (
     FleetExit,
     FleetFactory,
     choose_admin_endpoint,
+    choose_admin_token,
     choose_ca_file,
     choose_endpoint,
     choose_token,
@@ -448,7 +449,8 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
 
         self.submit(self.connection.connect(endpoint, choose_token(self.environ, settings),
                                             settings.concurrency, settings.fleet_size, admin,
-                                            choose_ca_file(self.environ, settings)),
+                                            choose_ca_file(self.environ, settings),
+                                            choose_admin_token(self.environ, settings)),
                     connected, failed)
 
     def _on_connected(self, connected: Connected) -> None:

@@ -91,6 +91,11 @@ def choose_token(environ: Mapping[str, str], settings: Settings) -> str | None:
     return environ.get("IMAGEFLEET_TOKEN") or settings.token or None
 
 
+def choose_admin_token(environ: Mapping[str, str], settings: Settings) -> str | None:
+    """The fleet's admin token (env ``IMAGEFLEET_ADMIN_TOKEN`` > settings), or None."""
+    return environ.get("IMAGEFLEET_ADMIN_TOKEN") or settings.admin_token or None
+
+
 @dataclass(frozen=True)
 class Connected:
     endpoint: str
@@ -135,10 +140,12 @@ class Connection:
 
     async def connect(self, endpoint: str, token: str | None, concurrency: int,
                       fleet_size: int, admin_endpoint: str = "", ca_file: str = "",
-                      ) -> Connected:
+                      admin_token: str | None = None) -> Connected:
         """(Re)connect. An empty endpoint means the embedded fleet, started if needed (and
         restarted when its size changed). Fetches the operations to prove the link works.
-        ``ca_file``: the only certificate a remote endpoint is trusted with (pinning)."""
+        ``ca_file``: the only certificate a remote endpoint is trusted with (pinning).
+        ``admin_token``: sent to ``/fleet`` instead of the API token (an AWS fleet's
+        manager, at the endpoint itself or at ``admin_endpoint``)."""
         await self._close_client()
         embedded = not endpoint
         if embedded:
@@ -149,8 +156,11 @@ class Connection:
         client = ImageFleetClient(endpoint, token, concurrency=concurrency, ca_file=pin)
         await client.__aenter__()
         self._client, self.endpoint = client, endpoint
-        if admin_endpoint and admin_endpoint != endpoint and not embedded:
-            admin = ImageFleetClient(admin_endpoint, token, concurrency=2, ca_file=pin)
+        separate = bool(admin_endpoint) and admin_endpoint != endpoint
+        if not embedded and (separate or (admin_token and admin_token != token)):
+            # Same pinned certificate: through the load balancer /fleet is the same origin.
+            admin = ImageFleetClient(admin_endpoint or endpoint, admin_token or token,
+                                     concurrency=2, ca_file=pin)
             await admin.__aenter__()
             self._admin = admin
         elif embedded:

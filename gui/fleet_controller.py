@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from gui.viewmodel import describe_error, parse_desired
+from gui.viewmodel import describe_fleet_error, parse_desired
 
 if TYPE_CHECKING:
     from gui.app import ImageFleetApp
@@ -45,7 +45,7 @@ class FleetController:
         def failed(exc: BaseException) -> None:
             self._pending = False
             self.view.show_unavailable(
-                "Fleet state unavailable: " + describe_error(exc, self.app.endpoint_text()))
+                "Fleet state unavailable: " + describe_fleet_error(exc, self.app.endpoint_text()))
 
         self.app.submit(self.app.connection.admin_client.fleet(), done, failed)
 
@@ -71,7 +71,7 @@ class FleetController:
                     lambda _s: (self.view.show_message(f"Desired count set to {desired}."),
                                 self.refresh_fleet()),
                     lambda exc: self.view.show_message(
-                        describe_error(exc, self.app.endpoint_text()), error=True))
+                        describe_fleet_error(exc, self.app.endpoint_text()), error=True))
 
     def terminate_instance(self, instance_id: str) -> None:
         if self.app.connected is None:
@@ -88,4 +88,4 @@ class FleetController:
                         f"{instance_id} is being terminated; a replacement will follow."),
                                 self.refresh_fleet()),
                     lambda exc: self.view.show_message(
-                        describe_error(exc, self.app.endpoint_text()), error=True))
+                        describe_fleet_error(exc, self.app.endpoint_text()), error=True))

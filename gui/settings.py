@@ -41,8 +41,10 @@ class Settings:
     """What the user can change in the Settings view.
 
     ``endpoint`` empty means "start an embedded local fleet of ``fleet_size`` workers".
-    ``admin_endpoint`` is where ``/fleet`` is served when that is not the endpoint
-    (``python -m fleet run`` for AWS: the ALB serves only the processing API).
+    ``admin_endpoint`` is where ``/fleet`` is served when that is not the endpoint (a
+    manager run on a laptop); an AWS fleet serves it at the endpoint itself, through the
+    load balancer. ``admin_token`` is the fleet's admin token for ``/fleet`` (kept like
+    the API token: in this 0600 file); empty: the API token is sent.
     ``ca_file`` is a PEM file holding the only certificate the endpoint is trusted with
     (the self-signed one ``bootstrap_aws up`` writes); empty: the system's certificates.
     """
@@ -55,6 +57,7 @@ class Settings:
     fleet_size: int = 2
     admin_endpoint: str = ""
     ca_file: str = ""
+    admin_token: str = ""
     on_conflict: str = "unique"  # Save all: never overwrite unless the user chose it
 
     def to_json(self) -> dict[str, Any]:
@@ -128,8 +131,12 @@ def parse_settings(data: Mapping[str, Any], base: Settings | None = None) -> Set
             if problem:
                 problems.append(problem.replace("endpoint", name, 1))
             values[name] = url
-    if "token" in data:
-        values["token"] = str(data["token"] or "").strip()
+    for name in ("token", "admin_token"):
+        if name in data:
+            value = str(data[name] or "").strip()
+            if any(c.isspace() for c in value):
+                problems.append(f"{name} may not contain spaces or line breaks")
+            values[name] = value
     if "ca_file" in data:
         # Only the form of the value here (no I/O on the UI thread): the client reads the
         # file when it connects and names what is wrong with it.

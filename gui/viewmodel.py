@@ -990,6 +990,17 @@ def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[st
 # --------------------------------------------------------------------------- errors
 
 
+def describe_fleet_error(exc: BaseException, endpoint: str = "") -> str:
+    """Like :func:`describe_error`, for the fleet's admin API (``/fleet``), whose token is
+    the admin token: a 401 there says which setting to fix."""
+    from gui import client as api
+
+    if isinstance(exc, api.ServerError) and exc.status == 401:
+        return (f"{endpoint or 'the endpoint'} refused /fleet: missing or wrong admin token "
+                "(401). Set the admin token in Settings.")
+    return describe_error(exc, endpoint)
+
+
 def describe_error(exc: BaseException, endpoint: str = "") -> str:
     """One sentence for the UI saying what went wrong and what to do about it."""
     from gui import client as api

@@ -20,7 +20,12 @@ import pytest
 from PIL import Image
 
 from gui import client as api
-from gui.connection import choose_admin_endpoint, choose_endpoint, choose_token
+from gui.connection import (
+    choose_admin_endpoint,
+    choose_admin_token,
+    choose_endpoint,
+    choose_token,
+)
 from gui.preview import (
     PreviewError,
     compose_split,
@@ -48,6 +53,7 @@ from gui.viewmodel import (
     control_for,
     controls_for,
     describe_error,
+    describe_fleet_error,
     describe_os_error,
     describe_step,
     event_lines,
@@ -163,6 +169,22 @@ def test_endpoint_precedence_flag_env_settings_then_embedded() -> None:
     assert choose_admin_endpoint(None, {}, Settings()) == ""
     assert choose_token({"IMAGEFLEET_TOKEN": "e"}, Settings(token="s")) == "e"
     assert choose_token({}, Settings()) is None
+
+
+def test_the_admin_token_is_a_setting_of_its_own() -> None:
+    """An AWS fleet's /fleet needs the admin token, not the API token: kept like it (in
+    the 0600 settings file), overridden by IMAGEFLEET_ADMIN_TOKEN, checked for form."""
+    settings = parse_settings({"admin_token": " adm1n-token "})
+    assert settings.admin_token == "adm1n-token" and settings.token == ""
+    assert choose_admin_token({}, settings) == "adm1n-token"
+    assert choose_admin_token({"IMAGEFLEET_ADMIN_TOKEN": "from-env"}, settings) == "from-env"
+    assert choose_admin_token({}, Settings()) is None
+    with pytest.raises(SettingsError, match="admin_token may not contain spaces"):
+        parse_settings({"admin_token": "two words"})
+    assert "Set the admin token in Settings" in describe_fleet_error(
+        api.ServerError(401, "unauthorized", "missing or wrong token"), "https://lb")
+    assert describe_fleet_error(api.ServerError(400, "invalid_desired", "1..4")) == \
+        describe_error(api.ServerError(400, "invalid_desired", "1..4"))
 
 
 # --------------------------------------------------------------------------- schema

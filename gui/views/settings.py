@@ -60,12 +60,17 @@ class SettingsView(ctk.CTkFrame):
             "fleet on this computer.")
         self.admin = ctk.CTkEntry(card, width=360, placeholder_text="same as the endpoint")
         row(3, "Fleet admin URL", self.admin,
-            "Where the fleet's /fleet API is served, if not at the endpoint (the AWS fleet "
-            "manager's address).")
+            "Where the fleet's /fleet API is served, if not at the endpoint (a manager "
+            "run on a laptop). An AWS fleet serves it at the endpoint.")
         self.token = ctk.CTkEntry(card, width=360, show="•", placeholder_text="none")
         row(4, "Token", self.token, "Sent as a Bearer token when the servers need one.")
+        self.admin_token = ctk.CTkEntry(card, width=360, show="•",
+                                        placeholder_text="the token above")
+        row(5, "Admin token", self.admin_token,
+            "The fleet's admin token, for the Fleet view of an AWS fleet (its admin has "
+            "it); empty: the token above is sent.")
         self.ca_file = ctk.CTkEntry(card, width=360, placeholder_text="the system's trust")
-        row(5, "Certificate file", self.ca_file,
+        row(6, "Certificate file", self.ca_file,
             "A PEM file: the only certificate the endpoint is trusted with (the fleet's "
             "self-signed one, written by bootstrap_aws up).")
         ttl = ctk.CTkFrame(card, fg_color="transparent")
@@ -73,32 +78,33 @@ class SettingsView(ctk.CTkFrame):
         self.ttl_value.grid(row=0, column=0)
         self.ttl_unit = ctk.CTkOptionMenu(ttl, values=list(TTL_UNITS), width=110)
         self.ttl_unit.grid(row=0, column=1, padx=(8, 0))
-        row(6, "Link lifetime", ttl,
+        row(7, "Link lifetime", ttl,
             f"How long shared links work (1 minute to {LINK_TTL_MAX_S // 86400} days).")
         self.concurrency = Spinbox(card, step=1, value=4, minimum=CONCURRENCY_RANGE[0],
                                    maximum=CONCURRENCY_RANGE[1], width=130)
-        row(7, "Concurrency", self.concurrency,
+        row(8, "Concurrency", self.concurrency,
             f"Images processed at once ({CONCURRENCY_RANGE[0]}–{CONCURRENCY_RANGE[1]}).")
         self.appearance = ctk.CTkSegmentedButton(card, values=list(APPEARANCE_LABELS.values()))
-        row(8, "Appearance", self.appearance)
+        row(9, "Appearance", self.appearance)
         self.fleet_size = Spinbox(card, step=1, value=2, minimum=FLEET_SIZE_RANGE[0],
                                   maximum=FLEET_SIZE_RANGE[1], width=130)
-        row(9, "Local fleet size", self.fleet_size,
+        row(10, "Local fleet size", self.fleet_size,
             f"Worker processes of the embedded fleet ({FLEET_SIZE_RANGE[0]}–"
             f"{FLEET_SIZE_RANGE[1]}); used when the endpoint is empty.")
         buttons = ctk.CTkFrame(card, fg_color="transparent")
-        buttons.grid(row=10, column=0, columnspan=3, sticky="w", padx=16, pady=(14, 4))
+        buttons.grid(row=11, column=0, columnspan=3, sticky="w", padx=16, pady=(14, 4))
         self.save_button = ctk.CTkButton(buttons, text="Save and reconnect", width=160,
                                          command=self._save)
         self.save_button.grid(row=0, column=0)
         self.message = ctk.CTkLabel(card, text="", anchor="w", justify="left", wraplength=760)
-        self.message.grid(row=11, column=0, columnspan=3, sticky="w", padx=16, pady=(4, 8))
+        self.message.grid(row=12, column=0, columnspan=3, sticky="w", padx=16, pady=(4, 8))
 
     def show(self, settings: Settings, path: str, overridden: str = "") -> None:
         self.path_label.configure(text=f"Kept in {path}" + (f" · {overridden}"
                                                                if overridden else ""))
         for entry, value in ((self.endpoint, settings.endpoint), (self.token, settings.token),
                              (self.admin, settings.admin_endpoint),
+                             (self.admin_token, settings.admin_token),
                              (self.ca_file, settings.ca_file)):
             if entry.get() != value:  # an untouched empty entry keeps its placeholder
                 entry.delete(0, "end")
@@ -126,6 +132,7 @@ class SettingsView(ctk.CTkFrame):
             "endpoint": self.endpoint.get(),
             "admin_endpoint": self.admin.get(),
             "token": self.token.get(),
+            "admin_token": self.admin_token.get(),
             "ca_file": self.ca_file.get(),
             "link_ttl_s": ttl,
             "concurrency": self.concurrency.get(),

@@ -657,6 +657,86 @@ def test_polled_worker_load_scales_the_aws_fleet_out_and_in(infra: AwsFleetConfi
             server.close()
 
 
+def test_the_manager_scales_the_aws_fleet_out_and_in_on_polled_worker_load(
+        infra: AwsFleetConfig, tmp_path: Path) -> None:
+    """The whole loop of the cloud manager, not just ``decide()``: ``FleetManager`` on the
+    AWS provider (EC2 and the target group on moto) launches, registers, scales out when
+    the workers' own /health shows load and back in when it is gone, draining the surplus
+    instance through deregistration. moto's instances run nothing, so (injected at the
+    provider's boundary, the load probe) each instance the manager launches is mapped to
+    the next real ``python -m server`` on loopback."""
+    import requests
+    from helpers_fleet import IMAGES, ServerProcess
+
+    from fleet.load_probe import probe_all
+
+    config = dataclasses.replace(infra, bootstrap="user-data", poll_worker_load=True)
+    servers = [ServerProcess(tmp_path / "storage", f"w{n}",
+                             ["--process-slots", "1", "--queue-limit", "8"]) for n in (1, 2, 3)]
+    assigned: dict[str, ServerProcess] = {}
+
+    def probe(addresses: dict[str, str]) -> dict[str, Any]:
+        for iid in sorted(addresses):
+            if iid not in assigned and len(assigned) < len(servers):
+                assigned[iid] = servers[len(assigned)]
+        return probe_all({iid: assigned[iid].address for iid in addresses if iid in assigned})
+
+    ec2, elbv2, s3 = _proxies()
+    provider = AwsProvider(config, clients=(ec2, elbv2, s3),  # type: ignore[arg-type]
+                           bootstrapper=FakeBootstrapper(), load_probe=probe)
+    manager = FleetManager(provider, _spec(
+        config, desired=2, min=2, max=3, target_inflight=2, scale_out_window_s=0,
+        scale_in_window_s=0, scale_cooldown_s=0))
+    photo = (IMAGES / "astronaut.png").read_bytes()
+    slow = json.dumps([{"op": "bilateral", "diameter": 15}] * 3)
+    stop_load = threading.Event()
+
+    def heavy(server: ServerProcess) -> None:
+        while not stop_load.is_set():
+            requests.post(f"http://{server.address}/process", files={"image": ("a.png", photo)},
+                          data={"steps": slow, "format": "png"}, timeout=120)
+
+    def kinds() -> list[str]:
+        return [e.kind for e in manager.events]
+
+    async def scenario() -> tuple[str, set[str]]:
+        await _tick_until(manager, _serving(2), what="2 serving instances")
+        first = {i.id for i in manager.instances if i.live}
+        busy = servers[0]
+        threads = [threading.Thread(target=heavy, args=(busy,)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        try:
+            await _tick_until(manager, _serving(3), timeout=60,
+                              what="a third instance launched for the load")
+        finally:
+            stop_load.set()
+            for thread in threads:
+                await asyncio.to_thread(thread.join, 120)
+        third = next(i.id for i in manager.instances if i.live and i.id not in first)
+        await _tick_until(manager, lambda inst: _serving(2)(inst)
+                          and third not in {i.id for i in inst if i.live}, timeout=60,
+                          what="the surplus instance drained once the load was gone")
+        await provider.close()
+        return third, first
+
+    for server in servers:
+        server.wait_healthy()
+    try:
+        third, first = asyncio.run(scenario())
+    finally:
+        stop_load.set()
+        for server in servers:
+            server.close()
+    assert "scale_out" in kinds() and "scale_in" in kinds()
+    assert kinds().index("scale_out") < kinds().index("scale_in")
+    drained = [e for e in manager.events if e.kind == "scale_in_drain"]
+    assert [e.instance_id for e in drained] == [third]  # the idle newcomer, not the busy one
+    assert ec2.calls.count("run_instances") == 3
+    assert "deregister_targets" in elbv2.calls
+    assert {i["InstanceId"] for i in _live_instances()} == first
+
+
 def test_progress_is_a_completed_counter_that_grew() -> None:
     from fleet.gateway import HealthReport
     from fleet.load_probe import progress_times

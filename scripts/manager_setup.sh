@@ -11,6 +11,9 @@
 #   Restart=always, hardened, the config's state_dir as its StateDirectory, mode 0700),
 #   starts it and waits for GET /fleet/ping on the admin port.
 #
+# Review (no root, nothing changed): --print-unit prints the systemd unit that production
+# mode would install for this config, then exits.
+#
 # Tests (no root, no systemd):
 #   manager_setup.sh --no-systemd --prefix DIR --source DIR --config FILE
 #       [--venv EXISTING_VENV] [--python PYTHON] [--health-timeout N]
@@ -31,6 +34,7 @@ service_user=imagefleet-manager
 python_bin=python3
 venv=""
 use_systemd=1
+print_unit=0
 health_timeout=120
 
 die() { echo "manager_setup: $*" >&2; exit 1; }
@@ -47,6 +51,7 @@ while (($#)); do
         --python) python_bin=${2:?}; shift 2 ;;
         --venv) venv=${2:?}; shift 2 ;;
         --no-systemd) use_systemd=0; shift ;;
+        --print-unit) print_unit=1; shift ;;
         --health-timeout) health_timeout=${2:?}; shift 2 ;;
         *) usage "unknown argument '$1'" ;;
     esac
@@ -63,7 +68,9 @@ done
 source_dir=$(cd "$source_dir" && pwd)
 config=$(cd "$(dirname "$config")" && pwd)/$(basename "$config")
 
-if ((use_systemd)); then
+if ((print_unit)); then
+    :
+elif ((use_systemd)); then
     ((EUID == 0)) || die "systemd mode must run as root (use sudo), or pass --no-systemd"
 else
     mkdir -p "$prefix"
@@ -73,7 +80,9 @@ fi
 # What the unit and the readiness check need from the config, read by the same
 # validation the manager uses (a bad config fails here with the field named).
 config_field() {
-    PYTHONPATH="$source_dir" "$venv/bin/python" - "$config" "$1" <<'EOF'
+    local python="$python_bin"
+    [[ -x "$venv/bin/python" ]] && python="$venv/bin/python"
+    PYTHONPATH="$source_dir" "$python" - "$config" "$1" <<'EOF'
 import sys
 from fleet.aws_config import ConfigError, load_config
 try:
@@ -161,17 +170,8 @@ EOF
     die "no answer from $url within ${health_timeout}s"
 }
 
-setup_systemd() {
-    if ! id -u "$service_user" >/dev/null 2>&1; then
-        useradd --system --home-dir "$prefix" --no-create-home \
-            --shell /usr/sbin/nologin "$service_user"
-        log "created system user $service_user"
-    fi
-    mkdir -p "$prefix" /etc/imagefleet
-    install_code
-    ensure_venv
-    local state_dir state_lines config_file=/etc/imagefleet/manager.json
-    local unit=/etc/systemd/system/imagefleet-manager.service new_unit
+render_unit() {
+    local config_file=$1 state_dir state_lines
     state_dir=$(config_field state_dir)
     # systemd creates the StateDirectory for the service user with mode 0700 and keeps
     # it across restarts and upgrades; anywhere else would be writable only by hand.
@@ -182,9 +182,7 @@ setup_systemd() {
     else
         die "state_dir must be /var/lib/NAME for the systemd service (got '$state_dir')"
     fi
-    install -o root -g "$service_user" -m 0640 "$config" "$config_file.new"
-    mv "$config_file.new" "$config_file"
-    new_unit=$(cat <<EOF
+    cat <<EOF
 [Unit]
 Description=ImageFleet fleet manager
 Wants=network-online.target
@@ -227,7 +225,22 @@ SystemCallArchitectures=native
 [Install]
 WantedBy=multi-user.target
 EOF
-)
+}
+
+setup_systemd() {
+    if ! id -u "$service_user" >/dev/null 2>&1; then
+        useradd --system --home-dir "$prefix" --no-create-home \
+            --shell /usr/sbin/nologin "$service_user"
+        log "created system user $service_user"
+    fi
+    mkdir -p "$prefix" /etc/imagefleet
+    install_code
+    ensure_venv
+    local config_file=/etc/imagefleet/manager.json
+    local unit=/etc/systemd/system/imagefleet-manager.service new_unit
+    new_unit=$(render_unit "$config_file")
+    install -o root -g "$service_user" -m 0640 "$config" "$config_file.new"
+    mv "$config_file.new" "$config_file"
     if [[ ! -f "$unit" || "$(cat "$unit")" != "$new_unit" ]]; then
         printf '%s\n' "$new_unit" > "$unit.new"
         mv "$unit.new" "$unit"
@@ -274,7 +287,10 @@ setup_background() {
     wait_for_ping
 }
 
-if ((use_systemd)); then
+if ((print_unit)); then
+    [[ -n "$venv" ]] || venv="$prefix/venv"
+    render_unit /etc/imagefleet/manager.json
+elif ((use_systemd)); then
     setup_systemd
 else
     setup_background

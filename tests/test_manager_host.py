@@ -233,3 +233,33 @@ def test_manager_setup_rejects_bad_arguments(tmp_path: Path) -> None:
     result = subprocess.run(["bash", str(script), "--colour", "blue"],
                             capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 2 and "unknown argument '--colour'" in result.stderr
+
+
+def test_the_systemd_unit_runs_the_manager_unprivileged_and_hardened(tmp_path: Path) -> None:
+    """--print-unit shows what production mode installs, without root."""
+    source = tmp_path / "bundle"
+    source.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(bootstrap.build_manager_bundle())) as tar:
+        tar.extractall(source, filter="data")
+    config = tmp_path / "fleet.json"
+    config.write_text(json.dumps({**MINIMAL, "state_dir": "/var/lib/imagefleet-manager",
+                                  "manage_ssh_key": True}))
+    script = source / "scripts" / "manager_setup.sh"
+    result = subprocess.run(
+        ["bash", str(script), "--print-unit", "--source", str(source),
+         "--config", str(config), "--region", REGION, "--python", sys.executable],
+        capture_output=True, text=True, timeout=30, check=True)
+    lines = set(result.stdout.splitlines())
+    assert {"User=imagefleet-manager", "Restart=always", "NoNewPrivileges=yes",
+            "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
+            "StateDirectory=imagefleet-manager", "StateDirectoryMode=0700",
+            "CapabilityBoundingSet=", "UMask=0077",
+            "ExecStart=/opt/imagefleet-manager/venv/bin/python -m fleet run "
+            "--config /etc/imagefleet/manager.json"} <= lines
+    # A state folder systemd cannot manage is refused, naming what is allowed.
+    config.write_text(json.dumps({**MINIMAL, "state_dir": "/srv/manager"}))
+    result = subprocess.run(
+        ["bash", str(script), "--print-unit", "--source", str(source),
+         "--config", str(config), "--python", sys.executable],
+        capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 1 and "state_dir must be /var/lib/NAME" in result.stderr

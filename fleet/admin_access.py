@@ -31,7 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fleet.aws_config import AwsFleetConfig, ConfigError, write_private_file
+from fleet.aws_config import (
+    AwsFleetConfig,
+    ConfigError,
+    ensure_private_dir,
+    write_private_file,
+)
 from server.tokens import (
     RefreshingTokens,
     StaticTokens,
@@ -159,7 +164,7 @@ def admin_tls_context(config: AwsFleetConfig) -> tuple[ssl.SSLContext, str]:
 
     made = self_signed_certificate(certificate_names(config.admin_host))
     if config.state_dir:
-        write_private_file(Path(config.state_dir) / ADMIN_CERT_FILE, made.certificate_pem,
-                           mode=0o644)
+        folder = ensure_private_dir(config.state_dir)
+        write_private_file(folder / ADMIN_CERT_FILE, made.certificate_pem, mode=0o644)
     return server_tls_context(made.certificate_pem, made.private_key_pem), \
         made.certificate_pem

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,16 @@ def write_private_file(path: Path, text: str, mode: int = 0o600) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a folder only its owner can enter (created 0700, tightened if wider):
+    the manager's ``state_dir``."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path
 
 
 def save_config(config: AwsFleetConfig, path: str | os.PathLike[str]) -> None:

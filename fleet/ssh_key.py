@@ -16,13 +16,17 @@ and is replaced like any failed bootstrap, so the fleet converges on the new key
 from __future__ import annotations
 
 import logging
-import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fleet.aws_config import FLEET_TAG_KEY, AwsFleetConfig, write_private_file
+from fleet.aws_config import (
+    FLEET_TAG_KEY,
+    AwsFleetConfig,
+    ensure_private_dir,
+    write_private_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +42,6 @@ class FleetKey:
     private_key_path: Path
     public_line: str  # "ssh-ed25519 AAAA... comment"
     action: str  # what happened to EC2's key pair: "kept", "imported" or "replaced"
-
-
-def ensure_private_dir(path: Path) -> Path:
-    """``path`` as a folder only its owner can enter (created 0700, tightened if wider)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if stat.S_IMODE(path.stat().st_mode) & 0o077:
-        os.chmod(path, 0o700)
-    return path
 
 
 def key_path(config: AwsFleetConfig) -> Path:

@@ -142,6 +142,8 @@ wait_for_ping() {
     port=$(config_field admin_port)
     tls=$(config_field admin_tls)
     state_dir=$(config_field state_dir)
+    [[ "$tls" != true || -n "$state_dir" ]] \
+        || die "admin_tls needs state_dir in the config: the manager writes its certificate there"
     if [[ "$tls" == true ]]; then url="https://127.0.0.1:$port/fleet/ping"
     else url="http://127.0.0.1:$port/fleet/ping"; fi
     while ((SECONDS < deadline)); do

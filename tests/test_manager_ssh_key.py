@@ -49,6 +49,18 @@ def test_key_pair_decision() -> None:
     assert key_pair_action(None, True, ours) == "replaced"  # EC2 gave no key material
 
 
+def test_a_manager_inside_the_vpc_bootstraps_over_the_private_address() -> None:
+    """The workers' SSH rule names the manager's security group, which only admits
+    traffic inside the VPC; a manager outside (a laptop) needs the public address."""
+    from fleet.providers.aws import ssh_address
+
+    both = {"PrivateIpAddress": "10.0.1.5", "PublicIpAddress": "203.0.113.9"}
+    assert ssh_address(both, inside_vpc=True) == "10.0.1.5"
+    assert ssh_address(both, inside_vpc=False) == "203.0.113.9"
+    assert ssh_address({"PrivateIpAddress": "10.0.1.5"}, inside_vpc=False) == "10.0.1.5"
+    assert ssh_address({}, inside_vpc=True) is None
+
+
 def test_manager_makes_imports_then_reuses_its_key(ec2, tmp_path: Path) -> None:
     config = _config(tmp_path / "state")
     first = ensure_fleet_key(ec2, config)

@@ -462,6 +462,14 @@ def _timestamp(value: datetime | str | None, default: float | None = None) -> fl
     return default if default is not None else time.time()
 
 
+def ssh_address(record: dict[str, Any], *, inside_vpc: bool) -> str | None:
+    """Where to SSH to an instance. A manager inside the VPC (it has a security group of
+    its own) uses the private address: the workers' SSH rule names the manager's security
+    group, which admits only traffic inside the VPC. From outside: the public one."""
+    private, public = record.get("PrivateIpAddress"), record.get("PublicIpAddress")
+    return (private or public) if inside_vpc else (public or private)
+
+
 class SshBootstrapper:
     """The production bootstrapper: console host keys → SSH → ``remote_setup.sh``."""
 
@@ -484,12 +492,7 @@ class SshBootstrapper:
         from fleet import bootstrap
 
         iid = record["InstanceId"]
-        # A manager inside the VPC (it has a security group of its own) reaches workers
-        # on their private address: the only one their SSH rule, which names the
-        # manager's security group, admits.
-        private = record.get("PrivateIpAddress")
-        host = ((private if self.config.manager_security_group else None)
-                or record.get("PublicIpAddress") or private)
+        host = ssh_address(record, inside_vpc=self.config.manager_security_group is not None)
         if not host:
             raise bootstrap.BootstrapError(f"{iid} has no IP address")
         keys = bootstrap.wait_for_host_keys(lambda: self.console_output(iid),

@@ -203,9 +203,13 @@ def prepare_admin(config: AwsFleetConfig,
     from fleet.admin_access import admin_tls_context, open_admin_gate, plan_admin_access
 
     plan = plan_admin_access(config, environ)
-    gate = open_admin_gate(plan, config)
-    context = admin_tls_context(config)[0] if plan.tls else None
-    return AdminServing(gate, plan.loopback_reads_open, context)
+    serving = AdminServing(open_admin_gate(plan, config), plan.loopback_reads_open)
+    try:
+        serving.ssl_context = admin_tls_context(config)[0] if plan.tls else None
+    except BaseException:
+        serving.close()  # stop the token's re-read thread
+        raise
+    return serving
 
 
 async def start_admin(service: AwsFleetService, host: str, port: int,

@@ -25,7 +25,7 @@ import webbrowser
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from tkinter import filedialog, messagebox
+from tkinter import filedialog, messagebox, simpledialog
 from typing import Any
 
 import customtkinter as ctk
@@ -46,6 +46,8 @@ from gui.connection import (
 )
 from gui.fleet_controller import FleetController
 from gui.fleet_process import LOG_FILE as FLEET_LOG_FILE
+from gui.history_controller import HistoryController
+from gui.journal_controller import JournalController
 from gui.messages import Level, MessageBoard
 from gui.preview import app_icon
 from gui.process_controller import ProcessController
@@ -61,6 +63,7 @@ from gui.settings import (
 )
 from gui.viewmodel import IMAGE_SUFFIXES, describe_error, describe_os_error, parse_path_list
 from gui.views.fleet import FleetView
+from gui.views.history import HistoryView
 from gui.views.messages import MessageArea
 from gui.views.process import ProcessView
 from gui.views.settings import SettingsView
@@ -95,6 +98,22 @@ class Dialogs:
     def ask_save_as(self, initial_name: str) -> str | None:
         return filedialog.asksaveasfilename(parent=self.parent, title="Save result as",
                                             initialfile=initial_name) or None
+
+    def ask_string(self, title: str, prompt: str, initial: str = "") -> str | None:
+        """A line of text (a recipe's name); None when cancelled."""
+        answer = simpledialog.askstring(title, prompt, initialvalue=initial,
+                                        parent=self.parent)
+        return answer if answer else None
+
+    def ask_open_recipe(self) -> str | None:
+        return filedialog.askopenfilename(
+            parent=self.parent, title="Import recipe",
+            filetypes=[("Recipes", "*.json"), ("All files", "*")]) or None
+
+    def ask_save_recipe(self, initial_name: str) -> str | None:
+        return filedialog.asksaveasfilename(
+            parent=self.parent, title="Export recipe", initialfile=initial_name,
+            defaultextension=".json", filetypes=[("Recipes", "*.json")]) or None
 
     def confirm(self, title: str, message: str) -> bool:
         return bool(messagebox.askyesno(title, message, parent=self.parent, icon="warning"))
@@ -175,18 +194,22 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
         self.connection = Connection(cache_dir(self.environ) / "storage", fleet_factory)
         self.process = ProcessController(self)
         self.fleet = FleetController(self)
+        self.journal = JournalController(self)
+        self.history = HistoryController(self)
 
         self._build()
         self.protocol("WM_DELETE_WINDOW", self.close)
         self._bind_shortcuts()
         self.drop_enabled = self._enable_drop()
         self.process_view.set_drop_available(self.drop_enabled)
+        self.process.recipes.refresh()  # the saved recipes, read on the worker thread
         self.schedule("drain", DRAIN_MS, self._drain)
         self.settings_view.show(self.settings, self._display_path(self.config_path),
                                 self._override_note())
         if loaded.warning:
             self.show_error(loaded.warning)
         self.connect()
+        self.journal.start()  # opened off this thread; then it offers to resume a batch
         if open_paths:
             # "Open with" / the command line: listed as soon as the window exists; the
             # folders are read on the worker thread like any other add.
@@ -202,8 +225,9 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
         header.columnconfigure(1, weight=1)
         ctk.CTkLabel(header, text="◆ ImageFleet", font=ctk.CTkFont(size=20, weight="bold")).grid(
             row=0, column=0, padx=(18, 24), pady=12)
-        self.nav = ctk.CTkSegmentedButton(header, values=["Process", "Fleet", "Settings"],
-                                          command=self.show_view, width=300,
+        self.nav = ctk.CTkSegmentedButton(header,
+                                          values=["Process", "History", "Fleet", "Settings"],
+                                          command=self.show_view, width=400,
                                           font=ctk.CTkFont(size=13, weight="bold"))
         self.nav.grid(row=0, column=1, sticky="w")
         self.status_dot = ctk.CTkLabel(header, text="●", text_color=("#8a6d00", "#f2c94c"),
@@ -222,8 +246,9 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
         self.process_view = ProcessView(self.content, self.process)
         self.fleet_view = FleetView(self.content, self.fleet)
         self.settings_view = SettingsView(self.content, self)
-        self.views = {"Process": self.process_view, "Fleet": self.fleet_view,
-                      "Settings": self.settings_view}
+        self.history_view = HistoryView(self.content, self.history)
+        self.views = {"Process": self.process_view, "History": self.history_view,
+                      "Fleet": self.fleet_view, "Settings": self.settings_view}
         self.show_view("Process")
         self.process_view.set_ready(False)
 
@@ -235,6 +260,8 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
                 view.grid_forget()
         self.nav.set(name)
         self.current_view = name
+        if name == "History":
+            self.history.shown()
 
     def _bind_shortcuts(self) -> None:
         self.bind_all("<Control-o>", lambda _e: self.process.add_files_dialog())
@@ -335,6 +362,16 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
                   on_action: Callable[[], None] | None = None) -> None:
         """An info expires after a few seconds."""
         self._post(Level.INFO, message, key, action, on_action)
+
+    def show_notice(self, message: str, key: str | None = None, action: str | None = None,
+                    on_action: Callable[[], None] | None = None) -> None:
+        """Not a problem, but it stays until dismissed or acted on (an offer to resume)."""
+        self._post(Level.NOTICE, message, key, action, on_action)
+
+    def journal_ready(self) -> None:
+        """The batch journal is open (the History view may show it now)."""
+        if self.current_view == "History":
+            self.history.shown()
 
     def _post(self, level: Level, text: str, key: str | None, action: str | None,
               on_action: Callable[[], None] | None) -> None:
@@ -518,7 +555,10 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
             self.settings_view.show_message(text, error=True)
 
         self.submit(asyncio.to_thread(save_settings, new, self.config_path), saved, not_saved)
-        if replace(old, appearance=new.appearance) != new:
+        self.process.settings_changed()
+        # the output rules only change names: no reconnect for them
+        if replace(old, appearance=new.appearance, on_conflict=new.on_conflict,
+                   name_template=new.name_template) != new:
             if self.process.batch.running:
                 self.process.cancel_run()
             self.connect()
@@ -534,6 +574,7 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
         self._after_ids.clear()
         self.withdraw()
         self.worker.stop(cleanup=self.connection.close)
+        self.journal.close()  # after the worker: the last outcomes are queued by then
         self.closed = True
         self.quit()
         self.destroy()

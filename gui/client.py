@@ -573,6 +573,12 @@ class Job:
     quality: int | None = None
     expires_in: int | None = None
     name: str | None = None
+    # Encoder, colour and metadata options (None: the server's default); see process().
+    progressive: bool | None = None
+    subsampling: str | None = None
+    lossless: bool | None = None
+    icc: str | None = None
+    metadata: str | None = None
 
     @property
     def label(self) -> str:
@@ -953,6 +959,11 @@ def form_fields(
     format: str | None,
     quality: int | None,
     expires_in: int | None,
+    progressive: bool | None = None,
+    subsampling: str | None = None,
+    lossless: bool | None = None,
+    icc: str | None = None,
+    metadata: str | None = None,
 ) -> dict[str, str]:
     """The text fields of a ``POST /process`` form (pure; InvalidRequest on misuse).
 
@@ -984,6 +995,14 @@ def form_fields(
         fields["quality"] = str(int(quality))
     if expires_in is not None:
         fields["expires_in"] = str(int(expires_in))
+    for name, flag in (("progressive", progressive), ("lossless", lossless)):
+        if flag is not None:
+            if not isinstance(flag, bool):
+                raise InvalidRequest(f"{name} must be true or false, got {flag!r}")
+            fields[name] = "true" if flag else "false"
+    for name, text in (("subsampling", subsampling), ("icc", icc), ("metadata", metadata)):
+        if text is not None:
+            fields[name] = str(text)
     return fields
 
 
@@ -1421,16 +1440,27 @@ class ImageFleetClient:
         expires_in: int | None = None,
         progress: ProgressCallback | None = None,
         name: str | None = None,
+        progressive: bool | None = None,
+        subsampling: str | None = None,
+        lossless: bool | None = None,
+        icc: str | None = None,
+        metadata: str | None = None,
     ) -> ProcessResult:
         """``POST /process`` one image; returns the result's link and facts.
 
         ``image``: the encoded image (bytes) or a file path. Give ``operation`` (with
         optional ``params``) or ``steps`` (a list of ``{"op": name, **params}``).
-        ``format``: ``png``, ``jpeg`` or ``webp`` (default: the input's), ``quality``
-        1–100, ``expires_in``: link lifetime in seconds. ``progress`` gets
+        ``format``: ``png``, ``jpeg``, ``webp`` or ``avif`` (default: the input's),
+        ``quality`` 1–100, ``expires_in``: link lifetime in seconds. ``progress`` gets
         ``uploading``/``processing``/``retrying`` and finally ``done`` or ``failed``.
+        Encoder options (None: the server's default): ``progressive`` (JPEG),
+        ``subsampling`` ``"4:4:4"``/``"4:2:2"``/``"4:2:0"`` (JPEG, AVIF), ``lossless``
+        (WebP); ``icc`` ``"srgb"`` (convert to sRGB, the default) or ``"keep"`` (keep the
+        embedded profile); ``metadata`` ``"strip"`` (default), ``"keep-no-location"`` or
+        ``"keep"``.
         """
-        job = Job(image, operation, params, _steps_tuple(steps), format, quality, expires_in, name)
+        job = Job(image, operation, params, _steps_tuple(steps), format, quality, expires_in, name,
+                  progressive, subsampling, lossless, icc, metadata)
         report = _Reporter(progress, 0, job.label)
         try:
             result = await self._process_job(job, report)
@@ -1448,6 +1478,11 @@ class ImageFleetClient:
             format=job.format,
             quality=job.quality,
             expires_in=job.expires_in,
+            progressive=job.progressive,
+            subsampling=job.subsampling,
+            lossless=job.lossless,
+            icc=job.icc,
+            metadata=job.metadata,
         )
         data = await _load_image(job.image)
         filename = _upload_filename(job.label, job.image)

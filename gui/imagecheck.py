@@ -12,11 +12,15 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
+import pillow_heif
 from PIL import Image, UnidentifiedImageError
 
 # Pillow imports its format plugins on the first file it cannot name at once; doing
 # that here, at import on the Tk thread, keeps the worker thread's header checks cheap.
 Image.init()
+# HEIC/HEIF (phone photographs) is read by pillow-heif; registering it is process-wide, so
+# thumbnails and previews of HEIC inputs work too. AVIF is Pillow's own.
+pillow_heif.register_heif_opener(thumbnails=False)
 
 _SNIFF_BYTES = 16
 _SIGNATURES = {  # the first bytes of the formats the servers read

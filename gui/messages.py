@@ -20,6 +20,7 @@ INFO_TTL_S = 6.0
 class Level(Enum):
     INFO = "info"
     ERROR = "error"
+    NOTICE = "notice"  # not a problem, but stays until acted on (an offer to resume)
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,20 @@ from gui.connection import Connected
 from gui.imagecheck import check_headers
 from gui.naming import (
     SaveOutcome,
-    batch_candidates,
     save_result,
     save_summary,
     save_to_path,
 )
+from gui.output_rules import (
+    OutputNaming,
+    PlannedName,
+    explain_preview,
+    parse_template,
+    plan_batch_names,
+    preview_lines,
+)
 from gui.preview import downscaled_bytes, load_for_preview, open_image
+from gui.recipe_controller import RecipeController, outputs_summary
 from gui.run_events import Outcome, Progress, RunEvents
 from gui.settings import save_settings
 from gui.thumbnails import Thumbnails
@@ -51,13 +59,15 @@ from gui.viewmodel import (
     describe_error,
     describe_os_error,
     describe_request,
-    expand_paths,
+    expand_paths_in_folders,
     format_elapsed,
     format_expiry,
     not_images_text,
     order_depends_on_state,
     order_ids,
+    output_requests,
     parse_path_list,
+    recipe_request,
     result_filename,
     runs_text,
     stale_choice,
@@ -67,6 +77,7 @@ from gui.views.widgets import ERROR, MUTED
 
 if TYPE_CHECKING:
     from gui.app import ImageFleetApp
+    from gui.journal_controller import Resumable
     from gui.views.process import ProcessView
 
 PREVIEW_DEBOUNCE_MS = 300
@@ -76,6 +87,46 @@ LIST_REFRESH_MS = 80  # the list and the overall bar are redrawn at most this of
 ADD_CHUNK = 2000  # files header-checked (worker thread) and listed per UI callback
 FIRST_ADD_CHUNK = 200  # the first chunk: its rows show within a few tens of milliseconds
 ORDER_REFRESH_S = 1.0  # during a run, rows sorted or filtered by state move this often
+NAMES_SHOWN = 4  # names in the preview under Output
+
+
+def output_namings(request: ProcessRequest, template: str,
+                   result_format: str | None = None) -> list[OutputNaming]:
+    """How an image's results made by ``request`` are named: a recipe's outputs by their
+    templates, a single result by the settings' template."""
+    if request.outputs:
+        return [OutputNaming(parse_template(out.template), out.label, out.format, out.name,
+                             request.recipe) for out in request.outputs]
+    return [OutputNaming(parse_template(template), request.label,
+                         request.format or result_format)]
+
+
+def _save_in(folder: Path, planned: PlannedName, data: bytes, policy: str) -> SaveOutcome:
+    """Save one result under ``folder``, in its mirrored sub-folder (made if missing)."""
+    target = folder / planned.folder if planned.folder else folder
+    target.mkdir(parents=True, exist_ok=True)
+    return save_result(target, planned.candidates(), data, policy, planned.natural())
+
+
+def plan_save_names(jobs: list[ImageJob], current: ProcessRequest | None,
+                    template: str) -> list[list[PlannedName]]:
+    """Names for the listed images (input order): those with a result by the request
+    they were made with, the others by ``current``. The name preview and Save all both
+    call this, over the same images, so the numbering (``-2``) is the same in both."""
+    inputs = []
+    for job in jobs:
+        request = job.made_with if job.result is not None and job.made_with else current
+        fmt = job.result.format if job.result is not None else None
+        namings = output_namings(request, template, fmt) if request is not None else []
+        inputs.append((job.path.name, job.folder, namings))
+    planned = plan_batch_names(inputs)
+    # a done image's names are complete: its results say their size and format
+    for job, row in zip(jobs, planned, strict=True):
+        if job.result is not None and job.made_with is not None:
+            results = [info for _name, info in job.outputs] or [job.result]
+            row[:] = [item.with_result(info.width, info.height, info.format)
+                      for item, info in zip(row, results, strict=True)]
+    return planned
 
 
 @dataclass(frozen=True)
@@ -112,6 +163,11 @@ def chunk_bounds(count: int, first: int, rest: int) -> list[tuple[int, int]]:
         bounds.append((start, end))
         start = end
     return bounds
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 @dataclass(frozen=True)
@@ -155,6 +211,10 @@ class ProcessController:
                                  self._image_unreadable)
         self._pending_save: PendingSave | None = None
         self.save_outcomes: list[SaveOutcome] = []
+        self.recipes = RecipeController(app, self.params_changed)
+        self.names_preview: list[str] = []  # the first names Save all would write
+        self._names_seq = 0
+        self.names_shown_seq = 0  # which planning the preview shows (tests wait for it)
 
     @property
     def view(self) -> ProcessView:
@@ -185,6 +245,7 @@ class ProcessController:
         self.view.set_operations(connected.operations)
         self.view.set_ready(bool(connected.operations))
         self.view.set_on_conflict(self.app.settings.on_conflict)
+        self.recipes.on_connected()
         self.params_changed()  # the "Runs:" line, stale marks and the selected preview
 
     # ------------------------------------------------------------------ the list
@@ -267,15 +328,20 @@ class ProcessController:
         """Add files and folders (what the file dialog, a drop and a paste all call).
         Folder listing and the header check run on the worker thread, chunk by chunk;
         thumbnails come as rows show."""
-        self.app.submit(asyncio.to_thread(expand_paths, list(paths)), self._add_expanded)
+        recursive = self.view.include_subfolders()  # folders: with their sub-folders?
+        self.app.submit(asyncio.to_thread(
+            lambda: expand_paths_in_folders(list(paths), recursive=recursive)),
+            self._add_expanded)
 
-    def _add_expanded(self, expanded: tuple[list[Path], list[tuple[str, str]]]) -> None:
-        files, missing = expanded
+    def _add_expanded(self, expanded: tuple[list[Path], dict[Path, str],
+                                            list[tuple[str, str]]]) -> None:
+        files, folders, missing = expanded
         chunks = chunk_bounds(len(files), FIRST_ADD_CHUNK, ADD_CHUNK)
-        self._check_chunk(files, chunks, list(missing), [])
+        self._check_chunk(files, chunks, list(missing), [], folders)
 
     def _check_chunk(self, files: list[Path], chunks: list[tuple[int, int]],
-                     problems: list[tuple[str, str]], marked: list[ImageJob]) -> None:
+                     problems: list[tuple[str, str]], marked: list[ImageJob],
+                     folders: dict[Path, str] | None = None) -> None:
         """Header-check the next chunk on the worker thread, then list it: a file is
         listed only once it is checked, so one that is not an image is never uploaded,
         and a folder of 10,000 shows its first rows before the rest are read."""
@@ -286,14 +352,15 @@ class ProcessController:
         part = files[start:end]
         self.app.submit(asyncio.to_thread(check_headers, part),
                         lambda not_images: self._add_chunk(part, not_images, rest, files,
-                                                           problems, marked))
+                                                           problems, marked, folders))
 
     def _add_chunk(self, part: list[Path], not_images: dict[Path, str],
                    rest: list[tuple[int, int]], files: list[Path],
-                   problems: list[tuple[str, str]], marked: list[ImageJob]) -> None:
+                   problems: list[tuple[str, str]], marked: list[ImageJob],
+                   folders: dict[Path, str] | None = None) -> None:
         """List one checked chunk (one UI callback, a few tens of milliseconds at most).
         Files that failed the header check are listed as "not an image"."""
-        outcome = self.batch.add(part, not_images)
+        outcome = self.batch.add(part, not_images, folders)
         problems.extend(outcome.skipped)
         for job in outcome.added:
             if job.status == JobStatus.NOT_IMAGE:
@@ -304,9 +371,10 @@ class ProcessController:
         self.view.set_count(len(self.batch))
         if outcome.added and self.selected is None:
             self.select_image(outcome.added[0].id)
-        self._check_chunk(files, rest, problems, marked)
+        self._check_chunk(files, rest, problems, marked, folders)
 
     def _added_all(self, problems: list[tuple[str, str]], marked: list[ImageJob]) -> None:
+        self._update_names()
         if marked:
             self.app.show_error(not_images_text(marked))
         if problems:
@@ -327,6 +395,7 @@ class ProcessController:
             return
         for store in (self._outputs, self._originals, self._requests):
             store.pop(job_id, None)
+        self.app.journal.forget(job_id)
         self._unreadable.discard(job_id)
         self.thumbs.drop(job_id)
         self._reorder()
@@ -438,6 +507,8 @@ class ProcessController:
         meta = (f"Instance {r.instance_id} · {format_elapsed(r.elapsed_s)} · "
                 f"{r.width}×{r.height} {r.format.upper()} · {size_kb:,.0f} KB"
                 + (" · cached" if r.cached else ""))
+        if job.outputs:
+            meta += "\nOutputs: " + outputs_summary(dict(job.outputs)) + " (Copy link copies all)"
         if job.stale and job.made_with is not None:
             meta += ("\nStale: made with " + describe_request(job.made_with, self._titles())
                      + "; the current settings make another result.")
@@ -488,6 +559,8 @@ class ProcessController:
         preview shows is what runs. ``preview`` changes nothing; it stays for callers
         that say which use they mean. Raises ValueError."""
         del preview
+        if self.recipes.active is not None:  # the recipe bar's pick wins over the editor
+            return recipe_request(self.recipes.active, self.app.settings.link_ttl_s)
         op = self.view.current_operation()
         params = self.view.current_params() if op else {}
         pipeline = list(self.pipeline)
@@ -496,7 +569,8 @@ class ProcessController:
         return build_request(operation=op, params=params, pipeline=pipeline,
                              output_format=self.view.output_format(),
                              quality=self.view.quality(),
-                             expires_in=self.app.settings.link_ttl_s)
+                             expires_in=self.app.settings.link_ttl_s,
+                             output=self.view.output_settings())
 
     # ------------------------------------------------------------------ running
     def process_all(self) -> None:
@@ -539,6 +613,8 @@ class ProcessController:
         take them in order, so nothing per image waits for the UI thread."""
         for job in jobs:
             self._requests[job.id] = request
+        self.batch.outputs_per_image = len(request.outputs) or 1
+        self.app.journal.run_started(jobs, request)  # queued: the journal's thread writes
         items = [(job.id, job.ticket, job.path) for job in jobs]
         future = self.app.submit(self._dispatch(items, request, self.app.endpoint_text()),
                                  lambda _none: None, self.app.report_error)
@@ -550,6 +626,90 @@ class ProcessController:
         self.view.set_running(True)
         self._order_stale = order_depends_on_state(*self._sort)
         self._mark_list_dirty()
+
+    def resume_batch(self, found: Resumable, *, rerun: bool = False) -> None:
+        """List a journaled batch's images and run what it still needs with the batch's
+        own request: done and unchanged images are listed as done and not sent again
+        (``rerun``: all are sent, as a new batch). Images already listed are reused."""
+        from gui.journal_controller import outputs_of, result_of  # the journal's side
+
+        if self.batch.running:
+            self.app.show_error("Wait for the run to finish (or cancel it) before resuming "
+                                "a batch.")
+            return
+        plan, request = found.plan, found.request
+        missing = set(plan.missing)
+        records = [r for r in found.inputs if r.index not in missing]
+        added = self.batch.add([r.path for r in records])
+        ids = self.batch.find(r.path for r in records)
+        index_of = {ids[r.path]: r.index for r in records if r.path in ids}
+        keep, send = set(plan.keep), set(plan.send)
+        for record in records:
+            job_id = ids.get(record.path)
+            result = result_of(record) if record.index in keep else None
+            if job_id is not None and result is not None:
+                self.batch.restore(job_id, result, request.label, request, outputs_of(record))
+                self._requests[job_id] = request
+        if not rerun:
+            self.app.journal.adopt(found.summary.id, request, index_of)
+        self.show_request(request)  # the screen says what the batch runs
+        if added.added:
+            self._reorder()
+            self.view.set_count(len(self.batch))
+            if self.selected is None:
+                self.select_image(added.added[0].id)
+        if plan.changed:
+            names = [found.inputs[i].path.name for i, _why in plan.changed]
+            self.app.show_notice(f"Changed since the batch ran, so sent again ({len(names)}): "
+                                 + _some(names) + ".", key="resume-changed")
+        if missing:
+            gone = [found.inputs[i].path.name for i in sorted(missing)]
+            self.app.show_error(f"Gone since the batch ran, so not sent ({len(gone)}): "
+                                + _some(gone) + ".")
+        started = self.batch.start([job_id for job_id, index in index_of.items()
+                                    if index in send])
+        self.flush_list()
+        if started:
+            self._launch(started, request)
+            verb = "Re-running" if rerun else "Resuming"
+            self.app.show_info(f"{verb} the batch ({describe_request(request, self._titles())}):"
+                               f" {len(keep)} done before, sending {len(started)}.")
+        else:
+            self.app.journal.run_ended(cancelled=False)
+            self.app.show_info(f"Every image of the batch was done: {len(keep)} listed with "
+                               "their results.")
+
+    def show_request(self, request: ProcessRequest) -> None:
+        """Put a request's operation (or pipeline), parameters and output on screen, so
+        what the view shows is what a resumed batch runs (and its results are not
+        stale against other settings)."""
+        view = self.view
+        operations = {op.name for op in (self.app.connected.operations
+                                         if self.app.connected else [])}
+        if request.steps:
+            self.pipeline = list(request.steps)
+            view.clear_operation()
+        else:
+            self.pipeline = []
+            if request.operation in operations:
+                view.select_operation(request.operation)
+                controls = view.param_controls()
+                for name, value in (request.params or {}).items():
+                    if name in controls:
+                        controls[name].set(value)
+        view.set_pipeline(self.pipeline, self._titles())
+        view.format_var.set(request.format or "original")
+        if request.quality is not None:
+            view.quality_slider.set(request.quality)
+            view.quality_label.configure(text=str(request.quality))
+        self.batch.current = self._current_or(request)
+        self.params_changed()
+
+    def _current_or(self, request: ProcessRequest) -> ProcessRequest:
+        try:
+            return self.current_request()
+        except ValueError:
+            return request
 
     def _still_wanted(self, job_id: int, ticket: int) -> bool:
         # read on the worker thread: a dict lookup of a frozen job is safe there, and
@@ -572,7 +732,7 @@ class ProcessController:
         assert self._slots is not None
         client = self.app.connection.client
         waiting = deque(items)
-        kwargs = request.client_kwargs()
+        requests = output_requests(request)  # one per output of a recipe
 
         async def lane() -> None:
             while waiting:
@@ -586,19 +746,26 @@ class ProcessController:
                     self._report(progress=Progress(job_id, ticket, event.phase,
                                                    event.fraction, event.message))
 
+                results: list[tuple[str, ResultInfo]] = []
                 async with self._slots:
                     self.in_flight += 1
                     try:
-                        result = await client.process(path, **kwargs, progress=progress,
-                                                      name=path.name)
+                        for output, kwargs in requests:
+                            result = await client.process(path, **kwargs, progress=progress,
+                                                          name=path.name)
+                            results.append((output.name if output else "",
+                                            result_info(result)))
                     except (ClientError, OSError, ValueError) as exc:  # that image's alone
-                        self._report(outcome=Outcome(job_id, ticket,
-                                                     error=describe_error(exc, endpoint)))
+                        failed = requests[len(results)][0]
+                        prefix = f"output {failed.name}: " if failed is not None else ""
+                        self._report(outcome=Outcome(
+                            job_id, ticket, error=prefix + describe_error(exc, endpoint)))
                         continue
                     finally:
                         self.in_flight -= 1
-                self._report(outcome=Outcome(job_id, ticket, result_info(result),
-                                             label=request.label, request=request))
+                self._report(outcome=Outcome(
+                    job_id, ticket, results[0][1], label=request.label, request=request,
+                    outputs=tuple(results) if request.outputs else ()))
 
         lanes = [asyncio.create_task(lane()) for _ in range(max(1, self._concurrency))]
         try:
@@ -619,9 +786,11 @@ class ProcessController:
         for outcome in outcomes:
             if outcome.result is not None:
                 job = self.batch.finish(outcome.job_id, outcome.ticket, outcome.result,
-                                        outcome.label, outcome.request)
+                                        outcome.label, outcome.request, outcome.outputs)
             else:
                 job = self.batch.fail(outcome.job_id, outcome.ticket, outcome.error)
+            if job is not None:
+                self.app.journal.job_finished(job)
             if job is not None and job.id == self.selected:
                 selected_finished = True
         if progress or outcomes:
@@ -636,8 +805,10 @@ class ProcessController:
             self._run_finished()
 
     def _run_finished(self) -> None:
+        self.app.journal.run_ended(cancelled=False)
         self.flush_list()
         self.view.set_running(False)
+        self._update_names()  # the results fill in {width}, {height} and {ext}
         overall = self.batch.overall()
         pending, self._pending_save = self._pending_save, None
         if pending is not None:  # a Save all waited for its stale results to be re-run
@@ -666,8 +837,10 @@ class ProcessController:
         self._runs.clear()
         self._events.take()  # late events of the cancelled requests mean nothing now
         cancelled = self.batch.cancel_run()
+        self.app.journal.run_ended(cancelled=True)
         self.flush_list()
         self.view.set_running(False)
+        self._update_names()
         overall = self.batch.overall()
         if cancelled:
             self.app.show_info(f"Cancelled: {overall.text}.")
@@ -697,6 +870,7 @@ class ProcessController:
         except ValueError:
             request = None
         self._mark_stale(request)
+        self._update_names()
         if self.selected is not None and self._wants_preview(self.selected):
             self._quick_preview()
 
@@ -747,6 +921,25 @@ class ProcessController:
 
         self._preview_future = self.app.submit(run(), shown, failed)
 
+    # ------------------------------------------------------------------ recipe bar
+    def recipe_picked(self, label: str) -> None:
+        self.recipes.picked(label)
+
+    def save_recipe_as(self) -> None:
+        self.recipes.save_as(self.current_request, self.app.settings.name_template)
+
+    def rename_recipe(self) -> None:
+        self.recipes.rename()
+
+    def delete_recipe(self) -> None:
+        self.recipes.delete()
+
+    def import_recipe(self) -> None:
+        self.recipes.import_()
+
+    def export_recipe(self) -> None:
+        self.recipes.export()
+
     # ------------------------------------------------------------------ results
     def _selected_done(self) -> ImageJob | None:
         job = self.batch.get(self.selected) if self.selected is not None else None
@@ -760,7 +953,9 @@ class ProcessController:
         if job is None or job.result is None:
             return
         self.app.clipboard_clear()
-        self.app.clipboard_append(job.result.url)
+        # a recipe's image has a link per output: one line each, named
+        self.app.clipboard_append("\n".join(f"{name}: {info.url}" for name, info in job.outputs)
+                                  if job.outputs else job.result.url)
         self.app.show_info(f"Link to {job.name} copied. "
                        f"{format_expiry(job.result.expires_at, datetime.now(UTC)).capitalize()}.")
 
@@ -787,6 +982,7 @@ class ProcessController:
         """The Save all conflict setting, kept in the settings file."""
         settings = replace(self.app.settings, on_conflict=value)
         self.app.settings = settings
+        self.app.settings_view.set_on_conflict(value)  # one setting, shown in both places
 
         def not_saved(exc: BaseException) -> None:
             self.app.show_error(describe_os_error(exc, "save settings to")
@@ -836,43 +1032,103 @@ class ProcessController:
                            f"{folder} when they are done.")
 
     def _save_all_to(self, folder: Path) -> None:
-        jobs = [job for job in self.batch.done_jobs() if job.result is not None]
-        if not jobs:
+        if not any(job.result is not None for job in self.batch.done_jobs()):
             self.app.show_error("Nothing to save: no image is done.")
             return
-        names = batch_candidates([job.path for job in jobs],
-                                 [job.label or "result" for job in jobs],
-                                 [job.result.format for job in jobs if job.result])
-        self._save(list(zip(jobs, names, strict=True)), folder)
+        self._save([], folder)
+
+    # ------------------------------------------------------------------ names
+    def settings_changed(self) -> None:
+        """The output rules changed in Settings: the menu here and the names follow."""
+        self.view.set_on_conflict(self.app.settings.on_conflict)
+        self._update_names()
+
+    def _listed(self) -> list[ImageJob]:
+        return [job for job in self.batch.jobs if job.status != JobStatus.NOT_IMAGE]
+
+    def _update_names(self) -> None:
+        """The first names Save all would write, planned on the worker thread (the plan
+        covers every listed image, so its numbering is the one Save all uses)."""
+        try:
+            request: ProcessRequest | None = self.current_request()
+        except ValueError:
+            request = None
+        jobs = self._listed()  # one list copy; the planning runs off the UI thread
+        template = self.app.settings.name_template
+        self._names_seq += 1
+        seq = self._names_seq
+
+        def plan() -> tuple[list[str], str, int]:
+            planned = plan_save_names(jobs, request, template)
+            return preview_lines(planned, NAMES_SHOWN), explain_preview(planned), sum(
+                len(row) for row in planned)
+
+        def shown(answer: tuple[list[str], str, int]) -> None:
+            if seq != self._names_seq:
+                return
+            names, note, count = answer
+            self.names_preview = names
+            self.names_shown_seq = seq
+            more = f" … ({count} in all)" if count > len(names) else ""
+            text = ("Save all names: " + ", ".join(names) + more if names
+                    else "Save all names: add images to see them")
+            self.view.set_names(text + (f"\n{note}" if note else ""))
+
+        self.app.submit(asyncio.to_thread(plan), shown, lambda _exc: None)
 
     def _save(self, targets: list[tuple[ImageJob, Any]], folder: Path | None) -> None:
         """Write results off the UI thread; downloads again only if the bytes are gone.
 
-        With a ``folder`` (Save all) each target carries its candidate names and the
-        conflict setting decides; without (Save as) each target is the chosen path."""
+        Save as (no ``folder``): each target is the chosen path. Save all: every result
+        of every done image (each output of a recipe's) under the names the preview
+        shows, the conflict setting deciding when a name is taken."""
         items = [(job, where, self._outputs.get(job.id)) for job, where in targets]
         policy = self.app.settings.on_conflict
+        jobs = self._listed() if folder is not None else []
+        current = self.batch.current
+        template = self.app.settings.name_template
+        client = self.app.connection.client
+        cached = {job_id: out.data for job_id, out in self._outputs.items()}
+        saved_ids: list[tuple[int, str]] = []  # each outcome's job and output, for the journal
+
+        async def save_all() -> list[SaveOutcome]:
+            assert folder is not None
+            planned = await asyncio.to_thread(plan_save_names, jobs, current, template)
+            outcomes = []
+            for job, names in zip(jobs, planned, strict=True):
+                if job.status != JobStatus.DONE or job.result is None:
+                    continue
+                results = list(job.outputs) or [("", job.result)]
+                for index, ((output, info), name) in enumerate(zip(results, names,
+                                                                   strict=True)):
+                    data = cached.get(job.id) if index == 0 else None
+                    if data is None:
+                        data = await client.download(info.url, expected_bytes=info.bytes)
+                    final = name.with_result(info.width, info.height, info.format)
+                    outcomes.append(await asyncio.to_thread(
+                        _save_in, folder, final, data, policy))
+                    saved_ids.append((job.id, output))
+            return outcomes
 
         async def run() -> list[SaveOutcome]:
+            if folder is not None:
+                return await save_all()
             outcomes = []
             for job, where, output in items:
                 data = output.data if output is not None else None
                 if data is None and job.result is not None:
-                    data = await self.app.connection.client.download(job.result.url)
-                if data is None:
-                    continue
-                if folder is None:
+                    data = await client.download(job.result.url)
+                if data is not None:
+                    saved_ids.append((job.id, ""))
                     outcomes.append(await asyncio.to_thread(save_to_path, where, data))
-                elif job.result is not None:
-                    natural = result_filename(job.path, job.label or "result",
-                                              job.result.format)
-                    outcomes.append(await asyncio.to_thread(save_result, folder, where, data,
-                                                            policy, natural))
             return outcomes
 
         def saved(outcomes: list[SaveOutcome]) -> None:
             self.save_outcomes = outcomes
             self.saved_paths = [o.path for o in outcomes if o.saved]
+            for (job_id, output), outcome in zip(saved_ids, outcomes, strict=True):
+                if outcome.saved:
+                    self.app.journal.job_saved(job_id, outcome.path, output)
             if folder is None:
                 where = self.saved_paths[0] if self.saved_paths else ""
                 self.app.show_info(f"Saved to {where}.")

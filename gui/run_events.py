@@ -30,6 +30,7 @@ class Outcome:
     error: str = ""  # what went wrong, for the user, when it did not
     label: str = ""
     request: Any = None  # the ProcessRequest it was made with (stale marks compare it)
+    outputs: tuple[tuple[str, Any], ...] = ()  # a recipe's (output name, ResultInfo)s
 
 
 class RunEvents:

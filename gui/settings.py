@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from gui.naming import ON_CONFLICT_CHOICES as ON_CONFLICT  # Save all when a name is taken
+from gui.output_rules import DEFAULT_TEMPLATE, TemplateError, parse_template
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Settings:
     ca_file: str = ""
     admin_token: str = ""
     on_conflict: str = "unique"  # Save all: never overwrite unless the user chose it
+    name_template: str = DEFAULT_TEMPLATE  # Save all's names (a recipe's outputs have theirs)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,6 +158,13 @@ def parse_settings(data: Mapping[str, Any], base: Settings | None = None) -> Set
             problems.append(f"on_conflict must be one of {', '.join(ON_CONFLICT)}, "
                             f"got {policy!r}")
         values["on_conflict"] = policy
+    if "name_template" in data:
+        template = str(data["name_template"] or "").strip()
+        try:
+            parse_template(template)
+        except TemplateError as exc:
+            problems.append(f"name_template: {exc}")
+        values["name_template"] = template
     for name, (low, high) in {
         "link_ttl_s": (LINK_TTL_MIN_S, LINK_TTL_MAX_S),
         "concurrency": CONCURRENCY_RANGE,

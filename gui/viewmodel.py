@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -26,9 +26,14 @@ from urllib.parse import unquote, urlparse
 
 from gui.naming import pipeline_label, result_name
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
-OUTPUT_FORMATS = ("original", "png", "jpeg", "webp")
-LOSSY_FORMATS = frozenset({"jpeg", "webp"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".avif", ".heic", ".heif", ".bmp",
+                            ".tif", ".tiff"})
+OUTPUT_FORMATS = ("original", "png", "jpeg", "webp", "avif")
+LOSSY_FORMATS = frozenset({"jpeg", "webp", "avif"})
+SUBSAMPLINGS = ("4:2:0", "4:2:2", "4:4:4")
+ICC_LABELS = {"srgb": "Convert to sRGB", "keep": "Keep the profile"}
+METADATA_LABELS = {"strip": "Strip all", "keep-no-location": "Keep all but location",
+                   "keep": "Keep all"}
 SLIDER_MAX_INT_STEPS = 1000  # wider integer ranges get a spinbox: a slider would be too coarse
 FLOAT_SLIDER_POSITIONS = 200  # at least this many positions on a float slider
 MAX_SLIDER_STEPS = 100_000
@@ -225,8 +230,73 @@ class Step:
 
 
 @dataclass(frozen=True)
+class OutputSettings:
+    """Encoder, colour and metadata options, named as the server's form fields (and the
+    client's keyword arguments). Each applies where the format has it: ``progressive``
+    to JPEG, ``subsampling`` to JPEG and AVIF, ``lossless`` to WebP; with "original"
+    format the server applies what fits each input."""
+
+    progressive: bool = False
+    subsampling: str = "4:2:0"
+    lossless: bool = False
+    icc: str = "srgb"
+    metadata: str = "strip"
+
+    def __post_init__(self) -> None:
+        if self.subsampling not in SUBSAMPLINGS:
+            raise ValueError(f"subsampling must be one of {', '.join(SUBSAMPLINGS)}")
+        if self.icc not in ICC_LABELS:
+            raise ValueError(f"icc must be one of {', '.join(ICC_LABELS)}")
+        if self.metadata not in METADATA_LABELS:
+            raise ValueError(f"metadata must be one of {', '.join(METADATA_LABELS)}")
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Only what differs from the server's defaults (an older server then still
+        takes the request)."""
+        default = OutputSettings()
+        return {name: getattr(self, name) for name in
+                ("progressive", "subsampling", "lossless", "icc", "metadata")
+                if getattr(self, name) != getattr(default, name)}
+
+    def describe(self, fmt: str | None) -> list[str]:
+        """The options that apply to ``fmt`` (None: the input's), for the Runs line."""
+        words = []
+        if self.progressive and fmt in (None, "jpeg"):
+            words.append("progressive")
+        if self.subsampling != "4:2:0" and fmt in (None, "jpeg", "avif"):
+            words.append(f"chroma {self.subsampling}")
+        if self.lossless and fmt in (None, "webp"):
+            words.append("lossless")
+        if self.icc != "srgb":
+            words.append("ICC profile kept")
+        if self.metadata != "strip":
+            words.append({"keep": "metadata kept",
+                          "keep-no-location": "metadata kept but location"}[self.metadata])
+        return words
+
+
+DEFAULT_OUTPUT = OutputSettings()
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """One output of a recipe run: its name, its ``{op}`` label, its name template and
+    the keyword arguments of its request (steps, format, quality, encoder fields)."""
+
+    name: str
+    label: str
+    template: str
+    options: Mapping[str, Any]
+    format: str | None
+
+
+@dataclass(frozen=True)
 class ProcessRequest:
-    """What every image of a run is sent with; exactly one of operation/steps is set."""
+    """What every image of a run is sent with; exactly one of operation/steps is set.
+
+    A recipe's run has ``outputs`` (one request per output of each image) and its name
+    in ``recipe``; its ``steps``/``format``/``quality`` are those of the first output,
+    which the quick preview shows."""
 
     operation: str | None
     params: Mapping[str, Any] | None
@@ -234,6 +304,9 @@ class ProcessRequest:
     format: str | None
     quality: int | None
     expires_in: int | None
+    outputs: tuple[RunOutput, ...] = ()
+    recipe: str = ""
+    output: OutputSettings = DEFAULT_OUTPUT  # without a recipe
 
     @property
     def label(self) -> str:
@@ -254,12 +327,40 @@ class ProcessRequest:
         return [{"op": step.op, **step.params} for step in self.steps]
 
     def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``ImageFleetClient.process``."""
+        """Keyword arguments for ``ImageFleetClient.process`` (a recipe's first output)."""
+        if self.outputs:
+            return {**self.outputs[0].options, "expires_in": self.expires_in}
+        output = self.output.client_kwargs()
         if self.steps:
             return {"steps": self.steps_payload(), "format": self.format,
-                    "quality": self.quality, "expires_in": self.expires_in}
+                    "quality": self.quality, "expires_in": self.expires_in, **output}
         return {"operation": self.operation, "params": dict(self.params or {}),
-                "format": self.format, "quality": self.quality, "expires_in": self.expires_in}
+                "format": self.format, "quality": self.quality, "expires_in": self.expires_in,
+                **output}
+
+
+def output_requests(request: ProcessRequest) -> list[tuple[RunOutput | None, dict[str, Any]]]:
+    """Each request one image of the run makes: a recipe's outputs, or the one request."""
+    if not request.outputs:
+        return [(None, request.client_kwargs())]
+    return [(out, {**out.options, "expires_in": request.expires_in})
+            for out in request.outputs]
+
+
+def recipe_request(recipe: Any, expires_in: int | None) -> ProcessRequest:
+    """The run of a (checked) ``gui.recipes.Recipe``: one RunOutput per output."""
+    from gui.output_rules import output_label
+    from gui.recipes import job_options
+
+    outputs = tuple(
+        RunOutput(out.name, output_label(recipe.output_steps(out)), out.template,
+                  MappingProxyType(job_options(recipe, out)), out.format)
+        for out in recipe.outputs)
+    first = outputs[0].options
+    steps = tuple(Step(str(step["op"]), {k: v for k, v in step.items() if k != "op"})
+                  for step in first["steps"])
+    return ProcessRequest(None, None, steps, first.get("format"), first.get("quality"),
+                          expires_in, outputs, recipe.name)
 
 
 def build_request(
@@ -270,6 +371,7 @@ def build_request(
     output_format: str,
     quality: int,
     expires_in: int | None,
+    output: OutputSettings = DEFAULT_OUTPUT,
 ) -> ProcessRequest:
     """The pipeline wins when it has steps; otherwise the selected operation alone."""
     if output_format not in OUTPUT_FORMATS:
@@ -277,11 +379,13 @@ def build_request(
     fmt = None if output_format == "original" else output_format
     # quality only means something for lossy formats; "original" may be a JPEG too
     q = int(quality) if fmt in LOSSY_FORMATS or fmt is None else None
+    if fmt == "webp" and output.lossless:
+        q = None  # lossless WebP has no quality
     if pipeline:
-        return ProcessRequest(None, None, tuple(pipeline), fmt, q, expires_in)
+        return ProcessRequest(None, None, tuple(pipeline), fmt, q, expires_in, output=output)
     if not operation:
         raise ValueError("choose an operation, or add steps to the pipeline")
-    return ProcessRequest(operation, dict(params), None, fmt, q, expires_in)
+    return ProcessRequest(operation, dict(params), None, fmt, q, expires_in, output=output)
 
 
 def describe_step(step: Step, titles: Mapping[str, str] | None = None) -> str:
@@ -300,11 +404,19 @@ def describe_request(request: ProcessRequest, titles: Mapping[str, str] | None =
     """Every step the request runs, in order, with its parameters, and the output:
     ``resize (width=64) → canny (low=100, high=200) · png``. The preview caption and
     the line next to Process all both show this text for the same request."""
+    if request.outputs:
+        outputs = " · ".join(f"{out.name} ({out.label}, {out.format or 'original format'})"
+                             for out in request.outputs)
+        return (f"recipe {request.recipe}: {len(request.outputs)} output"
+                f"{'s' if len(request.outputs) != 1 else ''}: {outputs}")
     steps = request.steps or (Step(request.operation or "?", dict(request.params or {})),)
     text = " → ".join(describe_step(step, titles) for step in steps)
     fmt = request.format or "original format"
     if request.quality is not None:
         fmt += f", quality {request.quality}"
+    extras = request.output.describe(request.format)
+    if extras:
+        fmt += ", " + ", ".join(extras)
     return f"{text} · {fmt}"
 
 
@@ -383,6 +495,8 @@ class ImageJob:
     message: str = ""
     ticket: int = 0  # bumped on every (re)start so late events of an older run are ignored
     result: ResultInfo | None = None
+    folder: str = ""  # the sub-folder it was found in below a folder added with its sub-folders
+    outputs: tuple[tuple[str, ResultInfo], ...] = ()  # a recipe's results, by output name
     label: str = ""  # the request's label when the result was made
     made_with: ProcessRequest | None = None  # the request the result was made with
     stale: bool = False  # done, but the current settings would make another result
@@ -401,12 +515,16 @@ class Overall:
     active: int
     queued: int
     total: int
+    outputs: int = 1  # results per image (a recipe's outputs)
 
     @property
     def text(self) -> str:
         if not self.total:
             return "No run yet"
         parts = [f"{self.done} of {self.total} done"]
+        if self.outputs > 1:
+            parts[0] = (f"{self.done} of {self.total} images done ({self.done * self.outputs}"
+                        f" of {self.total * self.outputs} results)")
         if self.active:
             parts.append(f"{self.active} running")
         if self.queued:
@@ -442,6 +560,7 @@ class Batch:
         self._in_run_anywhere = 0  # jobs queued or active, run member or not
         self.version = 0  # bumped on every change: views redraw when it moved
         self.current: ProcessRequest | None = None  # what the settings on screen make
+        self.outputs_per_image = 1  # of the current run (a recipe's outputs)
 
     # -- bookkeeping
     @staticmethod
@@ -505,11 +624,14 @@ class Batch:
         return len(self._jobs)
 
     def add(self, paths: Iterable[Path],
-            not_images: Mapping[Path, str] | None = None) -> AddOutcome:
+            not_images: Mapping[Path, str] | None = None,
+            folders: Mapping[Path, str] | None = None) -> AddOutcome:
         """Add files (already expanded; resolved when they come from ``expand_paths``).
         ``not_images`` maps paths that failed the header check to why: they are listed
-        as such, and never run."""
+        as such, and never run. ``folders``: the sub-folder each was found in (Save all
+        mirrors it)."""
         bad = not_images or {}
+        where = folders or {}
         added: list[ImageJob] = []
         skipped: list[tuple[str, str]] = []
         for raw in paths:
@@ -525,7 +647,8 @@ class Batch:
                 skipped.append((str(raw), "already in the list"))
                 continue
             why = bad.get(Path(raw))
-            job = (ImageJob(self._next_id, path) if why is None else
+            job = (ImageJob(self._next_id, path, folder=where.get(Path(raw), ""))
+                   if why is None else
                    ImageJob(self._next_id, path, JobStatus.NOT_IMAGE,
                             message=f"not an image: {why}"))
             self._next_id += 1
@@ -597,14 +720,34 @@ class Batch:
         return self._set(job)
 
     def finish(self, job_id: int, ticket: int, result: ResultInfo,
-               label: str = "", made_with: ProcessRequest | None = None) -> ImageJob | None:
+               label: str = "", made_with: ProcessRequest | None = None,
+               outputs: tuple[tuple[str, ResultInfo], ...] = ()) -> ImageJob | None:
         job = self._current(job_id, ticket)
         if job is None:
             return None
         return self._set(replace(job, status=JobStatus.DONE, progress=1.0, message="",
-                                 result=result, label=label, made_with=made_with,
+                                 result=result, outputs=outputs, label=label,
+                                 made_with=made_with,
                                  stale=made_with is not None
                                  and not made_with.same_output(self.current)))
+
+    def restore(self, job_id: int, result: ResultInfo, label: str,
+                made_with: ProcessRequest,
+                outputs: tuple[tuple[str, ResultInfo], ...] = ()) -> ImageJob | None:
+        """A result made before (a resumed batch's done image), outside any run."""
+        job = self._jobs.get(job_id)
+        if job is None or job.status in IN_RUN:
+            return None
+        return self._set(replace(job, status=JobStatus.DONE, progress=1.0, message="",
+                                 result=result, outputs=outputs, label=label,
+                                 made_with=made_with,
+                                 stale=self.current is not None
+                                 and not made_with.same_output(self.current)))
+
+    def find(self, paths: Iterable[Path]) -> dict[Path, int]:
+        """Job ids of the listed ``paths`` (one pass over the list)."""
+        wanted = set(paths)
+        return {job.path: job.id for job in self._jobs.values() if job.path in wanted}
 
     def set_current(self, request: ProcessRequest | None) -> list[ImageJob]:
         """The request the settings on screen make now (None while they are invalid:
@@ -633,7 +776,8 @@ class Batch:
         job = self._current(job_id, ticket)
         if job is None:
             return None
-        return self._set(replace(job, status=JobStatus.FAILED, message=message, result=None))
+        return self._set(replace(job, status=JobStatus.FAILED, message=message, result=None,
+                                 outputs=()))
 
     def _stopped(self, job: ImageJob) -> ImageJob:
         if job.result is not None:  # a re-run that was stopped: the earlier result stands
@@ -670,6 +814,7 @@ class Batch:
             active=sum(counts[s] for s in ACTIVE),
             queued=counts[JobStatus.QUEUED],
             total=total,
+            outputs=self.outputs_per_image,
         )
 
     def done_jobs(self) -> list[ImageJob]:
@@ -963,13 +1108,40 @@ def parse_path_list(text: str) -> list[str]:
 def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files stay; folders give their image files (sorted, not recursive); missing paths
     are reported. Paths come back absolute and resolved, so ``Batch.add`` need not touch
-    the disk. The only function here that touches the file system; it runs on the
-    worker thread (a folder of 10,000 files takes tens of milliseconds)."""
+    the disk. The only functions here that touch the file system run on the worker
+    thread (a folder of 10,000 files takes tens of milliseconds)."""
+    found, _folders, missing = expand_paths_in_folders(paths, recursive=False)
+    return found, missing
+
+
+def _walk_images(root: Path) -> Iterator[tuple[Path, str]]:
+    """Image files below ``root`` (sorted, hidden files and folders left out), each with
+    its sub-folder relative to ``root`` (``"a/b"``)."""
+    for current, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        relative = Path(current).relative_to(root).as_posix()
+        for name in sorted(files):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in \
+                    IMAGE_SUFFIXES:
+                yield Path(current) / name, "" if relative == "." else relative
+
+
+def expand_paths_in_folders(paths: Iterable[str | Path], *, recursive: bool
+                            ) -> tuple[list[Path], dict[Path, str], list[tuple[str, str]]]:
+    """:func:`expand_paths`, with sub-folders when ``recursive``: then the files found
+    below a folder come with their sub-folder (``{path: "a/b"}``), which Save all mirrors."""
     found: list[Path] = []
+    folders: dict[Path, str] = {}
     missing: list[tuple[str, str]] = []
     for raw in paths:
         path = Path(raw).expanduser()
-        if path.is_dir():
+        if path.is_dir() and recursive:
+            for file, sub in _walk_images(path.resolve()):
+                resolved = file.resolve() if file.is_symlink() else file
+                found.append(resolved)
+                if sub:
+                    folders[resolved] = sub
+        elif path.is_dir():
             folder = path.resolve()
             with os.scandir(folder) as entries:
                 # DirEntry answers is_file() from the directory listing, without a
@@ -984,7 +1156,7 @@ def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[st
             found.append(path.resolve())
         else:
             missing.append((str(raw), "no such file or folder"))
-    return found, missing
+    return found, folders, missing
 
 
 # --------------------------------------------------------------------------- errors

@@ -28,6 +28,7 @@ from server.cost import check_cost
 from server.errors import ApiError, bad_request
 from server.multipart import InMemoryFormDataParser
 from server.operations import Registry, default_registry
+from server.output_options import OutputOptions, parse_format, parse_options
 from server.peers import PeerClient
 from server.pipeline import Pipeline, check_output_pixels, parse_pipeline
 from server.processing import Job, Processor
@@ -43,13 +44,14 @@ access_log = logging.getLogger("imagefleet.access")
 
 STATE_KEY = "imagefleet"
 PROCESSED_KEY = "imagefleet.processed"
-RESULT_NAME = re.compile(r"[0-9a-f]{64}\.(png|jpg|webp)")
+RESULT_NAME = re.compile(r"[0-9a-f]{64}\.(png|jpg|webp|avif)")
 KEY_SCHEME = b"imagefleet-result-v1"
 DIGITS = re.compile(r"[0-9]{1,9}")
 ORIGINAL_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "bmp": "bmp",
-                       "tiff": "tif", "gif": "gif"}
+                       "tiff": "tif", "gif": "gif", "heic": "heic", "avif": "avif"}
 ORIGINAL_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp",
-                  "bmp": "image/bmp", "tiff": "image/tiff", "gif": "image/gif"}
+                  "bmp": "image/bmp", "tiff": "image/tiff", "gif": "image/gif",
+                  "heic": "image/heic", "avif": "image/avif"}
 
 
 @dataclass
@@ -247,13 +249,14 @@ def _int_field(name: str, lo: int, hi: int) -> int | None:
     return int(raw)
 
 
-def result_key(input_digest: str, pipeline: Pipeline, fmt: str, quality: int | None) -> str:
-    """Content address of a result: same input, pipeline and encoding, same key."""
-    effective_quality = quality or codecs.DEFAULT_QUALITY.get(fmt, 0)
-    if fmt == "png":
-        effective_quality = 0
+def result_key(input_digest: str, pipeline: Pipeline, fmt: str,
+               options: OutputOptions | int | None) -> str:
+    """Content address of a result: same input, pipeline and encoding, same key.
+    ``options`` as a bare int is the quality alone (every other option at its default)."""
+    if not isinstance(options, OutputOptions):
+        options = OutputOptions(quality=options)
     material = b"\n".join([KEY_SCHEME, input_digest.encode(), pipeline.canonical().encode(),
-                           fmt.encode(), str(effective_quality).encode()])
+                           fmt.encode(), *options.key_material(fmt)])
     return f"{hashlib.sha256(material).hexdigest()}.{codecs.EXTENSIONS[fmt]}"
 
 
@@ -328,11 +331,8 @@ def _register_routes(app: Flask, state: ServerState) -> None:
             raise bad_request("missing_field", "the 'image' file field is required")
         pipeline = parse_pipeline(state.registry, request.form.get("operation"),
                                   request.form.get("params"), request.form.get("steps"))
-        fmt = request.form.get("format") or None
-        if fmt is not None and fmt not in codecs.OUTPUT_FORMATS:
-            raise bad_request("invalid_parameter",
-                              f"'format' got {fmt[:20]!r}; allowed: png, jpeg, webp")
-        quality = _int_field("quality", 1, 100)
+        fmt = parse_format(request.form.get("format"))
+        options = parse_options(request.form.get, _int_field("quality", 1, 100))
         expires_in = _int_field("expires_in", 1, MAX_LINK_SECONDS) or config.link_ttl
         data = upload.read()
         g.log.update(operation="+".join(pipeline.names), bytes=len(data))
@@ -345,7 +345,7 @@ def _register_routes(app: Flask, state: ServerState) -> None:
         g.log["cost_s"] = round(cost.seconds, 3)
         out_format = fmt or codecs.output_format_for(info)
         input_digest = hashlib.sha256(data).hexdigest()
-        key = result_key(input_digest, pipeline, out_format, quality)
+        key = result_key(input_digest, pipeline, out_format, options)
         storage_key = f"results/{key}"
         timings = {"read": (t_read - t0) * 1000}
 
@@ -363,7 +363,7 @@ def _register_routes(app: Flask, state: ServerState) -> None:
             size = stored.size
         else:
             result = state.processor.run(
-                Job(data, info, pipeline, out_format, quality, is_tile=is_tile,
+                Job(data, info, pipeline, out_format, options, is_tile=is_tile,
                     control=control))
             timings.update(result.timings)
             g.log.update(result.log)

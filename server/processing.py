@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from server import codecs
+from server import codecs, colour, metadata
 from server.admission import Admission, Control
 from server.codecs import ImageInfo, OutputFormat
+from server.colour import NO_COLOUR, Colour
 from server.operations import Image, Registry
 from server.peers import PeerClient
 from server.pipeline import Pipeline, Step
@@ -26,12 +27,19 @@ class Job:
     info: ImageInfo
     pipeline: Pipeline
     out_format: OutputFormat
-    quality: int | None
+    # The encoder, colour and metadata options (a bare int: the quality alone).
+    options: codecs.OutputOptions | int | None
     # A tile from a coordinator: never tiled again, answered in uncompressed PNG.
     is_tile: bool = False
     # Deadline and client liveness, checked while waiting for a slot, between steps and
     # between tiles.
     control: Control = field(default_factory=Control.unbounded)
+
+    @property
+    def output_options(self) -> codecs.OutputOptions:
+        if isinstance(self.options, codecs.OutputOptions):
+            return self.options
+        return codecs.OutputOptions(quality=self.options)
 
 
 @dataclass
@@ -63,13 +71,14 @@ class Processor:
         with self.admission.slot(job.control):
             t0 = time.perf_counter()
             image = codecs.decode(job.data, job.info, reduce)
+            image, col = self._colour(job, image)
             t1 = time.perf_counter()
             if reduce > 1:
                 out = run_after_shrink(job.pipeline, image, job.info, job.control.check)
             else:
                 out = job.pipeline.run(image, job.control.check)
             t2 = time.perf_counter()
-            data = self._encode(job, out)
+            data = self._encode(job, out, col)
             t3 = time.perf_counter()
         result = self._result(data, out, t0, t1, t2, t3)
         if reduce > 1:
@@ -81,6 +90,7 @@ class Processor:
         with self.admission.slot(control):
             t0 = time.perf_counter()
             image = codecs.decode(job.data, job.info)
+            image, col = self._colour(job, image)
             t1 = time.perf_counter()
         # No slot is held while tiles are out: they may come back to this very instance
         # through the load balancer and need its slots.
@@ -100,7 +110,7 @@ class Processor:
         del image  # the coordinator keeps the output and the tiles in flight only
         t2 = time.perf_counter()
         with self.admission.slot(control):
-            data = self._encode(job, out)
+            data = self._encode(job, out, col)
         t3 = time.perf_counter()
         result = self._result(data, out, t0, t1, t2, t3)
         result.tiles = stats.tiles
@@ -111,10 +121,24 @@ class Processor:
         return result
 
     @staticmethod
-    def _encode(job: Job, out: Image) -> bytes:
+    def _colour(job: Job, image: Image) -> tuple[Image, Colour]:
+        """Settle the embedded profile on the decoded pixels (server/colour.py): before
+        the pipeline, so tiles and steps see plain pixels. Tiles are never converted:
+        the coordinator did it."""
+        profile = job.info.embedded.icc
+        if job.is_tile or not profile:
+            return image, Colour()
+        return colour.apply_policy(image, profile, job.output_options.icc)
+
+    @staticmethod
+    def _encode(job: Job, out: Image, col: Colour = NO_COLOUR) -> bytes:
         if job.is_tile and job.out_format == "png":
             return codecs.encode_uncompressed_png(out)  # decoded at once by the coordinator
-        return codecs.encode(out, job.out_format, job.quality)
+        opts = job.output_options
+        icc = col.profile if col.profile and colour.fits(col.profile, out) else None
+        blocks = metadata.for_output(job.info.embedded, opts.metadata, icc,
+                                     out.shape[1], out.shape[0])
+        return codecs.encode(out, job.out_format, opts, blocks)
 
     @staticmethod
     def _result(data: bytes, out: Image, t0: float, t1: float, t2: float,

@@ -28,6 +28,21 @@ STARTUP_TIMEOUT = 60.0  # importing OpenCV on a busy 2-core box can take a while
 STOP_TIMEOUT = 45.0
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every batch the tests run (the command line journals each one) goes to a journal
+    of the session's own, never to the user's data folder; processes started by the
+    tests inherit it. Tests that look at a journal set their own folder."""
+    base = tmp_path_factory.mktemp("data-home")
+    old = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(base)
+    yield base
+    if old is None:
+        os.environ.pop("XDG_DATA_HOME", None)
+    else:
+        os.environ["XDG_DATA_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def x_display() -> Iterator[str]:
     """One Xvfb for every GUI test module of the session, as ``DISPLAY``.

@@ -38,11 +38,12 @@ def xvfb_display() -> Iterator[str]:
 
 
 def app_environ(base: Path) -> dict[str, str]:
-    """This process's environment without IMAGEFLEET_* settings, with the app's config
-    and cache folders under ``base`` (so a test never reads or writes the user's)."""
+    """This process's environment without IMAGEFLEET_* settings, with the app's config,
+    cache and data folders under ``base`` (so a test never reads or writes the user's)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEFLEET_")}
     env["XDG_CONFIG_HOME"] = str(base / "config")
     env["XDG_CACHE_HOME"] = str(base / "cache")
+    env["XDG_DATA_HOME"] = str(base / "data")  # the batch journal
     return env
 
 
@@ -186,6 +187,18 @@ class ScriptedDialogs:
         self.confirmations: list[str] = []  # every question asked, in order
         self.opened_urls: list[str] = []
         self.browser_works = True
+        self.strings: list[str | None] = []  # answers to ask_string, in order
+        self.recipe_file: str | None = None  # Import / Export recipe's file
+
+    def ask_string(self, title: str, prompt: str, initial: str = "") -> str | None:
+        self.confirmations.append(prompt)
+        return self.strings.pop(0) if self.strings else None
+
+    def ask_open_recipe(self) -> str | None:
+        return self.recipe_file
+
+    def ask_save_recipe(self, initial_name: str) -> str | None:
+        return self.recipe_file
 
     def ask_open_files(self) -> list[str]:
         return self.open_files

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import UTC, datetime
 
@@ -9,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import IMAGES_DIR
+from PIL import Image, ImageCms
 
 from server import ServerConfig, create_app
 from server.operations import default_registry
@@ -67,7 +69,13 @@ def test_process_json_contract(client, storage):
     download = client.get(body["url"].removeprefix("http://localhost"))
     assert download.status_code == 200 and download.data == stored
     result = cv2.imdecode(np.frombuffer(download.data, np.uint8), cv2.IMREAD_UNCHANGED)
-    expected = cv2.cvtColor(cv2.imread(str(IMAGES / "rocket.jpg")), cv2.COLOR_BGR2GRAY)
+    # rocket.jpg is tagged Adobe RGB (1998): the server converts it to sRGB (icc=srgb,
+    # the default) before the operation, so the reference does too.
+    with Image.open(IMAGES / "rocket.jpg") as photo:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(photo.info["icc_profile"]))
+        srgb = ImageCms.profileToProfile(photo, profile, ImageCms.createProfile("sRGB"),
+                                         ImageCms.Intent.RELATIVE_COLORIMETRIC)
+    expected = cv2.cvtColor(np.asarray(srgb), cv2.COLOR_RGB2GRAY)
     # JPEG output: close to, not equal to, the exact grayscale.
     assert cv2.PSNR(result, expected) > 38
 

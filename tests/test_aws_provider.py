@@ -38,6 +38,7 @@ from helpers_aws import (
 )
 from moto import mock_aws
 
+from fleet import aws_stack
 from fleet.aws_config import FLEET_TAG_KEY, AwsFleetConfig, ConfigError, config_from_dict
 from fleet.aws_main import build_service, spec_from_config
 from fleet.aws_main import main as aws_main
@@ -78,7 +79,7 @@ def infra(fake_aws: None, monkeypatch: pytest.MonkeyPatch,
         clients = bootstrap_aws.make_clients(REGION, None, None)
         ami = "ami-12c6146b"  # any id: moto does not check it
         config = bootstrap_aws.up(clients, bootstrap_aws.UpOptions(
-            name=NAME, admin_cidr="203.0.113.7/32", ami=ami,
+            name=NAME, ami=ami,
             config_out=tmp_path / "fleet.json"), report=lambda line: None)
         yield dataclasses.replace(config, desired=2, min=1, max=4, grace_period_s=120.0,
                                   bootstrap_timeout_s=60.0, observe_interval_s=0.2)
@@ -506,7 +507,7 @@ def test_repair_timeline_meets_the_targets_with_the_chosen_settings() -> None:
     """The pure decide() with a fake clock against a model of EC2 and the ALB (the
     assumptions are BootAssumptions' defaults, stated in the README). The settings are
     the ones `bootstrap_aws up` configures and `fleet run` uses."""
-    tg = bootstrap_aws.HEALTH_CHECK
+    tg = aws_stack.HEALTH_CHECK
     chosen = HealthSettings(
         interval_s=tg["HealthCheckIntervalSeconds"], timeout_s=tg["HealthCheckTimeoutSeconds"],
         healthy_threshold=tg["HealthyThresholdCount"],
@@ -702,6 +703,13 @@ def test_the_manager_scales_the_aws_fleet_out_and_in_on_polled_worker_load(
     async def scenario() -> tuple[str, set[str]]:
         await _tick_until(manager, _serving(2), what="2 serving instances")
         first = {i.id for i in manager.instances if i.live}
+        # moto's LaunchTime has one-second resolution: a third instance launched in the
+        # same second as the first two would tie with them on "newest", and the drain
+        # order would fall to the instance id. Start the load in a later second.
+        launched = max(i.launched_at for i in manager.instances if i.live)
+        deadline = time.monotonic() + 5
+        while time.time() < launched + 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         busy = servers[0]
         threads = [threading.Thread(target=heavy, args=(busy,)) for _ in range(8)]
         for thread in threads:

@@ -96,7 +96,7 @@ class Case:
     filename: str = "upload.png"
 
 
-IMAGE_FORMATS = "PNG, JPEG, WebP, BMP, TIFF or GIF"
+IMAGE_FORMATS = "PNG, JPEG, WebP, AVIF, HEIC, BMP, TIFF or GIF"
 VALID_OPS = ("valid operations:", "gaussian_blur", "canny", "resize", "crop")
 
 CASES: dict[str, Case] = {
@@ -197,6 +197,23 @@ CASES: dict[str, Case] = {
                                   fields={"operation": "resize"}),
     "bad format": Case(400, "invalid_parameter", ("png, jpeg, webp",),
                        fields={"operation": "invert", "format": "bmp"}),
+    "heic output": Case(400, "invalid_parameter", ("not written", "png, jpeg, webp, avif"),
+                        fields={"operation": "invert", "format": "heic"}),
+    "bad subsampling": Case(400, "invalid_parameter",
+                            ("'subsampling'", "4:4:4, 4:2:2, 4:2:0"),
+                            fields={"operation": "invert", "format": "jpeg",
+                                    "subsampling": "4:1:1"}),
+    "bad progressive": Case(400, "invalid_parameter", ("'progressive'", "true or false"),
+                            fields={"operation": "invert", "progressive": "yes please"}),
+    "bad lossless": Case(400, "invalid_parameter", ("'lossless'", "true or false"),
+                         fields={"operation": "invert", "lossless": "2"}),
+    "bad icc": Case(400, "invalid_parameter", ("'icc'", "srgb, keep"),
+                    fields={"operation": "invert", "icc": "p3"}),
+    "bad metadata": Case(400, "invalid_parameter",
+                         ("'metadata'", "strip, keep-no-location, keep"),
+                         fields={"operation": "invert", "metadata": "some"}),
+    "100 KB metadata": Case(400, "invalid_parameter", ("'metadata'", "strip"),
+                            fields={"operation": "invert", "metadata": "k" * 100_000}),
     "quality zero": Case(400, "invalid_parameter", ("quality", "from 1 to 100"),
                          fields={"operation": "invert", "format": "jpeg", "quality": "0"}),
     "quality 101": Case(400, "invalid_parameter", ("from 1 to 100",),

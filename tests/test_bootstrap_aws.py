@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import datetime as dt
 import io
 import json
 import stat
@@ -27,7 +28,8 @@ from moto import mock_aws
 from waiting import wait_until
 
 from fleet import bootstrap
-from fleet.aws_config import FLEET_TAG_KEY, load_config
+from fleet.aws_config import FLEET_TAG_KEY, config_from_dict, load_config
+from fleet.aws_stack import MANAGER_OF_TAG_KEY
 from fleet.providers.aws import AwsProvider
 from fleet.tls import certificate_info, self_signed_certificate
 from scripts import bootstrap_aws
@@ -50,7 +52,7 @@ def _ami() -> str:
 
 def _up(tmp_path: Path, *extra: str) -> int:
     return bootstrap_aws.main([
-        "up", "--name", NAME, "--region", REGION, "--admin-cidr", "203.0.113.7/32",
+        "up", "--name", NAME, "--region", REGION,
         "--ami", _ami(), "--result-days", "3", "--config-out", str(tmp_path / "fleet.json"),
         *extra,
     ])
@@ -95,6 +97,20 @@ def _inventory() -> dict[str, Any]:
         Includes={"keyTypes": ["EC_prime256v1", "RSA_2048"]})["CertificateSummaryList"]
         if {"Key": FLEET_TAG_KEY, "Value": NAME} in acm.list_tags_for_certificate(
             CertificateArn=c["CertificateArn"]).get("Tags", [])]
+    autoscaling = boto3.client("autoscaling", region_name=REGION)
+    groups = [g["AutoScalingGroupName"]
+              for g in autoscaling.describe_auto_scaling_groups()["AutoScalingGroups"]
+              if any(t["Key"] == FLEET_TAG_KEY and t["Value"] == NAME for t in g["Tags"])]
+    templates = [t["LaunchTemplateId"] for t in ec2.describe_launch_templates(
+        Filters=tag_filter)["LaunchTemplates"]]
+    managers = [
+        i["InstanceId"]
+        for r in ec2.describe_instances(Filters=[
+            {"Name": f"tag:{MANAGER_OF_TAG_KEY}", "Values": [NAME]}])["Reservations"]
+        for i in r["Instances"] if i["State"]["Name"] != "terminated"]
+    rules = [rule["RuleArn"] for arn in listeners
+             for rule in elbv2.describe_rules(ListenerArn=arn)["Rules"]
+             if not rule["IsDefault"]]
     roles = [r["RoleName"] for r in iam.list_roles()["Roles"]
              if any(t["Key"] == FLEET_TAG_KEY and t["Value"] == NAME
                     for t in iam.list_role_tags(RoleName=r["RoleName"])["Tags"])]
@@ -104,6 +120,12 @@ def _inventory() -> dict[str, Any]:
         "key_pairs": sorted(k["KeyPairId"] for k in ec2.describe_key_pairs(
             Filters=tag_filter)["KeyPairs"]),
         "instances": sorted(instances),
+        "manager_instances": sorted(managers),
+        "auto_scaling_groups": sorted(groups),
+        "launch_templates": sorted(templates),
+        "listener_rules": sorted(rules),
+        "key_pairs_by_name": sorted(k["KeyName"] for k in ec2.describe_key_pairs()["KeyPairs"]
+                                    if k["KeyName"].startswith(f"imgf-{NAME}")),
         "buckets": sorted(buckets),
         "elb": sorted(tagged_elb),
         "listeners": sorted(listeners),
@@ -123,21 +145,26 @@ def test_up_twice_creates_nothing_new_then_status_then_down_leaves_nothing(
         aws: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _up(tmp_path) == 0
     first = _inventory()
-    assert len(first["security_groups"]) == 2
-    assert len(first["key_pairs"]) == 1
+    assert len(first["security_groups"]) == 3  # ALB, manager, workers
+    # The manager makes the workers' key and imports its public half itself, so the
+    # private key never leaves it: `up` makes none, and none lands on the admin's machine.
+    assert first["key_pairs"] == [] and first["key_pairs_by_name"] == []
+    assert not list(tmp_path.glob("*.pem")) or [p.name for p in tmp_path.glob("*.pem")] == [
+        "fleet.ca.pem"]
     assert len(first["buckets"]) == 1
-    assert len(first["elb"]) == 2  # the ALB and the target group
+    assert len(first["elb"]) == 3  # the ALB, the workers' and the manager's target group
     assert len(first["listeners"]) == 2  # HTTPS :443, and :80 that only redirects
-    assert len(first["roles"]) == 1
-    assert len(first["instance_profiles"]) == 1
-    assert len(first["parameters"]) == 1 and len(first["certificates"]) == 1
-    # ALB :443 and :80, workers :8080 from the ALB, workers :22 from the admin
-    assert len(first["ingress_rules"]) == 4
+    assert len(first["listener_rules"]) == 1  # /fleet on :443 -> the manager
+    assert len(first["roles"]) == 2 and len(first["instance_profiles"]) == 2
+    assert len(first["parameters"]) == 2 and len(first["certificates"]) == 1
+    assert len(first["auto_scaling_groups"]) == 1 and len(first["launch_templates"]) == 1
+    assert len(first["manager_instances"]) == 1  # the group started the manager
+    assert first["instances"] == []  # ... which is not one of the fleet's workers
+    # ALB :443 and :80; workers :8080 from the ALB and the manager, :22 from the manager;
+    # the manager's admin port from the ALB
+    assert len(first["ingress_rules"]) == 5
 
     config = load_config(tmp_path / "fleet.json")
-    key_file = Path(config.key_file)
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    assert "PRIVATE KEY" in key_file.read_text()
     assert stat.S_IMODE((tmp_path / "fleet.json").stat().st_mode) == 0o600
     assert config.region == REGION and len(config.subnets) >= 2
     assert config.bucket in first["buckets"]
@@ -156,6 +183,8 @@ def test_up_twice_creates_nothing_new_then_status_then_down_leaves_nothing(
     assert second == first
     out = capsys.readouterr().out
     assert "created" not in out and "allowed" not in out
+    assert "updated" not in out and "deleted" not in out and "revoked" not in out
+    assert "exists   auto scaling group imgf-demo-manager" in out
     assert "exists   bucket" in out and "exists   load balancer" in out
     assert load_config(tmp_path / "fleet.json") == config
     assert _token() == token  # a re-run keeps the token ...
@@ -185,10 +214,19 @@ def test_up_twice_creates_nothing_new_then_status_then_down_leaves_nothing(
     workers = ec2.describe_security_groups(GroupIds=[config.worker_security_group])[
         "SecurityGroups"][0]["IpPermissions"]
     by_port = {p["FromPort"]: p for p in workers}
-    assert [g["GroupId"] for g in by_port[8080]["UserIdGroupPairs"]] == [
-        config.alb_security_group]
-    assert by_port[8080]["IpRanges"] == []
-    assert [r["CidrIp"] for r in by_port[22]["IpRanges"]] == ["203.0.113.7/32"]
+    # The app port from the ALB (and the manager, which polls /health); SSH only from
+    # the manager's group: no address range reaches a worker directly.
+    assert sorted(g["GroupId"] for g in by_port[8080]["UserIdGroupPairs"]) == sorted([
+        config.alb_security_group, config.manager_security_group])
+    assert [g["GroupId"] for g in by_port[22]["UserIdGroupPairs"]] == [
+        config.manager_security_group]
+    assert all(p["IpRanges"] == [] and p["Ipv6Ranges"] == [] for p in workers)
+    assert sorted(by_port) == [22, 8080]
+    manager_sg = ec2.describe_security_groups(GroupIds=[config.manager_security_group])[
+        "SecurityGroups"][0]
+    assert [(p["FromPort"], [g["GroupId"] for g in p["UserIdGroupPairs"]], p["IpRanges"])
+            for p in manager_sg["IpPermissions"]] == [
+        (config.admin_port, [config.alb_security_group], [])]  # admin API from the ALB only
     iam = boto3.client("iam", region_name=REGION)
     policy = iam.get_role_policy(RoleName=config.role_name, PolicyName="fleet-bucket")[
         "PolicyDocument"]
@@ -207,7 +245,15 @@ def test_up_twice_creates_nothing_new_then_status_then_down_leaves_nothing(
     elbv2.register_targets(TargetGroupArn=config.target_group_arn,
                            Targets=[{"Id": instance_id, "Port": 8080}])
     s3.put_object(Bucket=config.bucket, Key="results/abc.png", Body=b"x")
+    # The key pair the manager imports at its start (fleet.manager: manage_ssh_key).
+    ec2.import_key_pair(KeyName=config.key_name, PublicKeyMaterial=_PUBLIC_KEY,
+                        TagSpecifications=[{"ResourceType": "key-pair", "Tags": [
+                            {"Key": FLEET_TAG_KEY, "Value": NAME}]}])
 
+    tagging = boto3.client("resourcegroupstaggingapi", region_name=REGION)
+    indexed = tagging.get_resources(TagFilters=[{"Key": FLEET_TAG_KEY, "Values": [NAME]}])[
+        "ResourceTagMappingList"]
+    assert len(indexed) >= 10  # it sees the fleet (so the check after down means something)
     capsys.readouterr()
     assert bootstrap_aws.main(["status", "--name", NAME, "--region", REGION]) == 0
     out = capsys.readouterr().out
@@ -220,9 +266,17 @@ def test_up_twice_creates_nothing_new_then_status_then_down_leaves_nothing(
     assert token not in text
     assert bootstrap_aws.main(["status", "--name", NAME, "--region", REGION,
                                "--show-token"]) == 0
-    assert f"token             {token}\n" in capsys.readouterr().out  # ... unless asked to
+    shown = capsys.readouterr().out
+    assert f"token             {token}\n" in shown  # ... unless asked to, both, named
+    assert f"admin token       {_token('admin-token')}\n" in shown
+    assert "(API token:" in shown and "(admin token:" in shown
     info = json.loads(text)
-    assert [i["id"] for i in info["instances"]] == [instance_id]
+    assert [i["id"] for i in info["instances"]] == [instance_id]  # workers only
+    group = info["manager_group"]
+    assert (group["min"], group["desired"], group["max"]) == (1, 1, 1)
+    assert [i["id"] for i in group["instances"]] == first["manager_instances"]
+    assert info["admin_endpoint"] == f"https://{config.load_balancer_dns}/fleet"
+    assert "admin endpoint    https://" in out and "manager group     imgf-demo-manager" in out
     assert info["instances"][0]["target"]["state"] != "unregistered"
     assert info["result_days"] == 3
 
@@ -230,29 +284,44 @@ def test_up_twice_creates_nothing_new_then_status_then_down_leaves_nothing(
                                "--config-out", str(tmp_path / "fleet.json")]) == 0
     after = _inventory()
     assert after == {key: [] for key in after}
-    assert not key_file.exists() and not (tmp_path / "fleet.json").exists()
+    # And as AWS's own tag index sees it, across services.
+    # Terminated instances stay visible (with their tags) for a while, on AWS as on moto.
+    tagging = boto3.client("resourcegroupstaggingapi", region_name=REGION)
+    left = [m["ResourceARN"] for m in tagging.get_resources(
+        TagFilters=[{"Key": FLEET_TAG_KEY, "Values": [NAME]}])["ResourceTagMappingList"]]
+    terminated = {i["InstanceId"] for r in ec2.describe_instances()["Reservations"]
+                  for i in r["Instances"] if i["State"]["Name"] == "terminated"}
+    assert [arn for arn in left if arn.rsplit("/", 1)[-1] not in terminated] == []
+    assert not (tmp_path / "fleet.json").exists()
     assert not (tmp_path / "fleet.ca.pem").exists()
 
     # down is idempotent too.
     assert bootstrap_aws.main(["down", "--name", NAME, "--region", REGION]) == 0
 
 
-def test_up_requires_admin_cidr(aws: None, capsys: pytest.CaptureFixture[str]) -> None:
+def test_admin_cidr_is_refused_with_the_reason(aws: None,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Workers accept SSH only from the manager's group now; an old --admin-cidr is not
+    silently ignored (the admin would believe their address still reaches the workers)."""
     with pytest.raises(SystemExit) as exc:
-        bootstrap_aws.main(["up", "--name", NAME, "--region", REGION])
+        bootstrap_aws.main(["up", "--name", NAME, "--region", REGION,
+                            "--admin-cidr", "203.0.113.7/32"])
     assert exc.value.code == 2
-    assert "--admin-cidr" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--admin-cidr is no longer used" in err and "manager's security group" in err
+    assert _inventory()["security_groups"] == []
 
 
 @pytest.mark.parametrize(("cidr", "message"), [
-    ("0.0.0.0/0", "whole internet"),
     ("10.0.0.1/8", "not a CIDR block"),
     ("banana", "not a CIDR block"),
+    ("2001:db8::/32", "only IPv4"),
 ])
-def test_up_refuses_bad_admin_cidr(aws: None, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                   cidr: str, message: str) -> None:
-    code = bootstrap_aws.main(["up", "--name", NAME, "--region", REGION, "--admin-cidr", cidr,
-                               "--ami", "ami-12c6146b",
+def test_up_refuses_bad_allowed_cidr(aws: None, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str],
+                                     cidr: str, message: str) -> None:
+    code = bootstrap_aws.main(["up", "--name", NAME, "--region", REGION,
+                               "--allowed-cidr", cidr, "--ami", "ami-12c6146b",
                                "--config-out", str(tmp_path / "f.json")])
     assert code == 2
     assert message in capsys.readouterr().err
@@ -275,9 +344,13 @@ def test_up_refuses_untagged_resource_with_our_name(aws: None, tmp_path: Path,
 
 # ------------------------------------------------------------------ closed, encrypted
 
-def _token() -> str:
+_PUBLIC_KEY = (b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk3C2bUm1Ytq8Y9gM5zXc4sZ3yQ0L0f1Zp8q0r1s2t3"
+               b" manager")
+
+
+def _token(which: str = "api-token") -> str:
     value = boto3.client("ssm", region_name=REGION).get_parameter(
-        Name=f"/imagefleet/{NAME}/api-token", WithDecryption=True)["Parameter"]["Value"]
+        Name=f"/imagefleet/{NAME}/{which}", WithDecryption=True)["Parameter"]["Value"]
     return parse_token_document(value, "test").current
 
 
@@ -365,7 +438,8 @@ def test_a_fleet_without_token_needs_public_and_a_cidr(
     assert _inventory()["security_groups"] == []  # refused before creating anything
     assert _up(tmp_path, "--no-token", "--public", "--allowed-cidr", "198.51.100.0/24") == 0
     inventory = _inventory()
-    assert inventory["parameters"] == []
+    # No API token; the admin token guards the manager's admin API all the same.
+    assert inventory["parameters"] == [f"/imagefleet/{NAME}/admin-token"]
     config = load_config(tmp_path / "fleet.json")
     assert config.token_parameter is None
     iam = boto3.client("iam", region_name=REGION)
@@ -525,8 +599,179 @@ def test_status_shows_the_manager_from_the_lease(aws: None, tmp_path: Path) -> N
     assert lease.refresh().held
     manager = bootstrap_aws.status(clients, NAME)["manager"]
     assert manager["holder"] == "admin-laptop:4242:abcd" and manager["active"]
+    # The last cycle: when the lease was last renewed (expiry minus the manager's TTL).
+    last = dt.datetime.fromisoformat(manager["last_cycle"]).timestamp()
+    assert abs(last - time.time()) < 10
+    assert "; last cycle " in bootstrap_aws.format_status(bootstrap_aws.status(clients, NAME))
     assert "admin-laptop:4242:abcd (active, lease until" in bootstrap_aws.format_status(
         bootstrap_aws.status(clients, NAME))
     # A lease nobody renewed any more reads as a manager that is not running.
     later = bootstrap_aws.manager_status(clients, config.bucket, now=time.time() + 60)
     assert later is not None and not later["active"]
+
+
+# ------------------------------------------------------------- the manager in the cloud
+
+def _statements(iam: Any, role: str, policy: str) -> dict[str, dict[str, Any]]:
+    document = iam.get_role_policy(RoleName=role, PolicyName=policy)["PolicyDocument"]
+    return {s["Sid"]: s for s in document["Statement"]}
+
+
+def test_the_manager_runs_in_a_group_of_one_with_its_own_role(aws: None,
+                                                              tmp_path: Path) -> None:
+    from fleet.bootstrap import build_manager_bundle
+    from fleet.manager_host import render_manager_user_data
+
+    assert _up(tmp_path) == 0
+    config = load_config(tmp_path / "fleet.json")
+    autoscaling = boto3.client("autoscaling", region_name=REGION)
+    ec2 = boto3.client("ec2", region_name=REGION)
+    iam = boto3.client("iam", region_name=REGION)
+    elbv2 = boto3.client("elbv2", region_name=REGION)
+    group = autoscaling.describe_auto_scaling_groups(
+        AutoScalingGroupNames=[f"imgf-{NAME}-manager"])["AutoScalingGroups"][0]
+    assert (group["MinSize"], group["DesiredCapacity"], group["MaxSize"]) == (1, 1, 1)
+    assert group["HealthCheckType"] == "ELB"  # a manager that stops answering is replaced
+    assert sorted(group["VPCZoneIdentifier"].split(",")) == sorted(config.subnets)
+    assert len(group["Instances"]) == 1
+    manager_tg = elbv2.describe_target_groups(Names=[f"imgf-{NAME}-mgr"])["TargetGroups"][0]
+    assert group["TargetGroupARNs"] == [manager_tg["TargetGroupArn"]]
+
+    template_id = group["LaunchTemplate"]["LaunchTemplateId"]
+    data = ec2.describe_launch_template_versions(
+        LaunchTemplateId=template_id, Versions=["$Latest"])["LaunchTemplateVersions"][0][
+        "LaunchTemplateData"]
+    profile = iam.get_instance_profile(InstanceProfileName=f"imgf-{NAME}-manager")[
+        "InstanceProfile"]
+    assert data["IamInstanceProfile"]["Arn"] == profile["Arn"]
+    assert [r["RoleName"] for r in profile["Roles"]] == [f"imgf-{NAME}-manager"]
+    assert data["SecurityGroupIds"] == [config.manager_security_group]
+    assert data["MetadataOptions"]["HttpTokens"] == "required"  # IMDSv2 only
+    user_data = base64.b64decode(data["UserData"]).decode()
+    assert user_data == render_manager_user_data(
+        bucket=config.bucket, region=REGION, bundle_key="fleet/manager/bundle.tar.gz",
+        config_key="fleet/manager/config.json")
+    # The manager instance is not a fleet worker: the manager never counts or
+    # terminates itself (its role may terminate only imagefleet:fleet-tagged ones).
+    instance = ec2.describe_instances(InstanceIds=[group["Instances"][0]["InstanceId"]])[
+        "Reservations"][0]["Instances"][0]
+    instance_tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+    assert instance_tags.get(MANAGER_OF_TAG_KEY) == NAME
+    assert FLEET_TAG_KEY not in instance_tags
+
+    # What the manager runs with: its bundle and its config, in the fleet bucket.
+    s3 = boto3.client("s3", region_name=REGION)
+    bundle = s3.get_object(Bucket=config.bucket, Key="fleet/manager/bundle.tar.gz")[
+        "Body"].read()
+    assert bundle == build_manager_bundle()
+    text = s3.get_object(Bucket=config.bucket, Key="fleet/manager/config.json")[
+        "Body"].read().decode()
+    manager = config_from_dict(json.loads(text))
+    assert (manager.admin_host, manager.admin_tls, manager.poll_worker_load,
+            manager.manage_ssh_key) == ("0.0.0.0", True, True, True)
+    assert manager.admin_token_parameter == f"/imagefleet/{NAME}/admin-token"
+    assert manager.manager_security_group == config.manager_security_group
+    assert manager.target_group_arn == config.target_group_arn
+    assert manager.profile is None  # the instance role, never the admin's profile
+    for secret in (_token(), _token("admin-token")):  # names, never values
+        assert secret not in text and secret not in user_data
+        assert secret.encode() not in bundle
+
+
+def test_admin_paths_reach_the_manager_over_tls(aws: None, tmp_path: Path) -> None:
+    assert _up(tmp_path) == 0
+    config = load_config(tmp_path / "fleet.json")
+    elbv2 = boto3.client("elbv2", region_name=REGION)
+    manager_tg = elbv2.describe_target_groups(Names=[f"imgf-{NAME}-mgr"])["TargetGroups"][0]
+    assert (manager_tg["Protocol"], manager_tg["Port"]) == ("HTTPS", config.admin_port)
+    assert (manager_tg["HealthCheckProtocol"], manager_tg["HealthCheckPath"]) == (
+        "HTTPS", "/fleet/ping")
+    rules = [r for r in elbv2.describe_rules(ListenerArn=config.listener_arn)["Rules"]
+             if not r["IsDefault"]]
+    assert len(rules) == 1
+    paths = rules[0]["Conditions"][0]["PathPatternConfig"]["Values"]
+    assert sorted(paths) == ["/fleet", "/fleet/*"]
+    assert [(a["Type"], a["TargetGroupArn"]) for a in rules[0]["Actions"]] == [
+        ("forward", manager_tg["TargetGroupArn"])]
+    listeners = _listeners(elbv2, config)
+    assert listeners[443]["ListenerArn"] == config.listener_arn  # the rule is on HTTPS
+    assert elbv2.describe_rules(ListenerArn=listeners[80]["ListenerArn"])["Rules"][0][
+        "IsDefault"]  # :80 has its redirect only
+    assert len(elbv2.describe_rules(ListenerArn=listeners[80]["ListenerArn"])["Rules"]) == 1
+
+
+def test_the_manager_role_is_scoped_to_the_fleet(aws: None, tmp_path: Path) -> None:
+    assert _up(tmp_path) == 0
+    config = load_config(tmp_path / "fleet.json")
+    iam = boto3.client("iam", region_name=REGION)
+    role = f"imgf-{NAME}-manager"
+    assert sorted(iam.list_role_policies(RoleName=role)["PolicyNames"]) == [
+        "fleet-manager", "fleet-tokens"]
+    assert iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"] == []
+    s = _statements(iam, role, "fleet-manager")
+    ec2 = f"arn:aws:ec2:{REGION}:123456789012"
+    fleet_tag = {"StringEquals": {f"ec2:ResourceTag/{FLEET_TAG_KEY}": NAME}}
+    # Launch only with the fleet tag on the request, and only with the fleet's parts.
+    assert s["RunOnlyFleetTaggedInstances"]["Condition"] == {
+        "StringEquals": {f"aws:RequestTag/{FLEET_TAG_KEY}": NAME}}
+    assert _as_list(s["RunOnlyFleetTaggedInstances"]["Resource"]) == [
+        f"{ec2}:instance/*", f"{ec2}:volume/*"]
+    parts = _as_list(s["RunWithTheFleetsParts"]["Resource"])
+    assert f"{ec2}:security-group/{config.worker_security_group}" in parts
+    assert f"{ec2}:key-pair/{config.key_name}" in parts
+    assert not any(p.endswith("security-group/*") for p in parts)
+    # Terminate (and tag, read the console of) only instances tagged for this fleet.
+    assert "ec2:TerminateInstances" in s["TagTerminateConsoleOwnInstances"]["Action"]
+    assert s["TagTerminateConsoleOwnInstances"]["Condition"] == fleet_tag
+    terminate = [x for x in s.values() if "ec2:TerminateInstances" in _as_list(x["Action"])]
+    assert len(terminate) == 1
+    assert s["TagAtLaunchOrImport"]["Condition"] == {"StringEquals": {
+        "ec2:CreateAction": ["RunInstances", "ImportKeyPair"]}}
+    assert s["OwnKeyPair"]["Resource"] == f"{ec2}:key-pair/{config.key_name}"
+    assert s["PassOnlyTheWorkerRole"]["Resource"] == (
+        f"arn:aws:iam::123456789012:role/imagefleet/{config.role_name}")
+    assert s["PassOnlyTheWorkerRole"]["Condition"] == {
+        "StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
+    assert s["OnlyTheWorkersTargetGroup"]["Resource"] == config.target_group_arn
+    assert sorted(_as_list(s["LeaseAndOwnFiles"]["Resource"])) == sorted([
+        f"arn:aws:s3:::{config.bucket}/{config.lease_key}",
+        f"arn:aws:s3:::{config.bucket}/fleet/bundle.tar.gz",  # workers' (user-data)
+        f"arn:aws:s3:::{config.bucket}/fleet/manager/*"])
+    assert s["ListOnlyFleetPrefix"]["Condition"] == {
+        "StringLike": {"s3:prefix": ["fleet/*"]}}
+    # Only describe calls take "*"; no action is a wildcard.
+    for statement in s.values():
+        actions = _as_list(statement["Action"])
+        assert not any(a.endswith("*") for a in actions), statement
+        if statement["Resource"] == "*":
+            assert all(":Describe" in a for a in actions), statement
+    tokens = _statements(iam, role, "fleet-tokens")
+    assert sorted(_as_list(tokens["ReadFleetTokens"]["Resource"])) == sorted(
+        f"arn:aws:ssm:{REGION}:123456789012:parameter/imagefleet/{NAME}/{which}"
+        for which in ("api-token", "admin-token"))
+    assert _as_list(tokens["ReadFleetTokens"]["Action"]) == ["ssm:GetParameter"]
+
+
+def test_the_admin_token_rotates_alone(aws: None, tmp_path: Path) -> None:
+    assert _up(tmp_path) == 0
+    api, admin = _token(), _token("admin-token")
+    assert api != admin
+    assert _up(tmp_path, "--rotate-admin-token") == 0
+    assert _token() == api and _token("admin-token") != admin
+    value = boto3.client("ssm", region_name=REGION).get_parameter(
+        Name=f"/imagefleet/{NAME}/admin-token", WithDecryption=True)["Parameter"]["Value"]
+    assert parse_token_document(value, "test").accepts(admin, time.time())  # overlap
+
+
+def test_up_refuses_a_strangers_manager_group(aws: None, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    ec2 = boto3.client("ec2", region_name=REGION)
+    template = ec2.create_launch_template(LaunchTemplateName="someone-else", LaunchTemplateData={
+        "ImageId": _ami(), "InstanceType": "t3.small"})["LaunchTemplate"]
+    subnet = ec2.describe_subnets()["Subnets"][0]["SubnetId"]
+    boto3.client("autoscaling", region_name=REGION).create_auto_scaling_group(
+        AutoScalingGroupName=f"imgf-{NAME}-manager", MinSize=0, MaxSize=0,
+        LaunchTemplate={"LaunchTemplateId": template["LaunchTemplateId"]},
+        VPCZoneIdentifier=subnet)
+    assert _up(tmp_path) == 2
+    assert "refusing to adopt" in capsys.readouterr().err

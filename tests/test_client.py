@@ -309,6 +309,14 @@ def test_form_fields_encode_operation_params_and_options() -> None:
         format=None, quality=None, expires_in=None,
     )
     assert json.loads(steps["steps"]) == [{"op": "grayscale"}, {"op": "blur", "ksize": 3}]
+    encoded = form_fields(
+        operation="invert", params=None, steps=None, format="jpeg", quality=None,
+        expires_in=None, progressive=True, subsampling="4:4:4", lossless=False, icc="keep",
+        metadata="keep-no-location",
+    )
+    assert encoded == {"operation": "invert", "format": "jpeg", "progressive": "true",
+                       "subsampling": "4:4:4", "lossless": "false", "icc": "keep",
+                       "metadata": "keep-no-location"}
 
 
 @pytest.mark.parametrize(
@@ -319,6 +327,7 @@ def test_form_fields_encode_operation_params_and_options() -> None:
         ({"operation": None, "steps": []}, "at least one step"),
         ({"operation": None, "steps": [{"ksize": 3}]}, r"steps\[0\] needs an 'op'"),
         ({"operation": "blur", "params": {"k": object()}}, "cannot be sent as JSON"),
+        ({"operation": "blur", "progressive": "yes"}, "progressive must be true or false"),
     ],
 )
 def test_form_fields_refuse_misuse(kwargs: dict[str, Any], message: str) -> None:

@@ -311,3 +311,61 @@ def test_choosing_resize_clears_the_old_preview_and_says_why(app: Any) -> None:
     assert "width" in view.preview_caption.cget("text")
     assert view.shown_after is None  # the grayscale result no longer stands there
     assert view.after_label.cget("text").startswith("No preview: ")
+
+
+def test_output_options_follow_the_format_and_reach_the_result(app: Any, tmp_path: Path) -> None:
+    from PIL import ExifTags
+
+    view = app.process_view
+
+    def state(widget: Any) -> str:
+        return str(widget.cget("state"))
+
+    view.format_var.set("webp")
+    view._format_changed()
+    assert (state(view.progressive_box), state(view.lossless_box),
+            state(view.subsampling_menu)) == ("disabled", "normal", "disabled")
+    view.lossless_var.set(True)
+    view._format_changed()
+    assert state(view.quality_slider) == "disabled"  # lossless WebP has no quality
+    view.lossless_var.set(False)
+
+    clear_list(app)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Copyright] = "(c) GUI test"
+    exif[ExifTags.IFD.GPSInfo] = {ExifTags.GPS.GPSLatitudeRef: "S",
+                                  ExifTags.GPS.GPSLatitude: (33.0, 51.0, 0.0)}
+    with Image.open(IMAGES / "rocket.jpg") as photo:  # tagged Adobe RGB (1998)
+        profile = photo.info["icc_profile"]
+        photo.save(tmp_path / "tagged.jpg", quality=90, exif=exif, icc_profile=profile)
+    (job,) = add(app, [tmp_path / "tagged.jpg"])
+    view.select_operation("invert")
+    view.format_var.set("jpeg")
+    view._format_changed()
+    assert (state(view.progressive_box), state(view.subsampling_menu)) == ("normal", "normal")
+    view.progressive_var.set(True)
+    view.subsampling_var.set("4:4:4")
+    view.icc_var.set("Keep the profile")
+    view.metadata_var.set("Keep all but location")
+    app.process.params_changed()
+    assert view.runs_label.cget("text").endswith(
+        "· jpeg, quality 90, progressive, chroma 4:4:4, ICC profile kept, "
+        "metadata kept but location")
+    try:
+        process_all(app)
+        (done,) = app.process.batch.jobs
+        assert done.id == job.id and done.status.value == "done", done.message
+        data = requests.get(done.result.url, timeout=10).content
+        with Image.open(io.BytesIO(data)) as result:
+            assert result.info.get("progressive") == 1
+            assert result.info["icc_profile"] == profile
+            kept = result.getexif()
+            assert kept[ExifTags.Base.Copyright] == "(c) GUI test"
+            assert not kept.get_ifd(ExifTags.IFD.GPSInfo)
+    finally:  # the module's app goes on with the defaults
+        view.progressive_var.set(False)
+        view.subsampling_var.set("4:2:0")
+        view.icc_var.set("Convert to sRGB")
+        view.metadata_var.set("Strip all")
+        view.format_var.set("original")
+        view._format_changed()

@@ -222,7 +222,17 @@ def test_a_busy_server_is_shown_as_waiting_not_as_errors() -> None:
         (["--endpoint", "http://h", "--steps", '[{"op": "x"}]', "--param", "k=1", "f.png"],
          "--param goes with --op"),
         (["--endpoint", "http://h", "--op", "x", "--format", "gif", "f.png"],
-         "'gif' is not one of png, jpeg, webp"),
+         "'gif' is not one of png, jpeg, webp, avif"),
+        (["--endpoint", "http://h", "--op", "x", "--format", "png", "--progressive", "f.png"],
+         "--progressive applies to jpeg output, not --format png"),
+        (["--endpoint", "http://h", "--op", "x", "--format", "jpeg", "--lossless", "f.png"],
+         "--lossless applies to webp output, not --format jpeg"),
+        (["--endpoint", "http://h", "--op", "x", "--format", "webp", "--subsampling", "4:4:4",
+          "f.png"], "--subsampling applies to jpeg and avif output, not --format webp"),
+        (["--endpoint", "http://h", "--op", "x", "--subsampling", "4:1:1", "f.png"],
+         "invalid choice: '4:1:1'"),
+        (["--endpoint", "http://h", "--op", "x", "--metadata", "all", "f.png"],
+         "invalid choice: 'all'"),
         (["--endpoint", "http://h", "--op", "x", "--quality", "0", "f.png"],
          "0 is not within 1..100"),
         (["--endpoint", "http://h", "--op", "x", "--concurrency", "0", "f.png"],
@@ -317,6 +327,37 @@ def test_steps_name_the_pipeline_and_typed_params_reach_the_server(
                   str(IMAGES / "camera.png"))
     assert blurred.returncode == 0, blurred.stderr
     assert (out / "camera.gaussian_blur.jpg").exists()
+
+
+def test_encoder_colour_and_metadata_flags_reach_the_server(
+    endpoint: str, tmp_path: Path
+) -> None:
+    from PIL import ExifTags, Image, JpegImagePlugin
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Copyright] = "(c) CLI test"
+    exif[ExifTags.IFD.GPSInfo] = {ExifTags.GPS.GPSLatitudeRef: "N",
+                                  ExifTags.GPS.GPSLatitude: (1.0, 2.0, 3.0)}
+    rocket = IMAGES / "rocket.jpg"  # tagged Adobe RGB (1998)
+    with Image.open(rocket) as img:
+        profile = img.info["icc_profile"]
+        img.save(tmp_path / "rocket.jpg", quality=90, exif=exif, icc_profile=profile)
+    out = tmp_path / "out"
+    done = cli("--endpoint", endpoint, "--op", "invert", "--format", "avif", "--icc", "keep",
+               "--metadata", "keep-no-location", "--out", str(out), str(tmp_path / "rocket.jpg"))
+    assert done.returncode == 0, done.stderr
+    with Image.open(out / "rocket.invert.avif") as result:
+        assert result.format == "AVIF" and result.info["icc_profile"] == profile
+        kept = result.getexif()
+        assert kept[ExifTags.Base.Copyright] == "(c) CLI test"
+        assert not kept.get_ifd(ExifTags.IFD.GPSInfo)
+    done = cli("--endpoint", endpoint, "--op", "invert", "--format", "jpeg", "--progressive",
+               "--subsampling", "4:4:4", "--out", str(out), str(tmp_path / "rocket.jpg"))
+    assert done.returncode == 0, done.stderr
+    with Image.open(out / "rocket.invert.jpg") as result:
+        assert result.info.get("progressive") == 1
+        assert JpegImagePlugin.get_sampling(result) == 0
+        assert "icc_profile" not in result.info and not result.getexif()
 
 
 def test_inputs_sharing_a_stem_get_distinct_names(endpoint: str, tmp_path: Path) -> None:

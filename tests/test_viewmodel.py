@@ -45,6 +45,7 @@ from gui.settings import (
 from gui.viewmodel import (
     Batch,
     JobStatus,
+    OutputSettings,
     ResultInfo,
     SchemaError,
     Step,
@@ -55,6 +56,7 @@ from gui.viewmodel import (
     describe_error,
     describe_fleet_error,
     describe_os_error,
+    describe_request,
     describe_step,
     event_lines,
     expand_paths,
@@ -312,6 +314,32 @@ def test_pipeline_wins_over_the_selected_operation() -> None:
     assert request.label == "grayscale+gaussian_blur"
     assert describe_step(steps[1], {"gaussian_blur": "Gaussian blur"}) == \
         "Gaussian blur (ksize=7)"
+
+
+def test_output_settings_reach_the_client_and_the_runs_line() -> None:
+    plain = build_request(operation="invert", params={}, pipeline=[], output_format="jpeg",
+                          quality=85, expires_in=None)
+    assert set(plain.client_kwargs()) == {"operation", "params", "format", "quality",
+                                          "expires_in"}  # defaults: nothing extra sent
+    output = OutputSettings(progressive=True, subsampling="4:4:4", icc="keep",
+                            metadata="keep-no-location")
+    request = build_request(operation="invert", params={}, pipeline=[], output_format="jpeg",
+                            quality=85, expires_in=None, output=output)
+    assert request.client_kwargs() == {
+        "operation": "invert", "params": {}, "format": "jpeg", "quality": 85,
+        "expires_in": None, "progressive": True, "subsampling": "4:4:4", "icc": "keep",
+        "metadata": "keep-no-location"}
+    assert describe_request(request) == ("invert · jpeg, quality 85, progressive, chroma 4:4:4, "
+                                         "ICC profile kept, metadata kept but location")
+    # Other options make other results: what was made before is stale.
+    assert not request.same_output(plain)
+    lossless = build_request(operation="invert", params={}, pipeline=[], output_format="webp",
+                             quality=85, expires_in=None, output=OutputSettings(lossless=True,
+                                                                                progressive=True))
+    assert lossless.quality is None
+    assert describe_request(lossless) == "invert · webp, lossless"  # progressive: JPEG only
+    with pytest.raises(ValueError, match="metadata must be one of strip"):
+        OutputSettings(metadata="all")
 
 
 def test_request_needs_an_operation_and_a_known_format() -> None:

@@ -15,7 +15,8 @@ import customtkinter as ctk
 
 from gui.messages import MAX_MESSAGES, Level, Message
 
-COLOURS = {Level.ERROR: ("#c62828", "#8e1b1b"), Level.INFO: ("#2e6bb0", "#1f538d")}
+COLOURS = {Level.ERROR: ("#c62828", "#8e1b1b"), Level.INFO: ("#2e6bb0", "#1f538d"),
+           Level.NOTICE: ("#2f7d6d", "#1e5a4e")}
 BUTTONS_WIDTH = 190  # room kept at the right of the text for the action and ✕ buttons
 
 

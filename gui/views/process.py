@@ -15,9 +15,13 @@ from PIL import Image
 
 from gui.preview import compose_split, fit_within, flatten
 from gui.viewmodel import (
+    ICC_LABELS,
     LOSSY_FORMATS,
+    METADATA_LABELS,
     OUTPUT_FORMATS,
+    SUBSAMPLINGS,
     ControlSpec,
+    OutputSettings,
     Overall,
     SchemaError,
     Step,
@@ -25,6 +29,7 @@ from gui.viewmodel import (
     describe_step,
 )
 from gui.views.image_list import ImageList, ListActions, PoolRow
+from gui.views.settings import ON_CONFLICT_LABELS
 from gui.views.widgets import (
     CARD,
     ERROR,
@@ -37,7 +42,7 @@ from gui.views.widgets import (
 
 PREVIEW_BOX = (600, 380)
 NO_STEP = "No step being edited"  # the menu entry for "run just the pipeline"
-ON_CONFLICT_LABELS = {"unique": "add -2, -3…", "overwrite": "overwrite", "skip": "skip"}
+NO_RECIPE = "(none: the settings below)"
 
 
 def empty_hint_text(drop: bool) -> str:
@@ -66,6 +71,12 @@ class ProcessActions(ListActions, Protocol):
     def save_as(self) -> None: ...
     def save_all(self) -> None: ...
     def on_conflict_changed(self, value: str) -> None: ...
+    def recipe_picked(self, label: str) -> None: ...
+    def save_recipe_as(self) -> None: ...
+    def rename_recipe(self) -> None: ...
+    def delete_recipe(self) -> None: ...
+    def import_recipe(self) -> None: ...
+    def export_recipe(self) -> None: ...
 
 
 class ProcessView(ctk.CTkFrame):
@@ -112,6 +123,12 @@ class ProcessView(ctk.CTkFrame):
         ctk.CTkButton(buttons, text="Paste paths", width=92, fg_color="transparent",
                       border_width=1, text_color=("gray10", "gray90"),
                       command=self.controller.paste_paths).grid(row=0, column=2)
+        # folders added, dropped or pasted: with their sub-folders, which Save all mirrors
+        self.subfolders_var = ctk.BooleanVar(value=False)
+        ctk.CTkCheckBox(buttons, text="Folders with sub-folders (Save all mirrors them)",
+                        variable=self.subfolders_var, checkbox_width=18, checkbox_height=18,
+                        font=ctk.CTkFont(size=12)).grid(row=1, column=0, columnspan=3,
+                                                        sticky="w", pady=(6, 0))
         self.image_list = ImageList(col, self.controller, empty_hint_text(drop=False))
         self.image_list.grid(row=2, column=0, sticky="nsew", padx=4, pady=(0, 4))
         self.empty_hint = self.image_list.empty_hint
@@ -139,23 +156,24 @@ class ProcessView(ctk.CTkFrame):
         col = ctk.CTkFrame(self)
         col.grid(row=0, column=1, sticky="nsew", padx=(0, 8))
         col.columnconfigure(0, weight=1)
-        col.rowconfigure(3, weight=1)
-        heading(col, "Operation").grid(row=0, column=0, sticky="w", padx=12, pady=(12, 4))
+        col.rowconfigure(4, weight=1)
+        self._build_recipe_bar(col)
+        heading(col, "Operation").grid(row=1, column=0, sticky="w", padx=12, pady=(12, 4))
         self.operation_var = ctk.StringVar(value="Loading operations…")
         self.operation_menu = ctk.CTkOptionMenu(col, values=["Loading operations…"],
                                                 variable=self.operation_var,
                                                 command=self._operation_picked,
                                                 dynamic_resizing=False)
-        self.operation_menu.grid(row=1, column=0, sticky="ew", padx=12)
+        self.operation_menu.grid(row=2, column=0, sticky="ew", padx=12)
         self.description = caption(col, "Waiting for the server's operations…",
                                    wraplength=290, justify="left")
-        self.description.grid(row=2, column=0, sticky="ew", padx=12, pady=(4, 4))
+        self.description.grid(row=3, column=0, sticky="ew", padx=12, pady=(4, 4))
         self.params_frame = ctk.CTkScrollableFrame(col, fg_color="transparent", height=150)
-        self.params_frame.grid(row=3, column=0, sticky="nsew", padx=4)
+        self.params_frame.grid(row=4, column=0, sticky="nsew", padx=4)
         self.params_frame.columnconfigure(0, weight=1)
 
         pipe = ctk.CTkFrame(col, fg_color="transparent")
-        pipe.grid(row=4, column=0, sticky="ew", padx=12, pady=(6, 0))
+        pipe.grid(row=5, column=0, sticky="ew", padx=12, pady=(6, 0))
         pipe.columnconfigure(0, weight=1)
         ctk.CTkLabel(pipe, text="Pipeline", anchor="w",
                      font=ctk.CTkFont(size=13, weight="bold")).grid(row=0, column=0, sticky="w")
@@ -173,7 +191,7 @@ class ProcessView(ctk.CTkFrame):
         self.set_pipeline([], {})
 
         out = ctk.CTkFrame(col, fg_color="transparent")
-        out.grid(row=5, column=0, sticky="ew", padx=12, pady=(10, 12))
+        out.grid(row=6, column=0, sticky="ew", padx=12, pady=(10, 12))
         out.columnconfigure(1, weight=1)
         ctk.CTkLabel(out, text="Output", font=ctk.CTkFont(size=13, weight="bold")).grid(
             row=0, column=0, sticky="w", columnspan=3)
@@ -190,6 +208,69 @@ class ProcessView(ctk.CTkFrame):
         self.quality_slider.grid(row=2, column=1, sticky="ew", padx=(8, 4), pady=(6, 0))
         self.quality_label = caption(out, "90", width=28)
         self.quality_label.grid(row=2, column=2, pady=(6, 0))
+        self._build_encoder_options(out)
+
+    def _build_encoder_options(self, out: ctk.CTkFrame) -> None:
+        """Encoder, colour and metadata options; each is enabled only for the formats
+        that have it (``_format_changed``)."""
+        flags = ctk.CTkFrame(out, fg_color="transparent")
+        flags.grid(row=3, column=1, columnspan=2, sticky="w", padx=(8, 0), pady=(6, 0))
+        changed = self.controller.params_changed
+        self.progressive_var = ctk.BooleanVar(value=False)
+        self.progressive_box = ctk.CTkCheckBox(flags, text="Progressive",
+                                               variable=self.progressive_var,
+                                               command=changed)
+        self.progressive_box.grid(row=0, column=0, sticky="w")
+        self.lossless_var = ctk.BooleanVar(value=False)
+        self.lossless_box = ctk.CTkCheckBox(flags, text="Lossless", variable=self.lossless_var,
+                                            command=self._format_changed)
+        self.lossless_box.grid(row=0, column=1, sticky="w", padx=(8, 0))
+        menus = (("Chroma", "subsampling", list(SUBSAMPLINGS)),
+                 ("Colour", "icc", list(ICC_LABELS.values())),
+                 ("Metadata", "metadata", list(METADATA_LABELS.values())))
+        for row, (label, name, values) in enumerate(menus, start=4):
+            ctk.CTkLabel(out, text=label).grid(row=row, column=0, sticky="w", pady=(6, 0))
+            var = ctk.StringVar(value=values[0])
+            menu = ctk.CTkOptionMenu(out, values=values, width=170, variable=var,
+                                     command=lambda _v: self.controller.params_changed())
+            menu.grid(row=row, column=1, columnspan=2, sticky="w", padx=(8, 0), pady=(6, 0))
+            setattr(self, f"{name}_var", var)
+            setattr(self, f"{name}_menu", menu)
+        self._format_changed(notify=False)
+        # the first names Save all writes, from the same function (gui.output_rules)
+        self.names_label = caption(out, "", wraplength=290, justify="left")
+        self.names_label.grid(row=7, column=0, columnspan=3, sticky="ew", pady=(6, 0))
+
+    def _build_recipe_bar(self, col: Any) -> None:
+        bar = ctk.CTkFrame(col, fg_color="transparent")
+        bar.grid(row=0, column=0, sticky="ew", padx=12, pady=(12, 0))
+        bar.columnconfigure(1, weight=1)
+        ctk.CTkLabel(bar, text="Recipe", font=ctk.CTkFont(size=13, weight="bold")).grid(
+            row=0, column=0, sticky="w")
+        self.recipe_var = ctk.StringVar(value=NO_RECIPE)
+        self.recipe_menu = ctk.CTkOptionMenu(bar, values=[NO_RECIPE], variable=self.recipe_var,
+                                             dynamic_resizing=False,
+                                             command=self.controller.recipe_picked)
+        self.recipe_menu.grid(row=0, column=1, columnspan=4, sticky="ew", padx=(8, 0))
+        buttons = ctk.CTkFrame(bar, fg_color="transparent")
+        buttons.grid(row=1, column=0, columnspan=5, sticky="w", pady=(4, 0))
+        self.recipe_buttons: dict[str, ctk.CTkButton] = {}
+        for i, (text, command) in enumerate((
+                ("Save as…", self.controller.save_recipe_as),
+                ("Rename…", self.controller.rename_recipe),
+                ("Delete", self.controller.delete_recipe),
+                ("Import…", self.controller.import_recipe),
+                ("Export…", self.controller.export_recipe))):
+            # width 10: as wide as the text needs (the five fit the column)
+            button = ctk.CTkButton(buttons, text=text, width=10, height=24,
+                                   font=ctk.CTkFont(size=12), fg_color="transparent",
+                                   border_width=1,
+                                   text_color=("gray10", "gray90"), command=command)
+            button.grid(row=0, column=i, padx=(0, 4))
+            self.recipe_buttons[text] = button
+        self.recipe_outputs = caption(bar, "", wraplength=290, justify="left")
+        self.recipe_outputs.grid(row=2, column=0, columnspan=5, sticky="ew")
+        self.set_recipes([], None, "")
 
     def _build_preview_column(self) -> None:
         col = ctk.CTkFrame(self)
@@ -271,6 +352,22 @@ class ProcessView(ctk.CTkFrame):
 
     def on_conflict(self) -> str:
         return self._conflict_by_label[self.on_conflict_var.get()]
+
+    def set_recipes(self, names: Sequence[str], active: str | None, outputs: str) -> None:
+        """The saved recipes in the menu, the one in use (None: the settings below) and
+        what its outputs are."""
+        self.recipe_menu.configure(values=[NO_RECIPE, *names])
+        self.recipe_var.set(active if active is not None else NO_RECIPE)
+        self.recipe_outputs.configure(text=outputs)
+        self.recipe_outputs.grid() if outputs else self.recipe_outputs.grid_remove()
+        for text in ("Rename…", "Delete", "Export…"):
+            self.recipe_buttons[text].configure(state="normal" if active else "disabled")
+
+    def include_subfolders(self) -> bool:
+        return bool(self.subfolders_var.get())
+
+    def set_names(self, text: str) -> None:
+        self.names_label.configure(text=text)
 
     def set_runs(self, text: str, problem: bool = False) -> None:
         for label in (self.runs_label, self.preview_runs_label):
@@ -359,10 +456,28 @@ class ProcessView(ctk.CTkFrame):
     def quality(self) -> int:
         return round(self.quality_slider.get())
 
-    def _format_changed(self) -> None:
-        lossy = self.format_var.get() in LOSSY_FORMATS or self.format_var.get() == "original"
+    def output_settings(self) -> OutputSettings:
+        icc = {label: key for key, label in ICC_LABELS.items()}[self.icc_var.get()]
+        metadata = {label: key for key, label in METADATA_LABELS.items()}[self.metadata_var.get()]
+        return OutputSettings(progressive=self.progressive_var.get(),
+                              subsampling=self.subsampling_var.get(),
+                              lossless=self.lossless_var.get(), icc=icc, metadata=metadata)
+
+    def _format_changed(self, notify: bool = True) -> None:
+        fmt = self.format_var.get()
+        original = fmt == "original"
+        lossless = self.lossless_var.get() and fmt == "webp"
+        lossy = (fmt in LOSSY_FORMATS or original) and not lossless
         self.quality_slider.configure(state="normal" if lossy else "disabled")
-        self.controller.params_changed()
+
+        def enable(widget: Any, on: bool) -> None:
+            widget.configure(state="normal" if on else "disabled")
+
+        enable(self.progressive_box, original or fmt == "jpeg")
+        enable(self.lossless_box, original or fmt == "webp")
+        enable(self.subsampling_menu, original or fmt in ("jpeg", "avif"))
+        if notify:
+            self.controller.params_changed()
 
     def _quality_moved(self) -> None:
         self.quality_label.configure(text=str(self.quality()))

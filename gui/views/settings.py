@@ -1,6 +1,7 @@
-"""The Settings view: endpoint, token, link lifetime, concurrency, appearance and the
-embedded fleet's size. Validation is ``gui.settings.parse_settings``; this view only
-collects the raw values and shows the problems."""
+"""The Settings view: endpoint, token, link lifetime, concurrency, appearance, the
+embedded fleet's size and the output rules (conflict policy, result names). Validation
+is ``gui.settings.parse_settings``; this view only collects the raw values and shows
+the problems."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, Protocol
 
 import customtkinter as ctk
 
+from gui.output_rules import FIELDS
 from gui.settings import (
     CONCURRENCY_RANGE,
     FLEET_SIZE_RANGE,
@@ -17,6 +19,8 @@ from gui.settings import (
 from gui.views.widgets import ERROR, MUTED, Spinbox, caption, heading
 
 APPEARANCE_LABELS = {"system": "System", "light": "Light", "dark": "Dark"}
+# the same words as the Process view's menu beside Save all
+ON_CONFLICT_LABELS = {"unique": "add -2, -3…", "overwrite": "overwrite", "skip": "skip"}
 TTL_UNITS = {"minutes": 60, "hours": 3600, "days": 86400}
 
 
@@ -91,13 +95,23 @@ class SettingsView(ctk.CTkFrame):
         row(10, "Local fleet size", self.fleet_size,
             f"Worker processes of the embedded fleet ({FLEET_SIZE_RANGE[0]}–"
             f"{FLEET_SIZE_RANGE[1]}); used when the endpoint is empty.")
+        self._conflict_by_label = {label: value for value, label in ON_CONFLICT_LABELS.items()}
+        self.on_conflict = ctk.CTkOptionMenu(card, values=list(ON_CONFLICT_LABELS.values()),
+                                             width=130)
+        row(11, "When a name is taken", self.on_conflict,
+            "Save all and recipe outputs: add -2, -3… to the new file's name, overwrite "
+            "the old file, or skip the new one.")
+        self.name_template = ctk.CTkEntry(card, width=360)
+        row(12, "Result names", self.name_template,
+            "Save all's file names, from " + " ".join("{" + f + "}" for f in FIELDS)
+            + " ({n:04}: the image's number, zero-padded).")
         buttons = ctk.CTkFrame(card, fg_color="transparent")
-        buttons.grid(row=11, column=0, columnspan=3, sticky="w", padx=16, pady=(14, 4))
+        buttons.grid(row=13, column=0, columnspan=3, sticky="w", padx=16, pady=(14, 4))
         self.save_button = ctk.CTkButton(buttons, text="Save and reconnect", width=160,
                                          command=self._save)
         self.save_button.grid(row=0, column=0)
         self.message = ctk.CTkLabel(card, text="", anchor="w", justify="left", wraplength=760)
-        self.message.grid(row=12, column=0, columnspan=3, sticky="w", padx=16, pady=(4, 8))
+        self.message.grid(row=14, column=0, columnspan=3, sticky="w", padx=16, pady=(4, 8))
 
     def show(self, settings: Settings, path: str, overridden: str = "") -> None:
         self.path_label.configure(text=f"Kept in {path}" + (f" · {overridden}"
@@ -117,6 +131,13 @@ class SettingsView(ctk.CTkFrame):
         self.concurrency.set(settings.concurrency)
         self.appearance.set(APPEARANCE_LABELS.get(settings.appearance, "System"))
         self.fleet_size.set(settings.fleet_size)
+        self.set_on_conflict(settings.on_conflict)
+        self.name_template.delete(0, "end")
+        self.name_template.insert(0, settings.name_template)
+
+    def set_on_conflict(self, value: str) -> None:
+        """Follow the Process view's menu (one setting, shown in both places)."""
+        self.on_conflict.set(ON_CONFLICT_LABELS.get(value, ON_CONFLICT_LABELS["unique"]))
 
     def raw_values(self) -> dict[str, Any]:
         """The form as raw values for ``parse_settings``; a bad lifetime stays raw text so
@@ -138,6 +159,8 @@ class SettingsView(ctk.CTkFrame):
             "concurrency": self.concurrency.get(),
             "appearance": appearance,
             "fleet_size": self.fleet_size.get(),
+            "on_conflict": self._conflict_by_label.get(self.on_conflict.get(), "unique"),
+            "name_template": self.name_template.get(),
         }
 
     def _save(self) -> None:

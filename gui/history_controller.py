@@ -184,9 +184,12 @@ class HistoryController:
         policy = self.app.settings.on_conflict
         client = self.app.connection.client
         try:
-            label = spec_request(batch.spec).label
+            request = spec_request(batch.spec)
+            label = request.label
+            # a recipe's outputs are named by their own labels (w2048, thumb256, …)
+            labels = {out.name: out.label for out in request.outputs}
         except ValueError:
-            label = "result"
+            label, labels = "result", {}
 
         async def run() -> tuple[list[Any], int]:
             inputs = await asyncio.to_thread(journal.inputs, batch.id)
@@ -197,12 +200,14 @@ class HistoryController:
             expired = sum(1 for r in inputs for o in r.outputs
                           if o.state is ItemState.DONE and o.url and o.expires_at is not None
                           and o.expires_at <= now)
-            names = batch_candidates([r.path for r, _ in done], [label] * len(done),
+            done_labels = [labels.get(o.output, label) for _, o in done]
+            names = batch_candidates([r.path for r, _ in done], done_labels,
                                      [o.format or "png" for _, o in done])
             outcomes = []
-            for (record, out), candidates in zip(done, names, strict=True):
+            for (record, out), candidates, out_label in zip(done, names, done_labels,
+                                                             strict=True):
                 data = await client.download(out.url, name=record.path.name)
-                natural = result_filename(record.path, label, out.format or "png")
+                natural = result_filename(record.path, out_label, out.format or "png")
                 outcomes.append(await asyncio.to_thread(save_result, target, candidates, data,
                                                         policy, natural))
             return outcomes, expired

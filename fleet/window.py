@@ -143,7 +143,7 @@ class Window:
 
     def series(self, seconds: float, now: float) -> dict[str, Any]:
         """``GET /fleet/metrics``: the samples of the last ``seconds``, oldest first."""
-        recent = [s.to_json() for s in self.samples if s.at >= now - seconds]
+        recent = [s.to_json() for s in self.samples if s.at > now - seconds]
         return {"interval_s": self.interval_s, "now": now, "seconds": seconds,
                 "capacity_s": self.samples.maxlen * self.interval_s, "samples": recent}
 

@@ -94,6 +94,8 @@ class FleetCharts(ctk.CTkFrame):
 
     def _choose(self, label: str) -> None:
         self.seconds = WINDOWS[label]
+        if self.selector.get() != label:  # chosen by code, not by a click
+            self.selector.set(label)
         self.redraw()
         self._on_window(self.seconds)
 

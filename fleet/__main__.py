@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--stop-on-stdin-eof", action="store_true",
                        help="stop when standard input is closed (for a parent process "
                             "that starts the fleet with a pipe: its death stops the fleet)")
+    local.add_argument("--sample-interval", type=float,
+                       default=float(os.environ.get("IMAGEFLEET_SAMPLE_INTERVAL") or 5.0),
+                       help="seconds between samples of the /fleet/metrics window (default 5)")
     local.add_argument("--verbose", action="store_true", help="debug logging")
     run = sub.add_parser("run", help="manage an AWS fleet (EC2 + ALB target group)")
     run.add_argument("--config", type=Path, required=True,
@@ -79,7 +82,8 @@ async def run_local(args: argparse.Namespace) -> int:
                            header_timeout_s=args.header_timeout,
                            max_connections=args.max_connections)
     runtime = await LocalFleetRuntime.start(spec, port=args.port, storage_dir=args.storage,
-                                            token=args.token, limits=limits)
+                                            token=args.token, limits=limits,
+                                            sample_interval_s=args.sample_interval)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # SIGHUP too: closing the terminal must not orphan the workers (own sessions).

@@ -53,7 +53,9 @@ ADMIN_ROUTE_TABLE: tuple[tuple[str, str], ...] = (
     ("GET", ADMIN_PREFIX),
     ("POST", ADMIN_PREFIX + "/scale"),
     ("POST", ADMIN_PREFIX + "/instances/{instance_id}/terminate"),
+    ("GET", ADMIN_PREFIX + "/metrics"),
 )
+METRICS_PATH = "/metrics"  # Prometheus text: read-only, the same rule as GET /fleet
 
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed", 408: "request_timeout", 411: "length_required",
@@ -309,8 +311,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def admin_routes(admin: FleetAdmin, token: str | TokenCheck | None = None, *,
                  allowed_hosts: frozenset[str] | None = None,
                  max_body_bytes: int = ADMIN_BODY_LIMIT,
-                 loopback_reads_open: bool = True) -> list[web.RouteDef]:
-    """Routes for ``admin`` under :class:`AdminPolicy` (see the module docstring)."""
+                 loopback_reads_open: bool = True,
+                 prometheus: Callable[[], bytes] | None = None) -> list[web.RouteDef]:
+    """Routes for ``admin`` under :class:`AdminPolicy` (see the module docstring).
+    ``GET /fleet/metrics`` answers the admin's rolling window (``admin.window(seconds)``);
+    with ``prometheus`` (the text of the metrics), ``GET /metrics`` answers it."""
     policy = AdminPolicy(token, allowed_hosts, max_body_bytes, loopback_reads_open)
 
     def guarded(handler: Handler, *, changes_state: bool) -> Handler:
@@ -345,9 +350,31 @@ def admin_routes(admin: FleetAdmin, token: str | TokenCheck | None = None, *,
         return web.json_response(admin.terminate(request.match_info["instance_id"]),
                                  status=202)
 
+    async def get_fleet_metrics(request: web.Request) -> web.Response:
+        raw = request.query.get("seconds", "3600")
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = -1.0
+        if not 0 < seconds <= 24 * 3600:
+            return error_response(400, "invalid_parameter",
+                                  f"'seconds' got {raw[:20]!r}; allowed: 1 to 86400")
+        window = getattr(admin, "window", None)
+        if window is None:
+            return error_response(404, "not_found", "this fleet keeps no metrics window")
+        return web.json_response(window(seconds))
+
+    async def get_metrics(request: web.Request) -> web.Response:
+        assert prometheus is not None
+        return web.Response(body=prometheus(), headers={
+            "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
     handlers = {ADMIN_ROUTE_TABLE[0]: guarded(get_fleet, changes_state=False),
                 ADMIN_ROUTE_TABLE[1]: guarded(post_scale, changes_state=True),
-                ADMIN_ROUTE_TABLE[2]: guarded(post_terminate, changes_state=True)}
+                ADMIN_ROUTE_TABLE[2]: guarded(post_terminate, changes_state=True),
+                ADMIN_ROUTE_TABLE[3]: guarded(get_fleet_metrics, changes_state=False)}
+    if prometheus is not None:
+        handlers["GET", METRICS_PATH] = guarded(get_metrics, changes_state=False)
     # web.get also answers HEAD, as before.
     return [web.get(path, handler) if method == "GET" else web.route(method, path, handler)
             for (method, path), handler in handlers.items()]
@@ -361,6 +388,12 @@ async def ping(request: web.Request) -> web.Response:
 def create_admin_app(admin: FleetAdmin, token: str | TokenCheck | None = None, *,
                      allowed_hosts: frozenset[str] | None = None,
                      loopback_reads_open: bool = True) -> web.Application:
+    metrics = getattr(admin, "metrics", None)
+
+    def prometheus() -> bytes:
+        from fleet.metrics import render  # prometheus_client: only when scraped
+        return render(metrics.registry)
+
     async def fallback(request: web.Request) -> web.Response:
         if request.path == ADMIN_PREFIX or request.path.startswith(ADMIN_PREFIX + "/"):
             return admin_fallback(request)
@@ -370,7 +403,8 @@ def create_admin_app(admin: FleetAdmin, token: str | TokenCheck | None = None, *
                           client_max_size=ADMIN_BODY_LIMIT)
     app.on_response_prepare.append(server_name_hook("imagefleet-fleet"))
     app.add_routes(admin_routes(admin, token, allowed_hosts=allowed_hosts,
-                                loopback_reads_open=loopback_reads_open))
+                                loopback_reads_open=loopback_reads_open,
+                                prometheus=prometheus if metrics is not None else None))
     app.router.add_get(ADMIN_PREFIX + "/ping", ping)
     app.router.add_route("*", "/{tail:.*}", fallback)
     return app

@@ -136,6 +136,15 @@ class AwsFleetService:
 
     # --- FleetAdmin -----------------------------------------------------------------
 
+    @property
+    def metrics(self) -> Any:
+        """The manager's Prometheus registry, served at ``GET /metrics`` (admin rule)."""
+        return self.manager.metrics
+
+    def window(self, seconds: float) -> dict[str, Any]:
+        """``GET /fleet/metrics``: the manager's rolling window."""
+        return self.manager.window(seconds)
+
     def snapshot(self) -> dict[str, Any]:
         snap = self.manager.snapshot()
         if not self.leading:
@@ -264,9 +273,30 @@ async def serve(config: AwsFleetConfig, stop: asyncio.Event,
     print(f"ImageFleet AWS fleet {config.name!r} in {config.region}: endpoint "
           f"{config.api_url or 'http://' + config.load_balancer_dns}; admin {admin_url}",
           flush=True)
+    # The rolling window: each worker's /metrics (the worker security group lets the
+    # manager reach the app port), with the fleet's API token, which workers ask of
+    # anyone off loopback.
+    api_token = None
+    if config.token_parameter:
+        from server.tokens import TokenSourceError, open_token_gate
+        try:
+            api_token = await asyncio.to_thread(
+                open_token_gate, token=None, token_file=None,
+                ssm_parameter=config.token_parameter, refresh_s=300.0, region=config.region)
+        except TokenSourceError as exc:
+            log.warning("the metrics window reads no worker counters: %s", exc)
+    sampler = asyncio.get_running_loop().create_task(service.manager.sampler(
+        api_token.current if api_token else (lambda: None)).run(stop),
+        name="fleet sampler")
     try:
         await service.run(stop, config.observe_interval_s)
     finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+        if api_token is not None:
+            with contextlib.suppress(Exception):
+                api_token.close()
         await service.aclose()
         await runner.cleanup()
         serving.close()

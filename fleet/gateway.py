@@ -587,6 +587,10 @@ class Gateway:
         self._loop_handler: tuple[asyncio.AbstractEventLoop, Any, Any] | None = None
         self._protocol_options: dict[str, Any] = {}
         self.port: int | None = None
+        from fleet.metrics import GatewayMetrics  # prometheus_client: only when built
+        self.metrics = GatewayMetrics(lambda: {
+            "healthy": self.healthy_count(), "targets": len(self._targets),
+            "open_connections": self.open_connections, "shed": self.shed})
 
     @property
     def url(self) -> str:
@@ -628,7 +632,8 @@ class Gateway:
         app.on_response_prepare.append(server_name_hook(SERVER_NAME))
         if self.admin is not None:
             app.add_routes(admin_routes(self.admin, self.token,
-                                        allowed_hosts=loopback_hosts(self.host, self.port)))
+                                        allowed_hosts=loopback_hosts(self.host, self.port),
+                                        prometheus=self._prometheus))
         app.router.add_route("*", "/{tail:.*}", self._proxy, expect_handler=self._expect)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                                      shutdown_timeout=5.0)
@@ -653,6 +658,14 @@ class Gateway:
             await self.close()
             raise
         log.info("gateway listening on %s (at most %d client connections)", self.url, cap)
+
+    def _prometheus(self) -> bytes:
+        """``GET /metrics``, answered here and not forwarded: the gateway's own metrics
+        and the manager's (each worker serves its own on its own address)."""
+        from fleet.metrics import render
+        manager = getattr(self.admin, "metrics", None)
+        return render(self.metrics.registry,
+                      *([manager.registry] if manager is not None else []))
 
     def _bind(self) -> socket.socket:
         family = socket.getaddrinfo(self.host, self.requested_port, type=socket.SOCK_STREAM,
@@ -872,7 +885,10 @@ class Gateway:
         if isinstance(protocol, _ClientConnection):
             protocol.request_started()
         try:
-            return await handler(request)
+            response = await handler(request)
+            if request.path != "/metrics" and not request.path.startswith(ADMIN_PREFIX):
+                self.metrics.requests.labels(str(response.status)).inc()
+            return response
         finally:
             if isinstance(protocol, _ClientConnection):
                 protocol.request_finished()
@@ -1018,6 +1034,7 @@ class Gateway:
         assert self._session is not None
         url = f"http://{target.address}{request.raw_path}"
         response: web.StreamResponse | None = None
+        started = time.monotonic()
         try:
             async with self._session.request(
                     request.method, url, headers=self._upstream_headers(request, body),
@@ -1033,6 +1050,7 @@ class Gateway:
                     async with asyncio.timeout(self.limits.idle_timeout_s):
                         await response.write(chunk)
                 target.last_progress_at = self._clock()  # the worker finished an answer
+                self.metrics.upstream_seconds.observe(time.monotonic() - started)
                 await response.write_eof()
                 return response
         except TimeoutError:

@@ -64,13 +64,15 @@ class LocalFleetRuntime:
     # Where the generated admin token was written; None when the caller gave the token.
     admin_token_path: Path | None = None
     task: asyncio.Task | None = None
+    sampler_task: asyncio.Task | None = None
 
     @classmethod
     async def start(cls, spec: FleetSpec, *, port: int = 0,
                     storage_dir: Path = DEFAULT_STORAGE, token: str | None = None,
                     command: WorkerCommand = server_command, run_dir: Path | None = None,
                     stop_timeout_s: float = 10.0,
-                    limits: GatewayLimits | None = None) -> LocalFleetRuntime:
+                    limits: GatewayLimits | None = None,
+                    sample_interval_s: float = 5.0) -> LocalFleetRuntime:
         admin_token = token or secrets.token_urlsafe(32)
         gateway = Gateway(port=port, health=HealthCheckConfig.from_spec(spec),
                           token=admin_token, limits=limits)
@@ -85,7 +87,7 @@ class LocalFleetRuntime:
             except OSError:
                 await provider.close()
                 raise
-        manager = FleetManager(provider, spec)
+        manager = FleetManager(provider, spec, sample_interval_s=sample_interval_s)
         for note in provider.notes:
             manager.record(Event(time.time(), "cleanup", None, note))
         gateway.admin = manager
@@ -99,6 +101,8 @@ class LocalFleetRuntime:
         runtime = cls(gateway, provider, manager, asyncio.Event(), admin_token, token_path)
         runtime.task = asyncio.get_running_loop().create_task(
             manager.run(runtime.stop_event), name="fleet manager")
+        runtime.sampler_task = asyncio.get_running_loop().create_task(
+            manager.sampler(lambda: token).run(runtime.stop_event), name="fleet sampler")
         return runtime
 
     @property
@@ -125,6 +129,9 @@ class LocalFleetRuntime:
         if self.task is not None:
             await self.task
             self.task = None
+        if self.sampler_task is not None:
+            await self.sampler_task
+            self.sampler_task = None
         # Before the run folder's lock goes (provider.close): a fleet started next may
         # write its own token there.
         _remove_secret(self.admin_token_path)
@@ -158,11 +165,13 @@ class LocalFleet:
                  spec_overrides: dict[str, Any] | None = None,
                  command: WorkerCommand = server_command, run_dir: Path | None = None,
                  stop_timeout_s: float = 10.0,
-                 gateway_limits: GatewayLimits | None = None) -> None:
+                 gateway_limits: GatewayLimits | None = None,
+                 sample_interval_s: float = 5.0) -> None:
         self.spec = local_spec(workers, min_workers, max_workers, **(spec_overrides or {}))
         self._options = {"port": port, "storage_dir": Path(storage_dir), "token": token,
                          "command": command, "run_dir": run_dir,
-                         "stop_timeout_s": stop_timeout_s, "limits": gateway_limits}
+                         "stop_timeout_s": stop_timeout_s, "limits": gateway_limits,
+                         "sample_interval_s": sample_interval_s}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runtime: LocalFleetRuntime | None = None

@@ -33,6 +33,7 @@ from fleet.model import (
     Deregister,
     Event,
     FleetSpec,
+    Health,
     Instance,
     Launch,
     Memory,
@@ -69,6 +70,7 @@ class FleetManager:
         clock: Callable[[], float] = time.time,
         max_events: int = 200,
         action_timeout_s: float = 60.0,
+        sample_interval_s: float = 5.0,
     ) -> None:
         self.provider = provider
         self._spec = spec
@@ -79,6 +81,12 @@ class FleetManager:
         self._action_backoff: dict[str, Backoff] = {}
         self._action_timeout_s = action_timeout_s
         self._ticks = 0
+        from fleet.metrics import ManagerMetrics  # prometheus_client: only when built
+        self.metrics = ManagerMetrics(self._metric_state)
+        from fleet.window import SAMPLES, Window
+        # An hour of samples whatever the interval (at most 3600 of them).
+        self.samples = Window(min(3600, max(SAMPLES, int(3600 / sample_interval_s))),
+                              sample_interval_s)
 
     # --- state for the admin API ---------------------------------------------------------
 
@@ -105,6 +113,29 @@ class FleetManager:
             "instances": [i.to_json() for i in self._instances],
             "events": [e.to_json() for e in self._events],
         }
+
+    def window(self, seconds: float) -> dict[str, Any]:
+        """``GET /fleet/metrics``: the rolling window's series and the events behind them
+        (for the alerts' links)."""
+        from fleet.alerts import alerts_json
+        now = self._clock()
+        body = self.samples.series(seconds, now)
+        body["alerts"] = alerts_json(self.samples.samples, self._events, now)
+        body["events"] = [e.to_json() for e in self._events if e.at >= now - seconds]
+        return body
+
+    def sampler(self, token: Callable[[], str | None] = lambda: None):
+        """The task body that fills the window from the live workers' ``/metrics``."""
+        from fleet.window import Sampler
+        return Sampler(self.samples, lambda: (self._spec.desired,
+                                              [i for i in self._instances if i.live]),
+                       token=token, clock=self._clock)
+
+    def _metric_state(self) -> dict[str, Any]:
+        live = [i for i in self._instances if i.live]
+        return {"desired": self._spec.desired, "min": self._spec.min, "max": self._spec.max,
+                "instances": len(live),
+                "healthy": sum(1 for i in live if i.health is Health.HEALTHY)}
 
     def scale(self, desired: object) -> dict[str, Any]:
         """``POST /fleet/scale``: set desired within min..max (validated, never clamped,
@@ -192,6 +223,8 @@ class FleetManager:
             self._failed(action, exc)
         else:
             self._action_backoff.pop(action.key, None)
+            self.metrics.action(type(action).__name__.lower(), True,
+                                getattr(action, "reason", ""))
 
     async def _call(self, action: Action) -> None:
         provider = self.provider
@@ -212,6 +245,7 @@ class FleetManager:
 
     def _failed(self, action: Action, exc: BaseException) -> None:
         now = self._clock()
+        self.metrics.action(type(action).__name__.lower(), False)
         permanent = isinstance(exc, PermanentProviderError)
         if not isinstance(exc, TransientProviderError | PermanentProviderError | TimeoutError):
             log.error("fleet action %s raised an unexpected error", action, exc_info=exc)

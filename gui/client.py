@@ -1657,6 +1657,14 @@ class ImageFleetClient:
         """``GET /fleet`` on the fleet's admin address (the local gateway)."""
         return parse_fleet(await self._get_json("/fleet"))
 
+    async def fleet_metrics(self, seconds: int = 900) -> dict[str, Any]:
+        """``GET /fleet/metrics?seconds=N``: the manager's rolling window (samples,
+        alerts, the events behind them) as the JSON the fleet sent."""
+        body = await self._get_json(f"/fleet/metrics?seconds={int(seconds)}")
+        if not isinstance(body, dict) or not isinstance(body.get("samples"), list):
+            raise InvalidResponse("GET /fleet/metrics answer is not a metrics window")
+        return body
+
     async def scale(self, desired: int) -> int:
         """``POST /fleet/scale {"desired": n}``; returns the desired count the fleet took.
 

@@ -21,6 +21,9 @@ class FleetController:
         self.app = app
         self.last_state: Any = None  # the latest gui.client.FleetState
         self._pending = False
+        self._metrics_pending = False
+        self.metrics_seconds = 900
+        self.last_metrics: dict[str, Any] | None = None
 
     @property
     def view(self) -> FleetView:
@@ -30,6 +33,7 @@ class FleetController:
         """Refresh now and every FLEET_POLL_MS (the app cancels the timer on close)."""
         self.app.schedule("fleet", FLEET_POLL_MS, self.poll)
         self.refresh_fleet()
+        self.refresh_metrics()
         self.app.process.refresh_expiry()
 
     def refresh_fleet(self) -> None:
@@ -48,6 +52,29 @@ class FleetController:
                 "Fleet state unavailable: " + describe_fleet_error(exc, self.app.endpoint_text()))
 
         self.app.submit(self.app.connection.admin_client.fleet(), done, failed)
+
+    def metrics_window(self, seconds: int) -> None:
+        """The window selector: fetch that much now (and on every refresh)."""
+        self.metrics_seconds = seconds
+        self.refresh_metrics()
+
+    def refresh_metrics(self) -> None:
+        """``GET /fleet/metrics`` on the app's worker thread; the view draws the answer.
+        A fleet without the window (an older manager) leaves the charts waiting."""
+        if self.app.connected is None or self._metrics_pending:
+            return
+        self._metrics_pending = True
+
+        def done(body: Any) -> None:
+            self._metrics_pending = False
+            self.last_metrics = body
+            self.view.show_metrics(body)
+
+        def failed(_exc: BaseException) -> None:
+            self._metrics_pending = False
+
+        self.app.submit(self.app.connection.admin_client.fleet_metrics(self.metrics_seconds),
+                        done, failed)
 
     def set_desired(self, text: str) -> None:
         if self.app.connected is None:

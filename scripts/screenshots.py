@@ -79,6 +79,30 @@ def capture(app: Any, display: str, path: Path) -> Path:
     return path
 
 
+def load_run(app: Any, endpoint: str, images: Path, seconds: float) -> None:
+    """Four clients posting photographs for ``seconds`` (a small bench_overload), while
+    the app keeps drawing, so the Fleet view's charts show a load run."""
+    import threading
+
+    import requests
+
+    photos = [p.read_bytes() for p in sorted(images.glob("*.png"))[:4]] or [b""]
+    stop = time.monotonic() + seconds
+
+    def client(n: int) -> None:
+        i = 0
+        while time.monotonic() < stop:
+            i += 1
+            requests.post(endpoint + "/process", timeout=60,
+                          files={"image": ("p.png", photos[(n + i) % len(photos)])},
+                          data={"operation": "rotate", "params": f'{{"angle": {i % 360}}}'})
+
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(4)]
+    for t in threads:
+        t.start()
+    pump_until(app, lambda: not any(t.is_alive() for t in threads), seconds + 90, "the load")
+
+
 def render(display: str, out: Path, images: Path) -> list[Path]:
     os.environ["DISPLAY"] = display
     import customtkinter as ctk
@@ -91,6 +115,7 @@ def render(display: str, out: Path, images: Path) -> list[Path]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("IMAGEFLEET_", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"))}
         env["HOME"] = tmp
+        env["IMAGEFLEET_SAMPLE_INTERVAL"] = "1"  # a dense window for the Fleet view's charts
         app = ImageFleetApp(environ=env)
         try:
             app.geometry("1280x800+0+0")
@@ -128,6 +153,8 @@ def render(display: str, out: Path, images: Path) -> list[Path]:
             pump_until(app, lambda: app.fleet_view.instance_ids() and all(
                 app.fleet_view.health_of(i) == "healthy"
                 for i in app.fleet_view.instance_ids()), 30, "a healthy fleet")
+            app.fleet_view.charts._choose("5 min")
+            load_run(app, app.connected.endpoint, images, seconds=40.0)
             settle(app, 1.0)
             shots.append(capture(app, display, out / "fleet.png"))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -71,6 +72,7 @@ class ServerState:
     tokens: TokenGate | None = None
     admission: Admission = field(init=False)
     processor: Processor = field(init=False)
+    metrics: Any = field(init=False)  # server.metrics.WorkerMetrics, imported lazily
     # Request ids: a random prefix per process and a counter; unique across a fleet
     # for log correlation without a system call per request.
     _id_prefix: str = field(default_factory=lambda: secrets.token_hex(4))
@@ -87,6 +89,8 @@ class ServerState:
         self.admission = Admission(self.config.process_slots, self.config.queue_limit)
         self.processor = Processor(self.registry, self.admission, peers,
                                    self.config.tile_mp * 1e6, self.config.tile_size)
+        from server.metrics import WorkerMetrics  # prometheus_client: not on import
+        self.metrics = WorkerMetrics(self.admission.snapshot, lambda: self.inflight)
         self.operations_json = json.dumps(
             {"operations": [op.to_json() for op in self.registry.values()]}).encode()
 
@@ -185,7 +189,7 @@ def _count_inflight(wsgi_app, state: ServerState):
     server in full, so a draining server never exits under a half-sent response."""
 
     def counted(environ, start_response):
-        if environ.get("PATH_INFO") == "/health":
+        if environ.get("PATH_INFO") in ("/health", "/metrics"):  # not load, not drained
             return wsgi_app(environ, start_response)
         state.enter()
         try:
@@ -237,6 +241,13 @@ def _check_token(state: ServerState) -> None:
     if not state.tokens.accepts(request.headers.get("Authorization", "")):
         raise ApiError(401, "unauthorized",
                        "missing or wrong token; send 'Authorization: Bearer <token>'")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _int_field(name: str, lo: int, hi: int) -> int | None:
@@ -295,12 +306,28 @@ def _register_routes(app: Flask, state: ServerState) -> None:
                 "bytes_in": request.content_length or 0, **g.log,
             }))
         response.headers["X-Request-Id"] = g.request_id
+        if request.path == "/process":
+            state.metrics.observe(g.log.get("operation", "none"), response.status_code,
+                                  g.get("timings", {}), bool(g.log.get("cached")),
+                                  request.content_length or 0, g.get("bytes_out", 0))
         return response
 
     @app.get("/health")
     def health():
         body = state.health()
         return jsonify(body), (503 if state.draining.is_set() else 200)
+
+    @app.get("/metrics")
+    def metrics():
+        # Read-only like the manager's GET /fleet: free to a loopback peer (Prometheus
+        # on the same host), else the API token. The socket's own peer, not ProxyFix's
+        # X-Forwarded-For, and nothing forwarded by a proxy counts as local.
+        orig = request.environ.get("werkzeug.proxy_fix.orig", {})
+        peer = orig.get("REMOTE_ADDR", request.environ.get("REMOTE_ADDR", ""))
+        if not _is_loopback(peer or "") or "X-Forwarded-For" in request.headers:
+            _check_token(state)
+        return Response(state.metrics.render(), mimetype=None,
+                        content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/operations")
     def operations():
@@ -376,6 +403,7 @@ def _register_routes(app: Flask, state: ServerState) -> None:
                        width, height, pipeline)
                 timings["store"] = (time.perf_counter() - t5) * 1000
         request.environ[PROCESSED_KEY] = True
+        g.timings, g.bytes_out = timings, size
         timings["total"] = (time.perf_counter() - t0) * 1000
         g.log.update(cached=cached, key=key[:16])
 

@@ -362,6 +362,9 @@ def test_terminate_in_fleet_view_leads_to_a_replacement(fleet_app: Any) -> None:
         view.health_of(i) == "healthy" for i in view.instance_ids()), 30,
                "two healthy instances in the table")
     assert view.totals.cget("text") == "2 healthy / 2 desired · min 2 · max 2"
+    # the charts get the manager's window through the controller, off the UI thread
+    pump_until(app, lambda: app.fleet.last_metrics is not None
+               and view.charts.drawn_items > 20, 20, "the metrics window drawn")
     view.desired_entry.delete(0, "end")
     view.desired_entry.insert(0, "5")
     view.apply_button.invoke()

@@ -5,6 +5,7 @@ memory, served by the real admin app on loopback."""
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 import time
 from pathlib import Path
@@ -189,3 +190,51 @@ def test_start_admin_without_serving_keeps_the_env_token_and_plain_http(
     assert url.startswith("http://") and (read, change) == (200, 401)
 
 
+
+
+def test_the_aws_managers_metrics_need_the_admin_token_off_loopback() -> None:
+    """``GET /metrics`` (Prometheus) and ``GET /fleet/metrics`` on the AWS manager's admin
+    address: read-only, under the same rule as GET /fleet."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fleet.aws_main import AdminServing
+    from fleet.window import Window
+
+    class MeteredFleet(StubFleet):
+        def __init__(self) -> None:
+            from fleet.metrics import ManagerMetrics
+            self.metrics = ManagerMetrics(lambda: {"desired": 2, "min": 1, "max": 4,
+                                                   "instances": 2, "healthy": 1})
+            self.metrics.action("launch", False)
+            self.metrics.action("terminate", True, "unhealthy")
+
+        def window(self, seconds: float) -> dict[str, Any]:
+            return Window().series(seconds, 0.0) | {"alerts": [], "events": []}
+
+    async def scenario() -> dict[str, Any]:
+        serving = AdminServing(token=TOKEN, loopback_reads_open=False)
+        runner, url = await start_admin(MeteredFleet(), "127.0.0.1", 0, serving)  # type: ignore[arg-type]
+        root = url.removesuffix("/fleet")
+        seen: dict[str, Any] = {}
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+                auth = {"Authorization": f"Bearer {TOKEN}"}
+                for name, path in (("prom", "/metrics"), ("window", "/fleet/metrics")):
+                    async with http.get(root + path) as resp:
+                        seen[name + "_without"] = resp.status
+                    async with http.get(root + path, headers=auth) as resp:
+                        seen[name + "_with"] = resp.status
+                        seen[name + "_body"] = await resp.text()
+        finally:
+            await runner.cleanup()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert {k: v for k, v in seen.items() if not k.endswith("_body")} == {
+        "prom_without": 401, "prom_with": 200, "window_without": 401, "window_with": 200}
+    got = {s.name: s.value for f in text_string_to_metric_families(seen["prom_body"])
+           for s in f.samples if not s.labels}
+    assert got["imagefleet_manager_desired"] == 2 and got["imagefleet_manager_healthy"] == 1
+    assert got["imagefleet_manager_launch_failures_total"] == 1
+    assert got["imagefleet_manager_replacements_total"] == 1
+    assert json.loads(seen["window_body"])["capacity_s"] == 3600

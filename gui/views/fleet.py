@@ -26,8 +26,8 @@ class FleetView(ctk.CTkFrame):
         super().__init__(master, fg_color="transparent")
         self.controller = controller
         self.columnconfigure(0, weight=1)
-        self.rowconfigure(1, weight=3)
-        self.rowconfigure(2, weight=2)
+        self.rowconfigure(2, weight=3)
+        self.rowconfigure(3, weight=2)
         self._known_rows: set[str] = set()
         self._health: dict[str, str] = {}
 
@@ -55,8 +55,12 @@ class FleetView(ctk.CTkFrame):
         self.message = ctk.CTkLabel(top, text="", anchor="w", text_color=MUTED)
         self.message.grid(row=1, column=1, sticky="ew", padx=12, pady=(0, 12))
 
+        from gui.views.charts import FleetCharts
+        self.charts = FleetCharts(self, getattr(controller, "metrics_window", lambda _s: None))
+        self.charts.grid(row=1, column=0, sticky="ew", pady=(0, 8))
+
         table_card = ctk.CTkFrame(self)
-        table_card.grid(row=1, column=0, sticky="nsew", pady=(0, 8))
+        table_card.grid(row=2, column=0, sticky="nsew", pady=(0, 8))
         table_card.columnconfigure(0, weight=1)
         table_card.rowconfigure(0, weight=1)
         self.style = ttk.Style(self)
@@ -72,7 +76,7 @@ class FleetView(ctk.CTkFrame):
         self.table.configure(yscrollcommand=scroll.set)
 
         log_card = ctk.CTkFrame(self)
-        log_card.grid(row=2, column=0, sticky="nsew")
+        log_card.grid(row=3, column=0, sticky="nsew")
         log_card.columnconfigure(0, weight=1)
         log_card.rowconfigure(1, weight=1)
         heading(log_card, "Events").grid(row=0, column=0, sticky="w", padx=12, pady=(10, 4))
@@ -98,6 +102,8 @@ class FleetView(ctk.CTkFrame):
                        foreground=[("selected", "#ffffff")])
         for health, (light, dark_colour) in HEALTH_COLOURS.items():
             self.table.tag_configure(health, foreground=dark_colour if dark else light)
+        if hasattr(self, "charts"):
+            self.charts.redraw()
 
     # -- state
     def show_state(self, state: Any, now: datetime) -> None:
@@ -142,6 +148,9 @@ class FleetView(ctk.CTkFrame):
         self.events.delete("1.0", "end")
         self.events.insert("1.0", text)
         self.events.configure(state="disabled")
+
+    def show_metrics(self, body: dict[str, Any]) -> None:
+        self.charts.show(body)
 
     def show_unavailable(self, message: str) -> None:
         self.totals.configure(text=message, text_color=ERROR)

@@ -32,11 +32,13 @@ from fleet.gateway import Gateway, GatewayLimits, HealthCheckConfig
 from fleet.manager import FleetManager
 from fleet.model import Event, FleetSpec, Health
 from fleet.providers.local import LocalProvider, WorkerCommand, server_command
+from fleet.storage_cleanup import Caps, sweep
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = Path("storage")
 ADMIN_TOKEN_FILE = "admin-token"
+CLEANUP_INTERVAL_S = 300.0  # how often the storage caps are applied (and once at start)
 
 
 def local_spec(workers: int = 2, min_workers: int | None = None,
@@ -64,18 +66,23 @@ class LocalFleetRuntime:
     # Where the generated admin token was written; None when the caller gave the token.
     admin_token_path: Path | None = None
     task: asyncio.Task | None = None
+    cleanup_task: asyncio.Task | None = None
 
     @classmethod
     async def start(cls, spec: FleetSpec, *, port: int = 0,
                     storage_dir: Path = DEFAULT_STORAGE, token: str | None = None,
                     command: WorkerCommand = server_command, run_dir: Path | None = None,
                     stop_timeout_s: float = 10.0,
-                    limits: GatewayLimits | None = None) -> LocalFleetRuntime:
+                    limits: GatewayLimits | None = None,
+                    storage_location: str | None = None,
+                    caps: Caps | None = None,
+                    cleanup_interval_s: float = CLEANUP_INTERVAL_S) -> LocalFleetRuntime:
         admin_token = token or secrets.token_urlsafe(32)
         gateway = Gateway(port=port, health=HealthCheckConfig.from_spec(spec),
                           token=admin_token, limits=limits)
         provider = LocalProvider(gateway, storage_dir=storage_dir, run_dir=run_dir,
-                                 command=command, token=token, stop_timeout_s=stop_timeout_s)
+                                 command=command, token=token, stop_timeout_s=stop_timeout_s,
+                                 storage_location=storage_location)
         provider.start()  # takes the run folder's lock: the token file below is ours
         token_path = None
         if token is None:
@@ -99,7 +106,28 @@ class LocalFleetRuntime:
         runtime = cls(gateway, provider, manager, asyncio.Event(), admin_token, token_path)
         runtime.task = asyncio.get_running_loop().create_task(
             manager.run(runtime.stop_event), name="fleet manager")
+        if caps is not None and (caps.max_bytes is not None or caps.max_age_s is not None):
+            runtime.cleanup_task = asyncio.get_running_loop().create_task(
+                runtime._clean_storage(provider.storage_dir, caps, cleanup_interval_s),
+                name="storage cleanup")
         return runtime
+
+    async def _clean_storage(self, root: Path, caps: Caps, interval_s: float) -> None:
+        """Apply the storage caps now and every ``interval_s`` (in a thread: the scan is
+        file-system I/O), until the fleet stops."""
+        while not self.stop_event.is_set():
+            try:
+                removed, freed = await asyncio.to_thread(sweep, root, caps)
+            except OSError as exc:
+                self.manager.record(Event(time.time(), "cleanup", None,
+                                          f"storage cleanup failed: {exc}"))
+            else:
+                if removed:
+                    self.manager.record(Event(
+                        time.time(), "cleanup", None,
+                        f"storage cleanup removed {removed} object(s), {freed} bytes"))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), interval_s)
 
     @property
     def endpoint(self) -> str:
@@ -125,6 +153,9 @@ class LocalFleetRuntime:
         if self.task is not None:
             await self.task
             self.task = None
+        if self.cleanup_task is not None:
+            await self.cleanup_task
+            self.cleanup_task = None
         # Before the run folder's lock goes (provider.close): a fleet started next may
         # write its own token there.
         _remove_secret(self.admin_token_path)

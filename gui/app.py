@@ -42,6 +42,7 @@ from gui.connection import (
     choose_endpoint,
     choose_token,
     default_fleet_factory,
+    local_fleet_options,
     restart_allowed,
 )
 from gui.fleet_controller import FleetController
@@ -76,6 +77,7 @@ DRAIN_MS = 50
 # Message keys: a later success removes the message filed under its key.
 CONNECTION = "connection"
 FLEET_STOPPED = "fleet-stopped"
+PORT_TAKEN = "port-taken"
 
 
 class Dialogs:
@@ -484,6 +486,7 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
             if seq == self._connect_seq:
                 self._on_connect_failed(exc)
 
+        self.connection.fleet_options = local_fleet_options(self.environ, settings)
         self.submit(self.connection.connect(endpoint, choose_token(self.environ, settings),
                                             settings.concurrency, settings.fleet_size, admin,
                                             choose_ca_file(self.environ, settings),
@@ -498,6 +501,11 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
         self.resolve_message(FLEET_STOPPED)
         self.process.on_connected(connected, self.settings.concurrency)
         self.fleet.poll()
+        notice = self.connection.fleet_notice if connected.embedded else None
+        if notice:
+            self.show_notice(notice, key=PORT_TAKEN)
+        else:
+            self.resolve_message(PORT_TAKEN)
         if connected.embedded:
             # Every connect to the same fleet shares one watch, so one death comes back
             # to each of them: it is handled once, whichever connect is current.

@@ -193,7 +193,7 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
 
         self.worker = AsyncWorker()
         self.worker.start()
-        self.connection = Connection(cache_dir(self.environ) / "storage", fleet_factory)
+        self.connection = Connection(self.storage_dir, fleet_factory)
         self.process = ProcessController(self)
         self.fleet = FleetController(self)
         self.journal = JournalController(self)
@@ -264,6 +264,8 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
         self.current_view = name
         if name == "History":
             self.history.shown()
+        elif name == "Settings":
+            self.refresh_storage_used()
 
     def _bind_shortcuts(self) -> None:
         self.bind_all("<Control-o>", lambda _e: self.process.add_files_dialog())
@@ -544,6 +546,34 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
                             f"its log is {log_file}.", key=FLEET_STOPPED,
                             action="Restart", on_action=self.connect)
     # ------------------------------------------------------------------ settings
+    @property
+    def storage_dir(self) -> Path:
+        return cache_dir(self.environ) / "storage"
+
+    def refresh_storage_used(self) -> None:
+        """Measure the local storage off the UI thread; the Settings view shows it."""
+        from fleet.storage_cleanup import used_bytes
+
+        self.submit(asyncio.to_thread(used_bytes, self.storage_dir),
+                    self.settings_view.show_storage_used)
+
+    def clear_storage(self) -> None:
+        """The Settings view's Clear button: remove every stored result and original."""
+        from fleet.storage_cleanup import clear
+
+        if not self.dialogs.confirm("Clear local storage", "Remove every result and "
+                                    "original the local fleet keeps? Their links stop "
+                                    "working."):
+            return
+
+        def cleared(outcome: tuple[int, int]) -> None:
+            removed, freed = outcome
+            self.show_info(f"Local storage cleared: {removed} file(s), "
+                           f"{freed / 2**20:.1f} MB.")
+            self.refresh_storage_used()
+
+        self.submit(asyncio.to_thread(clear, self.storage_dir), cleared)
+
     def apply_settings(self, raw: dict[str, Any]) -> None:
         try:
             new = parse_settings(raw, self.settings)

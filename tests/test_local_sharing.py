@@ -80,3 +80,25 @@ def test_s3_backed_local_fleet_gives_presigned_links_that_download(tmp_path):
         assert is_loopback_link(url)
     finally:
         server.stop()
+
+
+def test_sharing_settings_validate_and_feed_the_fleet_command(tmp_path):
+    from gui.connection import local_fleet_options
+    from gui.fleet_process import fleet_command
+    from gui.settings import Settings, SettingsError, parse_settings
+
+    settings = parse_settings({"local_port": "8765", "s3_bucket": "s3://my-results/",
+                               "s3_prefix": "/laptop/", "storage_max_mb": 100,
+                               "storage_max_age_days": 0})
+    assert settings.s3_location == "s3://my-results/laptop"
+    options = local_fleet_options({}, settings)
+    assert (options.port, options.max_storage_mb, options.max_age_days) == (8765, 100, None)
+    assert local_fleet_options({"IMAGEFLEET_LOCAL_PORT": "0"}, settings).port == 0
+    with pytest.raises(SettingsError) as info:
+        parse_settings({"local_port": 70000, "s3_bucket": "Bad_Bucket", "storage_max_mb": -1})
+    assert len(info.value.problems) == 3
+    command = fleet_command(1, tmp_path, tmp_path / "ready", 8765,
+                            sharing=SharingOptions(results="s3://b/p", max_storage_mb=100))
+    assert command[command.index("--results") + 1] == "s3://b/p"
+    assert "--port-fallback" in command and "--max-age-days" not in command
+    assert Settings().local_port == 8765

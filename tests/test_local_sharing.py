@@ -102,3 +102,24 @@ def test_sharing_settings_validate_and_feed_the_fleet_command(tmp_path):
     assert command[command.index("--results") + 1] == "s3://b/p"
     assert "--port-fallback" in command and "--max-age-days" not in command
     assert Settings().local_port == 8765
+
+
+def test_local_fleet_applies_the_storage_caps(tmp_path):
+    import time
+
+    storage = tmp_path / "storage"
+    (storage / "results").mkdir(parents=True)
+    old = storage / "results" / "old.png"
+    old.write_bytes(b"x" * 100)
+    os.utime(old, (time.time() - 3 * 86400,) * 2)
+    fresh = storage / "results" / "fresh.png"
+    fresh.write_bytes(b"x" * 100)
+    fleet = FleetProcess(1, storage, port=0, sharing=SharingOptions(max_age_days=1))
+    try:
+        fleet.start()
+        deadline = time.monotonic() + 20
+        while old.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not old.exists() and fresh.exists()
+    finally:
+        fleet.stop()

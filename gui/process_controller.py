@@ -513,6 +513,8 @@ class ProcessController:
         if job.stale and job.made_with is not None:
             meta += ("\nStale: made with " + describe_request(job.made_with, self._titles())
                      + "; the current settings make another result.")
+        if is_loopback_link(r.url):
+            meta += f"\nLink: {LOCAL_ONLY} (set an S3 bucket in the settings to share it)"
         self.view.show_result(job.name, meta,
                                       format_expiry(r.expires_at, datetime.now(UTC)), r.url)
 

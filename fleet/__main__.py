@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from fleet.gateway import GatewayLimits, raise_descriptor_limit
 from fleet.local import DEFAULT_STORAGE, LocalFleetRuntime, local_spec, write_secret
 from fleet.providers.base import ProviderError
+from fleet.storage_cleanup import Caps
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 120.0
@@ -42,6 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     local.add_argument("--storage", type=Path, default=DEFAULT_STORAGE,
                        help="shared storage folder (default ./storage)")
+    local.add_argument("--port-fallback", action="store_true",
+                       help="when --port is taken, listen on a free port instead of failing "
+                            "(the readiness file then names the port asked for)")
+    local.add_argument("--results", default=os.environ.get("IMAGEFLEET_RESULTS") or None,
+                       metavar="s3://BUCKET[/PREFIX]",
+                       help="store results and originals in S3 (standard AWS credential "
+                            "chain; AWS_ENDPOINT_URL for an S3-compatible endpoint) so "
+                            "links are presigned S3 links; default: the --storage folder")
+    local.add_argument("--max-storage-mb", type=float, default=None,
+                       help="remove the oldest local results and originals past this size")
+    local.add_argument("--max-age-days", type=float, default=None,
+                       help="remove local results and originals older than this")
     local.add_argument("--token", default=os.environ.get("IMAGEFLEET_TOKEN") or None,
                        help="require 'Authorization: Bearer TOKEN' on workers and /fleet "
                             "(default: env IMAGEFLEET_TOKEN; prefer it, argv is visible). "
@@ -76,14 +90,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def storage_caps(args: argparse.Namespace) -> Caps:
+    for name in ("max_storage_mb", "max_age_days"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return Caps(
+        max_bytes=None if args.max_storage_mb is None else int(args.max_storage_mb * 2**20),
+        max_age_s=None if args.max_age_days is None else args.max_age_days * 86400.0)
+
+
 async def run_local(args: argparse.Namespace) -> int:
     spec = local_spec(args.workers, args.min_workers, args.max_workers)
     limits = GatewayLimits(max_body_bytes=args.max_body_bytes, idle_timeout_s=args.idle_timeout,
                            header_timeout_s=args.header_timeout,
                            max_connections=args.max_connections)
-    runtime = await LocalFleetRuntime.start(spec, port=args.port, storage_dir=args.storage,
-                                            token=args.token, limits=limits,
-                                            sample_interval_s=args.sample_interval)
+    options = {"storage_dir": args.storage, "token": args.token, "limits": limits,
+               "storage_location": args.results, "caps": storage_caps(args),
+               "sample_interval_s": args.sample_interval}
+    port_taken = None
+    try:
+        runtime = await LocalFleetRuntime.start(spec, port=args.port, **options)
+    except OSError as exc:
+        if not (args.port_fallback and args.port and exc.errno == errno.EADDRINUSE):
+            raise
+        port_taken = args.port
+        print(f"port {args.port} is taken; using a free port instead (links made on "
+              f"port {args.port} will not open)", flush=True)
+        runtime = await LocalFleetRuntime.start(spec, port=0, **options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # SIGHUP too: closing the terminal must not orphan the workers (own sessions).
@@ -101,7 +135,7 @@ async def run_local(args: argparse.Namespace) -> int:
         if args.stop_on_stdin_eof:
             stdin_transport = await watch_stdin_eof(stop)
         if args.ready_file is not None:
-            await announce_ready(runtime, args.ready_file, stop)
+            await announce_ready(runtime, args.ready_file, stop, port_taken)
         await stop.wait()
     finally:
         print("stopping: draining workers…", flush=True)
@@ -144,7 +178,8 @@ async def watch_stdin_eof(stop: asyncio.Event) -> asyncio.BaseTransport:
     return transport
 
 
-async def announce_ready(runtime: LocalFleetRuntime, path: Path, stop: asyncio.Event) -> None:
+async def announce_ready(runtime: LocalFleetRuntime, path: Path, stop: asyncio.Event,
+                         port_taken: int | None = None) -> None:
     """Wait for a healthy worker (or a stop), then write the readiness file."""
     waiting = asyncio.ensure_future(runtime.wait_healthy(READY_TIMEOUT_S))
     stopped = asyncio.ensure_future(stop.wait())
@@ -159,7 +194,8 @@ async def announce_ready(runtime: LocalFleetRuntime, path: Path, stop: asyncio.E
     write_ready_file(path, {
         "endpoint": runtime.endpoint, "pid": os.getpid(),
         "admin_token_file": (str(runtime.admin_token_path.resolve())
-                             if runtime.admin_token_path is not None else None)})
+                             if runtime.admin_token_path is not None else None),
+        "port_taken": port_taken})
 
 
 def write_ready_file(path: Path, content: dict[str, object]) -> None:

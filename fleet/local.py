@@ -32,11 +32,13 @@ from fleet.gateway import Gateway, GatewayLimits, HealthCheckConfig
 from fleet.manager import FleetManager
 from fleet.model import Event, FleetSpec, Health
 from fleet.providers.local import LocalProvider, WorkerCommand, server_command
+from fleet.storage_cleanup import Caps, sweep
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = Path("storage")
 ADMIN_TOKEN_FILE = "admin-token"
+CLEANUP_INTERVAL_S = 300.0  # how often the storage caps are applied (and once at start)
 
 
 def local_spec(workers: int = 2, min_workers: int | None = None,
@@ -65,6 +67,7 @@ class LocalFleetRuntime:
     admin_token_path: Path | None = None
     task: asyncio.Task | None = None
     sampler_task: asyncio.Task | None = None
+    cleanup_task: asyncio.Task | None = None
 
     @classmethod
     async def start(cls, spec: FleetSpec, *, port: int = 0,
@@ -72,12 +75,16 @@ class LocalFleetRuntime:
                     command: WorkerCommand = server_command, run_dir: Path | None = None,
                     stop_timeout_s: float = 10.0,
                     limits: GatewayLimits | None = None,
-                    sample_interval_s: float = 5.0) -> LocalFleetRuntime:
+                    sample_interval_s: float = 5.0,
+                    storage_location: str | None = None,
+                    caps: Caps | None = None,
+                    cleanup_interval_s: float = CLEANUP_INTERVAL_S) -> LocalFleetRuntime:
         admin_token = token or secrets.token_urlsafe(32)
         gateway = Gateway(port=port, health=HealthCheckConfig.from_spec(spec),
                           token=admin_token, limits=limits)
         provider = LocalProvider(gateway, storage_dir=storage_dir, run_dir=run_dir,
-                                 command=command, token=token, stop_timeout_s=stop_timeout_s)
+                                 command=command, token=token, stop_timeout_s=stop_timeout_s,
+                                 storage_location=storage_location)
         provider.start()  # takes the run folder's lock: the token file below is ours
         token_path = None
         if token is None:
@@ -103,7 +110,28 @@ class LocalFleetRuntime:
             manager.run(runtime.stop_event), name="fleet manager")
         runtime.sampler_task = asyncio.get_running_loop().create_task(
             manager.sampler(lambda: token).run(runtime.stop_event), name="fleet sampler")
+        if caps is not None and (caps.max_bytes is not None or caps.max_age_s is not None):
+            runtime.cleanup_task = asyncio.get_running_loop().create_task(
+                runtime._clean_storage(provider.storage_dir, caps, cleanup_interval_s),
+                name="storage cleanup")
         return runtime
+
+    async def _clean_storage(self, root: Path, caps: Caps, interval_s: float) -> None:
+        """Apply the storage caps now and every ``interval_s`` (in a thread: the scan is
+        file-system I/O), until the fleet stops."""
+        while not self.stop_event.is_set():
+            try:
+                removed, freed = await asyncio.to_thread(sweep, root, caps)
+            except OSError as exc:
+                self.manager.record(Event(time.time(), "cleanup", None,
+                                          f"storage cleanup failed: {exc}"))
+            else:
+                if removed:
+                    self.manager.record(Event(
+                        time.time(), "cleanup", None,
+                        f"storage cleanup removed {removed} object(s), {freed} bytes"))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), interval_s)
 
     @property
     def endpoint(self) -> str:
@@ -132,6 +160,9 @@ class LocalFleetRuntime:
         if self.sampler_task is not None:
             await self.sampler_task
             self.sampler_task = None
+        if self.cleanup_task is not None:
+            await self.cleanup_task
+            self.cleanup_task = None
         # Before the run folder's lock goes (provider.close): a fleet started next may
         # write its own token there.
         _remove_secret(self.admin_token_path)

@@ -42,6 +42,7 @@ from gui.connection import (
     choose_endpoint,
     choose_token,
     default_fleet_factory,
+    local_fleet_options,
     restart_allowed,
 )
 from gui.fleet_controller import FleetController
@@ -76,6 +77,7 @@ DRAIN_MS = 50
 # Message keys: a later success removes the message filed under its key.
 CONNECTION = "connection"
 FLEET_STOPPED = "fleet-stopped"
+PORT_TAKEN = "port-taken"
 
 
 class Dialogs:
@@ -191,7 +193,7 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
 
         self.worker = AsyncWorker()
         self.worker.start()
-        self.connection = Connection(cache_dir(self.environ) / "storage", fleet_factory)
+        self.connection = Connection(self.storage_dir, fleet_factory)
         self.process = ProcessController(self)
         self.fleet = FleetController(self)
         self.journal = JournalController(self)
@@ -262,6 +264,8 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
         self.current_view = name
         if name == "History":
             self.history.shown()
+        elif name == "Settings":
+            self.refresh_storage_used()
 
     def _bind_shortcuts(self) -> None:
         self.bind_all("<Control-o>", lambda _e: self.process.add_files_dialog())
@@ -484,6 +488,7 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
             if seq == self._connect_seq:
                 self._on_connect_failed(exc)
 
+        self.connection.fleet_options = local_fleet_options(self.environ, settings)
         self.submit(self.connection.connect(endpoint, choose_token(self.environ, settings),
                                             settings.concurrency, settings.fleet_size, admin,
                                             choose_ca_file(self.environ, settings),
@@ -498,6 +503,11 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
         self.resolve_message(FLEET_STOPPED)
         self.process.on_connected(connected, self.settings.concurrency)
         self.fleet.poll()
+        notice = self.connection.fleet_notice if connected.embedded else None
+        if notice:
+            self.show_notice(notice, key=PORT_TAKEN)
+        else:
+            self.resolve_message(PORT_TAKEN)
         if connected.embedded:
             # Every connect to the same fleet shares one watch, so one death comes back
             # to each of them: it is handled once, whichever connect is current.
@@ -536,6 +546,34 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
                             f"its log is {log_file}.", key=FLEET_STOPPED,
                             action="Restart", on_action=self.connect)
     # ------------------------------------------------------------------ settings
+    @property
+    def storage_dir(self) -> Path:
+        return cache_dir(self.environ) / "storage"
+
+    def refresh_storage_used(self) -> None:
+        """Measure the local storage off the UI thread; the Settings view shows it."""
+        from fleet.storage_cleanup import used_bytes
+
+        self.submit(asyncio.to_thread(used_bytes, self.storage_dir),
+                    self.settings_view.show_storage_used)
+
+    def clear_storage(self) -> None:
+        """The Settings view's Clear button: remove every stored result and original."""
+        from fleet.storage_cleanup import clear
+
+        if not self.dialogs.confirm("Clear local storage", "Remove every result and "
+                                    "original the local fleet keeps? Their links stop "
+                                    "working."):
+            return
+
+        def cleared(outcome: tuple[int, int]) -> None:
+            removed, freed = outcome
+            self.show_info(f"Local storage cleared: {removed} file(s), "
+                           f"{freed / 2**20:.1f} MB.")
+            self.refresh_storage_used()
+
+        self.submit(asyncio.to_thread(clear, self.storage_dir), cleared)
+
     def apply_settings(self, raw: dict[str, Any]) -> None:
         try:
             new = parse_settings(raw, self.settings)

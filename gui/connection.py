@@ -42,13 +42,41 @@ class EmbeddedFleet(Protocol):
     def stop(self) -> Any: ...
 
 
-FleetFactory = Callable[[int, Path], EmbeddedFleet]
+@dataclass(frozen=True)
+class LocalFleetOptions:
+    """How the embedded fleet is started (from the settings): its port (0: any free one;
+    a taken one falls back to a free one), and where its results go and for how long."""
+
+    port: int = 0
+    results: str | None = None  # s3://bucket[/prefix], or None for the storage folder
+    region: str | None = None
+    max_storage_mb: float | None = None
+    max_age_days: float | None = None
 
 
-def default_fleet_factory(workers: int, storage_dir: Path) -> EmbeddedFleet:
-    from gui.fleet_process import FleetProcess
+def local_fleet_options(environ: Mapping[str, str], settings: Settings) -> LocalFleetOptions:
+    """The embedded fleet's options (env ``IMAGEFLEET_LOCAL_PORT`` > the setting)."""
+    port = settings.local_port
+    raw = environ.get("IMAGEFLEET_LOCAL_PORT", "").strip()
+    if raw.isdigit() and int(raw) <= 65535:
+        port = int(raw)
+    return LocalFleetOptions(port=port, results=settings.s3_location,
+                             region=settings.s3_region or None,
+                             max_storage_mb=settings.storage_max_mb or None,
+                             max_age_days=settings.storage_max_age_days or None)
 
-    return FleetProcess(workers, storage_dir)
+
+FleetFactory = Callable[[int, Path, LocalFleetOptions], EmbeddedFleet]
+
+
+def default_fleet_factory(workers: int, storage_dir: Path,
+                          options: LocalFleetOptions | None = None) -> EmbeddedFleet:
+    from gui.fleet_process import FleetProcess, SharingOptions
+
+    options = options or LocalFleetOptions()
+    return FleetProcess(workers, storage_dir, port=options.port, sharing=SharingOptions(
+        results=options.results, region=options.region,
+        max_storage_mb=options.max_storage_mb, max_age_days=options.max_age_days))
 
 
 @dataclass(frozen=True)
@@ -112,12 +140,19 @@ class Connection:
         self._fleet_factory = fleet_factory
         self._fleet: EmbeddedFleet | None = None
         self._fleet_size = 0
+        self.fleet_options = LocalFleetOptions()  # the app sets it from the settings
+        self._fleet_started_with: LocalFleetOptions | None = None
         self._fleet_starting: asyncio.Future[Any] | None = None
         self._watch: asyncio.Future[FleetExit | None] | None = None
         self._watched: EmbeddedFleet | None = None
         self._client: ImageFleetClient | None = None
         self._admin: ImageFleetClient | None = None
         self.endpoint = ""
+
+    @property
+    def fleet_notice(self) -> str | None:
+        """What the embedded fleet has to tell the user (its stable port was taken)."""
+        return getattr(self._fleet, "port_notice", None)
 
     @property
     def client(self) -> ImageFleetClient:
@@ -175,12 +210,14 @@ class Connection:
         return Connected(endpoint, embedded, operations)
 
     async def _ensure_fleet(self, size: int) -> str:
-        if self._fleet is not None and self._fleet_size != size:
+        if self._fleet is not None and (self._fleet_size != size
+                                        or self._fleet_started_with != self.fleet_options):
             await self._stop_fleet()
         if self._fleet is None:
             self._storage_dir.mkdir(parents=True, exist_ok=True)
-            self._fleet = self._fleet_factory(size, self._storage_dir)
+            self._fleet = self._fleet_factory(size, self._storage_dir, self.fleet_options)
             self._fleet_size = size
+            self._fleet_started_with = self.fleet_options
             loop = asyncio.get_running_loop()
             # start() blocks until a worker is healthy; a thread keeps the loop free
             fleet = self._fleet

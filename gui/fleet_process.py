@@ -58,14 +58,37 @@ class FleetReady:
     endpoint: str
     pid: int
     admin_token_file: str | None
+    port_taken: int | None = None  # the stable port asked for was taken: links changed
+
+
+@dataclass(frozen=True)
+class SharingOptions:
+    """Where the embedded fleet's results go and how long they stay: ``results`` is
+    ``s3://bucket[/prefix]`` (credentials from the standard AWS chain, never from the
+    settings) or None for the storage folder; the caps apply to the folder."""
+
+    results: str | None = None
+    region: str | None = None
+    max_storage_mb: float | None = None
+    max_age_days: float | None = None
 
 
 def fleet_command(workers: int, storage_dir: Path, ready_file: Path, port: int = 0,
-                  python: str = sys.executable) -> list[str]:
-    """``python -m fleet local`` for an embedded fleet (port 0: a free one)."""
-    return [python, "-m", "fleet", "local", "--workers", str(workers), "--port", str(port),
-            "--storage", str(storage_dir), "--ready-file", str(ready_file),
-            "--stop-on-stdin-eof"]
+                  python: str = sys.executable,
+                  sharing: SharingOptions | None = None) -> list[str]:
+    """``python -m fleet local`` for an embedded fleet (port 0: a free one; a fixed port
+    that is taken falls back to a free one)."""
+    command = [python, "-m", "fleet", "local", "--workers", str(workers), "--port", str(port),
+               "--storage", str(storage_dir), "--ready-file", str(ready_file),
+               "--stop-on-stdin-eof", "--port-fallback"]
+    sharing = sharing or SharingOptions()
+    if sharing.results:
+        command += ["--results", sharing.results]
+    if sharing.max_storage_mb:
+        command += ["--max-storage-mb", f"{sharing.max_storage_mb:g}"]
+    if sharing.max_age_days:
+        command += ["--max-age-days", f"{sharing.max_age_days:g}"]
+    return command
 
 
 def parse_ready(text: str) -> FleetReady:
@@ -74,8 +97,10 @@ def parse_ready(text: str) -> FleetReady:
     if not isinstance(endpoint, str) or not endpoint.startswith("http"):
         raise ValueError(f"no endpoint in the fleet's readiness file: {text[:200]!r}")
     token_file = data.get("admin_token_file")
+    taken = data.get("port_taken")
     return FleetReady(endpoint, int(data.get("pid") or 0),
-                      token_file if isinstance(token_file, str) else None)
+                      token_file if isinstance(token_file, str) else None,
+                      taken if isinstance(taken, int) and not isinstance(taken, bool) else None)
 
 
 def log_tail(path: Path, lines: int = 6, max_bytes: int = 16384) -> str:
@@ -103,8 +128,10 @@ class FleetProcess:
 
     def __init__(self, workers: int, storage_dir: Path, *, port: int = 0,
                  stop_timeout_s: float = STOP_TIMEOUT_S,
-                 environ: dict[str, str] | None = None) -> None:
+                 environ: dict[str, str] | None = None,
+                 sharing: SharingOptions | None = None) -> None:
         self.workers = workers
+        self.sharing = sharing or SharingOptions()
         self.storage_dir = Path(storage_dir).resolve()
         self.port = port
         self.stop_timeout_s = stop_timeout_s
@@ -127,11 +154,14 @@ class FleetProcess:
         self.ready_file.unlink(missing_ok=True)  # a killed fleet's file must not be read
         env = {k: v for k, v in self._environ.items() if k not in DROPPED_ENV}
         env["PYTHONUNBUFFERED"] = "1"
+        if self.sharing.region:
+            env["AWS_DEFAULT_REGION"] = self.sharing.region
         self._rotate_log()
         self._log_handle = self.log_file.open("ab")
         try:
             self._process = subprocess.Popen(
-                fleet_command(self.workers, self.storage_dir, self.ready_file, self.port),
+                fleet_command(self.workers, self.storage_dir, self.ready_file, self.port,
+                              sharing=self.sharing),
                 cwd=PROJECT_ROOT, env=env, stdin=subprocess.PIPE, stdout=self._log_handle,
                 stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
@@ -237,6 +267,16 @@ class FleetProcess:
         if self._ready is None:
             raise RuntimeError("the local fleet is not running")
         return self._ready.endpoint
+
+    @property
+    def port_notice(self) -> str | None:
+        """What to tell the user when the stable port was taken, else None."""
+        if self._ready is None or self._ready.port_taken is None:
+            return None
+        return (f"Port {self._ready.port_taken} was in use, so the local fleet listens on "
+                f"{self._ready.endpoint} this time: links made earlier on port "
+                f"{self._ready.port_taken} will not open until it is free again "
+                "(the local_port setting in settings.json).")
 
     @property
     def admin_token(self) -> str | None:

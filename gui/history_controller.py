@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from gui.journal import BatchSummary, InputRecord, ItemState
 from gui.journal_controller import SPEC_KIND, spec_request
+from gui.links import LOCAL_ONLY, is_loopback_link
 from gui.naming import batch_candidates, save_result, save_summary
 from gui.viewmodel import describe_error, describe_request, format_duration, result_filename
 
@@ -165,6 +166,8 @@ class HistoryController:
                 return
             note = f"{len(links)} link{'s' if len(links) != 1 else ''} copied"
             note += f"; {expired} expired and left out." if expired else "."
+            if any(is_loopback_link(link) for link in links):
+                note += f" They open on {LOCAL_ONLY}."
             self.app.copy_to_clipboard("\n".join(links), note)
 
         self.app.submit(asyncio.to_thread(

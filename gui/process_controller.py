@@ -27,6 +27,7 @@ from PIL import Image
 from gui.client import ClientError, ProcessResult
 from gui.connection import Connected
 from gui.imagecheck import check_headers
+from gui.links import LOCAL_ONLY, is_loopback_link
 from gui.naming import (
     SaveOutcome,
     save_result,
@@ -512,6 +513,8 @@ class ProcessController:
         if job.stale and job.made_with is not None:
             meta += ("\nStale: made with " + describe_request(job.made_with, self._titles())
                      + "; the current settings make another result.")
+        if is_loopback_link(r.url):
+            meta += f"\nLink: {LOCAL_ONLY} (set an S3 bucket in the settings to share it)"
         self.view.show_result(job.name, meta,
                                       format_expiry(r.expires_at, datetime.now(UTC)), r.url)
 
@@ -956,8 +959,10 @@ class ProcessController:
         # a recipe's image has a link per output: one line each, named
         self.app.clipboard_append("\n".join(f"{name}: {info.url}" for name, info in job.outputs)
                                   if job.outputs else job.result.url)
+        local = f" Opens on {LOCAL_ONLY}." if is_loopback_link(job.result.url) else ""
         self.app.show_info(f"Link to {job.name} copied. "
-                       f"{format_expiry(job.result.expires_at, datetime.now(UTC)).capitalize()}.")
+                       f"{format_expiry(job.result.expires_at, datetime.now(UTC)).capitalize()}."
+                       + local)
 
     def open_link(self) -> None:
         job = self._selected_done()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,6 +28,10 @@ LINK_TTL_MIN_S = 60
 LINK_TTL_MAX_S = 7 * 24 * 3600  # the server never signs links for longer than 7 days
 CONCURRENCY_RANGE = (1, 32)
 FLEET_SIZE_RANGE = (1, 8)
+DEFAULT_LOCAL_PORT = 8765  # stable, so the local fleet's links last across launches
+PORT_RANGE = (0, 65535)  # 0: any free port
+STORAGE_MAX_MB_RANGE = (0, 1_000_000)  # 0: no size cap
+STORAGE_MAX_AGE_DAYS_RANGE = (0, 3650)  # 0: no age cap
 
 
 class SettingsError(ValueError):
@@ -61,6 +66,23 @@ class Settings:
     admin_token: str = ""
     on_conflict: str = "unique"  # Save all: never overwrite unless the user chose it
     name_template: str = DEFAULT_TEMPLATE  # Save all's names (a recipe's outputs have theirs)
+    # The embedded fleet: its gateway's port (0: any free one), where its results go (an
+    # S3 bucket, credentials from the standard AWS chain, never kept here; empty: the
+    # local storage folder), and the local folder's caps (0: none).
+    local_port: int = DEFAULT_LOCAL_PORT
+    s3_bucket: str = ""
+    s3_region: str = ""
+    s3_prefix: str = ""
+    storage_max_mb: int = 500
+    storage_max_age_days: int = 7
+
+    @property
+    def s3_location(self) -> str | None:
+        """``s3://bucket[/prefix]`` for the embedded fleet, or None (the folder)."""
+        if not self.s3_bucket:
+            return None
+        prefix = self.s3_prefix.strip("/")
+        return f"s3://{self.s3_bucket}" + (f"/{prefix}" if prefix else "")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,6 +168,20 @@ def parse_settings(data: Mapping[str, Any], base: Settings | None = None) -> Set
         if "\n" in ca_file or "\x00" in ca_file:
             problems.append("ca_file must be the path of a PEM file")
         values["ca_file"] = str(Path(ca_file).expanduser()) if ca_file else ""
+    for name in ("s3_bucket", "s3_region", "s3_prefix"):
+        if name in data:
+            value = str(data[name] or "").strip()
+            if name == "s3_bucket":
+                value = value.removeprefix("s3://").strip("/")
+                if value and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", value):
+                    problems.append("s3_bucket must be an S3 bucket name (3-63 lower-case "
+                                    f"letters, digits, dots, hyphens), got {value!r}")
+            elif name == "s3_region" and value and not re.fullmatch(r"[a-z0-9-]+", value):
+                problems.append(f"s3_region must be a region name such as eu-west-1, "
+                                f"got {value!r}")
+            elif any(c.isspace() for c in value):
+                problems.append(f"{name} may not contain spaces")
+            values[name] = value
     if "appearance" in data:
         appearance = str(data["appearance"]).strip().lower()
         if appearance not in APPEARANCES:
@@ -169,6 +205,9 @@ def parse_settings(data: Mapping[str, Any], base: Settings | None = None) -> Set
         "link_ttl_s": (LINK_TTL_MIN_S, LINK_TTL_MAX_S),
         "concurrency": CONCURRENCY_RANGE,
         "fleet_size": FLEET_SIZE_RANGE,
+        "local_port": PORT_RANGE,
+        "storage_max_mb": STORAGE_MAX_MB_RANGE,
+        "storage_max_age_days": STORAGE_MAX_AGE_DAYS_RANGE,
     }.items():
         if name in data:
             values[name] = _int_in_range(name, data[name], low, high, problems)

@@ -34,6 +34,9 @@ def private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
     of the session's own, never to the user's data folder; processes started by the
     tests inherit it. Tests that look at a journal set their own folder."""
     base = tmp_path_factory.mktemp("data-home")
+    # Apps the tests start take any free port for their local fleet, never the stable one
+    # (several may run at once); the stable port's own test sets it.
+    os.environ.setdefault("IMAGEFLEET_LOCAL_PORT", "0")
     old = os.environ.get("XDG_DATA_HOME")
     os.environ["XDG_DATA_HOME"] = str(base)
     yield base

@@ -44,6 +44,7 @@ def app_environ(base: Path) -> dict[str, str]:
     env["XDG_CONFIG_HOME"] = str(base / "config")
     env["XDG_CACHE_HOME"] = str(base / "cache")
     env["XDG_DATA_HOME"] = str(base / "data")  # the batch journal
+    env["IMAGEFLEET_LOCAL_PORT"] = "0"  # never the stable port: tests run side by side
     return env
 
 

@@ -106,6 +106,7 @@ def test_process_two_photographs_end_to_end(fleet_app: Any, tmp_path: Path) -> N
                "the selected result's link")
     meta = app.process_view.result_meta.cget("text")
     assert f"Instance {jobs[1].result.instance_id}" in meta
+    assert "this computer only" in meta  # the embedded fleet's links are loopback links
     assert re.search(r"\d+ ms|\d+\.\d\d s", meta), meta
     assert "link expires in" in app.process_view.expiry_label.cget("text")
 

@@ -64,6 +64,9 @@ class WorkerLaunch:
     storage_dir: Path
     gateway_url: str
     token: str | None
+    # Where results go when not the folder: ``s3://bucket[/prefix]`` (the standard AWS
+    # credential chain; the folder still holds the run state).
+    storage_location: str | None = None
 
 
 def server_command(launch: WorkerLaunch) -> list[str]:
@@ -71,7 +74,8 @@ def server_command(launch: WorkerLaunch) -> list[str]:
     # The token travels in the environment (IMAGEFLEET_TOKEN), never in argv where any
     # local user could read it with ps.
     return [sys.executable, "-m", "server", "--host", launch.host, "--port",
-            str(launch.port), "--storage", str(launch.storage_dir), "--instance-id",
+            str(launch.port), "--storage", launch.storage_location or str(launch.storage_dir),
+            "--instance-id",
             launch.instance_id, "--peers", launch.gateway_url,
             # Links name the gateway, whatever Host header a client sent.
             "--public-url", launch.gateway_url]
@@ -116,8 +120,10 @@ class LocalProvider:
         stop_timeout_s: float = 10.0,
         id_prefix: str = "w",
         extra_env: dict[str, str] | None = None,
+        storage_location: str | None = None,
     ) -> None:
         self.gateway = gateway
+        self.storage_location = storage_location
         self.storage_dir = Path(storage_dir).resolve()
         self.run_dir = Path(run_dir) if run_dir else self.storage_dir / ".fleet"
         self.command = command
@@ -203,7 +209,7 @@ class LocalProvider:
         port = free_port()
         launch = WorkerLaunch(instance_id=instance_id, host="127.0.0.1", port=port,
                               storage_dir=self.storage_dir, gateway_url=self.gateway.url,
-                              token=self.token)
+                              token=self.token, storage_location=self.storage_location)
         command = list(self.command(launch))
         env = {**os.environ, **self.extra_env}
         env["PYTHONPATH"] = os.pathsep.join(

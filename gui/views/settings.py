@@ -26,6 +26,7 @@ TTL_UNITS = {"minutes": 60, "hours": 3600, "days": 86400}
 
 class SettingsActions(Protocol):
     def apply_settings(self, raw: dict[str, Any]) -> None: ...
+    def clear_storage(self) -> None: ...
 
 
 def ttl_to_form(seconds: int) -> tuple[str, str]:
@@ -105,13 +106,23 @@ class SettingsView(ctk.CTkFrame):
         row(12, "Result names", self.name_template,
             "Save all's file names, from " + " ".join("{" + f + "}" for f in FIELDS)
             + " ({n:04}: the image's number, zero-padded).")
+        storage = ctk.CTkFrame(card, fg_color="transparent")
+        self.storage_used = ctk.CTkLabel(storage, text="…", anchor="w", width=130)
+        self.storage_used.grid(row=0, column=0)
+        self.clear_button = ctk.CTkButton(storage, text="Clear", width=80,
+                                          command=controller.clear_storage)
+        self.clear_button.grid(row=0, column=1, padx=(8, 0))
+        row(13, "Local storage", storage,
+            "Space the embedded fleet's results and originals use (kept within the "
+            "storage_max_mb and storage_max_age_days settings). Clear removes them: "
+            "their links stop working.")
         buttons = ctk.CTkFrame(card, fg_color="transparent")
-        buttons.grid(row=13, column=0, columnspan=3, sticky="w", padx=16, pady=(14, 4))
+        buttons.grid(row=14, column=0, columnspan=3, sticky="w", padx=16, pady=(14, 4))
         self.save_button = ctk.CTkButton(buttons, text="Save and reconnect", width=160,
                                          command=self._save)
         self.save_button.grid(row=0, column=0)
         self.message = ctk.CTkLabel(card, text="", anchor="w", justify="left", wraplength=760)
-        self.message.grid(row=14, column=0, columnspan=3, sticky="w", padx=16, pady=(4, 8))
+        self.message.grid(row=15, column=0, columnspan=3, sticky="w", padx=16, pady=(4, 8))
 
     def show(self, settings: Settings, path: str, overridden: str = "") -> None:
         self.path_label.configure(text=f"Kept in {path}" + (f" · {overridden}"
@@ -162,6 +173,9 @@ class SettingsView(ctk.CTkFrame):
             "on_conflict": self._conflict_by_label.get(self.on_conflict.get(), "unique"),
             "name_template": self.name_template.get(),
         }
+
+    def show_storage_used(self, used_bytes: int) -> None:
+        self.storage_used.configure(text=f"{used_bytes / 2**20:.1f} MB used")
 
     def _save(self) -> None:
         self.controller.apply_settings(self.raw_values())

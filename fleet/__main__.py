@@ -167,7 +167,7 @@ def write_ready_file(path: Path, content: dict[str, object]) -> None:
 
 def run_aws(config: Path) -> int:
     try:
-        from fleet.providers.aws import aws_main
+        from fleet.aws_main import main as aws_main
     except ImportError as exc:
         print(f"python -m fleet run: the AWS provider is not available ({exc})",
               file=sys.stderr)

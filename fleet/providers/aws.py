@@ -507,10 +507,3 @@ class SshBootstrapper:
                 token_parameter=self.config.token_parameter))
         log.info("bootstrapped %s in %.1fs (ssh up after %.1fs)", iid, result.duration_s,
                  result.connect_s)
-
-
-def aws_main(config_path: str | Path) -> int:
-    """``python -m fleet run --config FILE`` (see :mod:`fleet.aws_main`)."""
-    from fleet.aws_main import main
-
-    return main(config_path)

@@ -121,3 +121,20 @@ def test_no_cycle_among_module_level_imports():
     top, _ = _imports(_modules())
     cycle = _cycle(top)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+LIGHT_MODULES = ("server", "server.version", "server.tokens", "server.config", "server.errors",
+                 "server.signing", "fleet", "fleet.model", "gui")
+
+
+def test_light_modules_import_neither_flask_nor_opencv():
+    """The package roots and the modules the manager and the app use alone stay light."""
+    import subprocess
+    import sys
+
+    for module in LIGHT_MODULES:
+        code = (f"import {module}, sys; heavy = [m for m in ('flask', 'cv2') "
+                "if m in sys.modules]; assert not heavy, heavy")
+        out = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, f"import {module}: {out.stderr}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
@@ -135,9 +135,6 @@ class FleetSpec:
 
     def clamp(self, desired: int) -> int:
         return max(self.min, min(self.max, desired))
-
-    def with_desired(self, desired: int) -> FleetSpec:
-        return replace(self, desired=self.clamp(desired))
 
 
 def spec_problems(spec: FleetSpec) -> list[str]:

@@ -1,4 +1,4 @@
-"""``python -m fleet local|run`` (DESIGN.md).
+"""``python -m fleet local|run``.
 
 Two options of ``local`` are for a program that runs the fleet as its child (the desktop
 app does): ``--ready-file PATH`` writes, once a worker is healthy, a JSON

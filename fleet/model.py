@@ -72,7 +72,7 @@ class Instance:
         return self.state in LIVE_STATES
 
     def to_json(self) -> dict[str, Any]:
-        """The shape of one entry of ``GET /fleet`` ``instances`` (DESIGN.md)."""
+        """The shape of one entry of ``GET /fleet`` ``instances``."""
         return {
             "id": self.id,
             "state": self.state.value,

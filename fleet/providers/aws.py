@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.aws_config import FLEET_TAG_KEY, ROLE_TAG_KEY, AwsFleetConfig
+from fleet.aws_errors import error_code
 from fleet.load_probe import LoadProbe, probe_all, progress_times
 from fleet.model import Health, Instance, InstanceState
 from fleet.providers.base import PermanentProviderError, TransientProviderError
@@ -77,9 +78,6 @@ TARGET_STATES = {
 }
 
 
-def error_code(exc: BaseException) -> str:
-    response = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))
 
 
 def classify(exc: BaseException, what: str) -> TransientProviderError | PermanentProviderError:

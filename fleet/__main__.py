@@ -1,4 +1,4 @@
-"""``python -m fleet local|run`` (DESIGN.md).
+"""``python -m fleet local|run``.
 
 Two options of ``local`` are for a program that runs the fleet as its child (the desktop
 app does): ``--ready-file PATH`` writes, once a worker is healthy, a JSON
@@ -207,7 +207,7 @@ def write_ready_file(path: Path, content: dict[str, object]) -> None:
 
 def run_aws(config: Path) -> int:
     try:
-        from fleet.providers.aws import aws_main
+        from fleet.aws_main import main as aws_main
     except ImportError as exc:
         print(f"python -m fleet run: the AWS provider is not available ({exc})",
               file=sys.stderr)

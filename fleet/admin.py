@@ -1,4 +1,4 @@
-"""The fleet's admin HTTP API (DESIGN.md): ``GET /fleet``, ``POST /fleet/scale``,
+"""The fleet's admin HTTP API: ``GET /fleet``, ``POST /fleet/scale``,
 ``POST /fleet/instances/<id>/terminate``.
 
 The local gateway mounts these routes next to its proxy; ``python -m fleet run`` (AWS)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fleet.aws_config import FLEET_TAG_KEY, ROLE_TAG_KEY
+from fleet.aws_errors import error_code
 from fleet.aws_stack import Names, Resource, resolve, substitute, tags
 from fleet.tls import certificate_info, needs_new_certificate, self_signed_certificate
 from server.tokens import TokenSet, TokenSourceError, parse_token_document
@@ -88,9 +89,6 @@ class Context:
 
 # ------------------------------------------------------------------------- helpers
 
-def error_code(exc: Exception) -> str:
-    response = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))
 
 
 def has_fleet_tag(found: Iterable[Mapping[str, str]] | None, fleet: str) -> bool:

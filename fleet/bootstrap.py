@@ -38,7 +38,6 @@ import logging
 import re
 import select
 import shlex
-import socket
 import struct
 import tarfile
 import time
@@ -539,11 +538,3 @@ def wait_for_host_keys(fetch_console: Callable[[], str], *, deadline: float,
                                        "the console before the deadline") from None
         sleep(min(delay, remaining))
         delay = min(delay * 2, 10.0)
-
-
-def is_port_open(host: str, port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fleet.aws_errors import error_code as _error_code
+
 log = logging.getLogger(__name__)
 
 # Stop acting this long before our lease expires, so a slow tick cannot overlap the next
@@ -60,9 +62,6 @@ class LeaseStatus:
     changed: bool  # held flipped on this call: worth an event
 
 
-def _error_code(exc: Exception) -> str:
-    response = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))
 
 
 # 412: the condition failed (someone wrote first); 409: a concurrent conditional write.

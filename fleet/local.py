@@ -188,7 +188,7 @@ def _remove_secret(path: Path | None) -> None:
 
 
 class LocalFleet:
-    """An embedded local fleet with its own event loop thread (interfaces.md)."""
+    """An embedded local fleet (gateway and workers) with its own event loop thread."""
 
     def __init__(self, workers: int = 2, min_workers: int | None = None,
                  max_workers: int | None = None, port: int = 0,

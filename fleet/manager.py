@@ -103,7 +103,7 @@ class FleetManager:
         return tuple(self._events)
 
     def snapshot(self) -> dict[str, Any]:
-        """``GET /fleet`` (DESIGN.md), newest event last."""
+        """``GET /fleet``, newest event last."""
         return {
             "name": self._spec.name,
             "provider": self.provider.name,

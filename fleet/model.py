@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
@@ -72,7 +72,7 @@ class Instance:
         return self.state in LIVE_STATES
 
     def to_json(self) -> dict[str, Any]:
-        """The shape of one entry of ``GET /fleet`` ``instances`` (DESIGN.md)."""
+        """The shape of one entry of ``GET /fleet`` ``instances``."""
         return {
             "id": self.id,
             "state": self.state.value,
@@ -135,9 +135,6 @@ class FleetSpec:
 
     def clamp(self, desired: int) -> int:
         return max(self.min, min(self.max, desired))
-
-    def with_desired(self, desired: int) -> FleetSpec:
-        return replace(self, desired=self.clamp(desired))
 
 
 def spec_problems(spec: FleetSpec) -> list[str]:

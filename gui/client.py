@@ -1,4 +1,4 @@
-"""The one async client for the ImageFleet HTTP API (see DESIGN.md, "Processing server").
+"""The one async client for the ImageFleet HTTP API served by the processing server.
 
 Used by the desktop app and by ``python -m scripts.process``. It speaks to a
 processing server directly or, more usually, through a load balancer (the AWS ALB

@@ -216,10 +216,6 @@ def format_value(spec: ControlSpec, value: Any) -> str:
     return str(value)
 
 
-def default_params(controls: Iterable[ControlSpec]) -> dict[str, Any]:
-    return {c.name: c.default for c in controls}
-
-
 # --------------------------------------------------------------------------- requests
 
 
@@ -794,13 +790,6 @@ class Batch:
         requests are stopped by the caller). Finished images keep their outcome."""
         return [self._set(self._stopped(job)) for job in list(self._jobs.values())
                 if job.status in IN_RUN]
-
-    def cancel_ticket(self, job_id: int, ticket: int) -> ImageJob | None:
-        """Mark one image cancelled (its task was stopped before it finished)."""
-        job = self._current(job_id, ticket)
-        if job is None:
-            return None
-        return self._set(self._stopped(job))
 
     def overall(self) -> Overall:
         """The run's totals, from the kept counts (no scan)."""

@@ -327,10 +327,6 @@ class ProgressDisplay:
             self.stream.flush()
             self._line_shown = False
 
-    def redraw(self) -> None:
-        if self.is_tty:
-            self._draw(time.monotonic())
-
     def _draw(self, now: float) -> None:
         self._last_draw = now
         tally = self.tally

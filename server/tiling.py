@@ -17,7 +17,6 @@ Operation kinds (see `Operation.tiling`):
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -71,14 +70,6 @@ def plan_tiles(width: int, height: int, tile_size: int, halo: int) -> list[Tile]
                               max(0, x0 - halo), max(0, y0 - halo),
                               min(width, x1 + halo), min(height, y1 + halo)))
     return tiles
-
-
-def tile_size_for(width: int, height: int, target_tiles: int, max_side: int) -> int:
-    """The largest square tile side (≤ max_side) giving at least target_tiles tiles."""
-    side = max_side
-    while side > 64 and math.ceil(width / side) * math.ceil(height / side) < target_tiles:
-        side = int(side * 0.9)
-    return side
 
 
 def pipeline_is_tileable(pipeline: Pipeline) -> bool:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.aws_config import FLEET_TAG_KEY, ROLE_TAG_KEY, AwsFleetConfig
+from fleet.aws_errors import error_code
 from fleet.load_probe import LoadProbe, probe_all, progress_times
 from fleet.model import Health, Instance, InstanceState
 from fleet.providers.base import PermanentProviderError, TransientProviderError
@@ -77,9 +78,6 @@ TARGET_STATES = {
 }
 
 
-def error_code(exc: BaseException) -> str:
-    response = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))
 
 
 def classify(exc: BaseException, what: str) -> TransientProviderError | PermanentProviderError:
@@ -507,10 +505,3 @@ class SshBootstrapper:
                 token_parameter=self.config.token_parameter))
         log.info("bootstrapped %s in %.1fs (ssh up after %.1fs)", iid, result.duration_s,
                  result.connect_s)
-
-
-def aws_main(config_path: str | Path) -> int:
-    """``python -m fleet run --config FILE`` (see :mod:`fleet.aws_main`)."""
-    from fleet.aws_main import main
-
-    return main(config_path)

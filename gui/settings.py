@@ -20,12 +20,13 @@ from urllib.parse import urlparse
 
 from gui.naming import ON_CONFLICT_CHOICES as ON_CONFLICT  # Save all when a name is taken
 from gui.output_rules import DEFAULT_TEMPLATE, TemplateError, parse_template
+from server.limits import MAX_LINK_SECONDS
 
 log = logging.getLogger(__name__)
 
 APPEARANCES = ("system", "light", "dark")
 LINK_TTL_MIN_S = 60
-LINK_TTL_MAX_S = 7 * 24 * 3600  # the server never signs links for longer than 7 days
+LINK_TTL_MAX_S = MAX_LINK_SECONDS  # the server never signs links for longer
 CONCURRENCY_RANGE = (1, 32)
 FLEET_SIZE_RANGE = (1, 8)
 DEFAULT_LOCAL_PORT = 8765  # stable, so the local fleet's links last across launches

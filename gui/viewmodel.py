@@ -25,9 +25,8 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from gui.naming import pipeline_label, result_name
+from server.limits import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".avif", ".heic", ".heif", ".bmp",
-                            ".tif", ".tiff"})
 OUTPUT_FORMATS = ("original", "png", "jpeg", "webp", "avif")
 LOSSY_FORMATS = frozenset({"jpeg", "webp", "avif"})
 SUBSAMPLINGS = ("4:2:0", "4:2:2", "4:4:4")

@@ -135,9 +135,9 @@ from gui.recipes import (
     read_recipe_file,
 )
 from scripts import batch_journal
+from server.limits import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
+from server.limits import MAX_LINK_SECONDS
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".avif", ".heic", ".heif", ".bmp",
-                              ".tif", ".tiff", ".gif"})
 FORMATS = ("png", "jpeg", "webp", "avif")
 SUBSAMPLINGS = ("4:4:4", "4:2:2", "4:2:0")
 ICC_POLICIES = ("srgb", "keep")
@@ -148,7 +148,7 @@ OPTION_FORMATS = {"progressive": ("jpeg",), "subsampling": ("jpeg", "avif"),
                   "lossless": ("webp",)}
 OPTION_FIELDS = ("progressive", "subsampling", "lossless", "icc", "metadata")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-MAX_EXPIRES_IN = 7 * 24 * 3600
+MAX_EXPIRES_IN = MAX_LINK_SECONDS
 
 
 # --------------------------------------------------------------------------- pure helpers

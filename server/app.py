@@ -27,6 +27,7 @@ from server.admission import RETRY_AFTER_S, Admission, Control, client_disconnec
 from server.config import ServerConfig
 from server.cost import check_cost
 from server.errors import ApiError, bad_request
+from server.limits import MAX_LINK_SECONDS
 from server.multipart import InMemoryFormDataParser
 from server.operations import Registry, default_registry
 from server.output_options import OutputOptions, parse_format, parse_options
@@ -34,7 +35,7 @@ from server.peers import PeerClient
 from server.pipeline import Pipeline, check_output_pixels, parse_pipeline
 from server.processing import Job, Processor
 from server.signing import TileCredentials
-from server.storage import MAX_LINK_SECONDS, Storage, StorageError, StorageFull, open_storage
+from server.storage import Storage, StorageError, StorageFull, open_storage
 from server.tiling import TILE_HEADER
 from server.tokens import TokenGate, open_token_gate
 from server.transport import CountedBody

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from server.storage import MAX_LINK_SECONDS
+from server.limits import MAX_LINK_SECONDS
 
 ENV_PREFIX = "IMAGEFLEET_"
 SPARE_THREADS = 8

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
 
+from server.limits import MAX_LINK_SECONDS
 from server.signing import SECRET_ENV, LinkSigner, TileCredentials, load_link_keys, parse_keys
 
 log = logging.getLogger(__name__)
 
-MAX_LINK_SECONDS = 7 * 24 * 3600  # SigV4 presigned URLs cannot outlive 7 days either
 SAFE_KEY = re.compile(r"^[a-z]+/[0-9a-f]{16,128}\.[a-z0-9]{2,5}$")
 
 

@@ -22,9 +22,10 @@ import sys
 from pathlib import Path
 
 from fleet.gateway import GatewayLimits, raise_descriptor_limit
-from fleet.local import DEFAULT_STORAGE, LocalFleetRuntime, local_spec, write_secret
+from fleet.local import DEFAULT_STORAGE, LocalFleetRuntime, local_spec
 from fleet.providers.base import ProviderError
 from fleet.storage_cleanup import Caps
+from server.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 120.0
@@ -200,9 +201,7 @@ async def announce_ready(runtime: LocalFleetRuntime, path: Path, stop: asyncio.E
 
 def write_ready_file(path: Path, content: dict[str, object]) -> None:
     """Write ``content`` as JSON readable by the owner only, whole or not at all."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write_secret(temporary, json.dumps(content))
-    os.replace(temporary, path)
+    write_atomic(path, json.dumps(content))
 
 
 def run_aws(config: Path) -> int:

@@ -14,10 +14,11 @@ import json
 import os
 import re
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from server.atomic import write_atomic
 
 FLEET_TAG_KEY = "imagefleet:fleet"
 ROLE_TAG_KEY = "imagefleet:role"
@@ -236,19 +237,7 @@ def load_config(path: str | os.PathLike[str]) -> AwsFleetConfig:
 
 def write_private_file(path: Path, text: str, mode: int = 0o600) -> None:
     """Write ``text`` atomically (temp file + rename) with ``mode`` from the first byte."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text, mode)
 
 
 def ensure_private_dir(path: str | os.PathLike[str]) -> Path:

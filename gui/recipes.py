@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -44,6 +42,7 @@ from pydantic import (
 from gui.client import Job, OperationSpec
 from gui.opspecs import SpecError, check_steps
 from gui.output_rules import DEFAULT_TEMPLATE, TemplateError, parse_template
+from server.atomic import write_atomic as write_file
 
 RECIPE_VERSION = 1
 RECIPE_FORMATS = ("png", "jpeg", "webp", "avif")
@@ -311,17 +310,7 @@ def _file_name(name: str) -> str:
 def write_atomic(path: Path, text: str) -> None:
     """Temp file in the same folder, then a rename: a crash never leaves half a file.
     Recipes hold no secrets (the token stays in the settings), so others may read them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file(path, text, 0o644)
 
 
 class RecipeStore:

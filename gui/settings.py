@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 from gui.naming import ON_CONFLICT_CHOICES as ON_CONFLICT  # Save all when a name is taken
 from gui.output_rules import DEFAULT_TEMPLATE, TemplateError, parse_template
+from server.atomic import write_atomic
 from server.limits import MAX_LINK_SECONDS
 
 log = logging.getLogger(__name__)
@@ -255,9 +256,4 @@ def save_settings(settings: Settings, path: Path) -> None:
 
     The file may hold the API token, so it is readable by its owner only.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(settings.to_json(), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(settings.to_json(), indent=2) + "\n")

@@ -40,6 +40,7 @@ from fleet.aws_config import write_private_file
 from fleet.gateway import Gateway
 from fleet.model import Instance, InstanceState
 from fleet.providers.base import PermanentProviderError, TransientProviderError
+from server.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +169,7 @@ class LocalProvider:
         state = {"fleet_pid": os.getpid(),
                  "workers": {w.id: {"pid": w.process.pid, "port": w.port}
                              for w in self._workers.values()}}
-        path = self.run_dir / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, path)
+        write_atomic(self.run_dir / STATE_FILE, json.dumps(state, indent=1))
 
     # --- Provider protocol -----------------------------------------------------------------
 

@@ -16,8 +16,13 @@ works locally works in the cloud:
   is not to blame.
 - Passive health checks (Envoy's outlier detection, nginx's ``max_fails``): a proxied
   request whose connection is refused or reset before any answer takes the target out
-  of rotation at once (``unhealthy``) until active checks pass again. The request itself
-  answers 502: no retry.
+  of rotation at once (``unhealthy``) until active checks pass again.
+- A refused connection is tried on the next target (nginx's default
+  ``proxy_next_upstream error``; an ALB answers 502 here): the request never reached the
+  dead worker, so sending it elsewhere cannot run it twice, and a worker killed a moment
+  ago must not cost a client one of its retries. When no other healthy target is left the
+  answer is 503 ``no_healthy_targets`` with ``Retry-After``. A connection that was reset
+  or timed out after the request was sent answers 502 or 504: no retry.
 - Progress: :meth:`Gateway.status` reports when a target last showed it makes progress
   (a passed check, a finished proxied answer, its completed-work counter growing), so
   the manager can tell a busy worker from a dead one.
@@ -30,7 +35,7 @@ works locally works in the cloud:
   transfer of the body it would then have to read.
 - A lagging gateway fails no target: a health check that timed out while this process's
   own event loop ran late (it is saturated, or the machine is) counts for nothing.
-- No retries: a request that fails upstream answers 502 (connection failed) or 504
+- No other retries: a request that fails upstream after it was sent answers 502 or 504
   (timed out); retrying is the client's job. With no healthy target it answers 503
   ``{"error": {"code": "no_healthy_targets", ...}}`` (an ALB would fail open and try
   unhealthy targets; we prefer a clear, retryable answer).
@@ -893,8 +898,8 @@ class Gateway:
             if isinstance(protocol, _ClientConnection):
                 protocol.request_finished()
 
-    def _pick(self) -> _Target | None:
-        candidates = self._candidates()
+    def _pick(self, tried: frozenset[str] = frozenset()) -> _Target | None:
+        candidates = [t for t in self._candidates() if t.id not in tried]
         if not candidates:
             return None
         target = min(candidates, key=lambda t: (t.load, t.last_pick))
@@ -975,15 +980,21 @@ class Gateway:
                 await refused.response.write_eof()
             return refused.response
         try:
-            target = self._pick()  # only now: buffering took time, health may have changed
-            if target is None:
-                return self._no_healthy_targets()
-            target.inflight += 1
-            try:
-                return await self._forward(request, target, body)
-            finally:
-                target.inflight -= 1
-                self._finish_drain(target)
+            tried: set[str] = set()
+            while True:
+                # Picked only now: buffering took time, health may have changed.
+                target = self._pick(frozenset(tried))
+                if target is None:
+                    return self._no_healthy_targets()
+                tried.add(target.id)
+                target.inflight += 1
+                try:
+                    answer = await self._forward(request, target, body)
+                finally:
+                    target.inflight -= 1
+                    self._finish_drain(target)
+                if answer is not None:
+                    return answer
         finally:
             body.close()
 
@@ -1030,7 +1041,9 @@ class Gateway:
             raise
 
     async def _forward(self, request: web.Request, target: _Target,
-                       body: _Body) -> web.StreamResponse:
+                       body: _Body) -> web.StreamResponse | None:
+        """Send the request to ``target`` and stream its answer back; ``None`` when the
+        connection was refused, so nothing was sent and the next target may have it."""
         assert self._session is not None
         url = f"http://{target.address}{request.raw_path}"
         response: web.StreamResponse | None = None
@@ -1070,6 +1083,11 @@ class Gateway:
                                       {"Retry-After": "1"})
             if failure is UpstreamFailure.TARGET_DOWN:
                 self._mark_down(target, exc)
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    self._rate_log.log(logging.INFO, f"refused-{target.id}",
+                                       "%s refused the connection; trying the next target",
+                                       target.id)
+                    return None
             self._rate_log.log(logging.INFO, f"upstream-{target.id}", "upstream %s failed: %s",
                                target.id, exc)
             return error_response(502, "bad_gateway",

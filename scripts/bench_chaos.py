@@ -2,11 +2,12 @@
 of a local fleet of 2 is SIGKILLed every 2 s, ``--runs`` times (default 20).
 
     python -m scripts.bench_chaos [--runs 20] [--images 200] [--every 2]
-        [--concurrency 8] [--size 640x480]
+        [--concurrency 8] [--size 640x480] [--kill-last]
 
 Each run starts a fresh fleet (its own storage folder, so no result is served from an
 earlier run's cache) and runs ``python -m scripts.process --op bilateral`` over the same
-folder of distinct JPEGs (640x480 by default; the first kill after 0.5 s, then every 2 s).
+folder of distinct JPEGs (640x480 by default; the first kill after 0.5 s, then every 2 s;
+a kill is skipped while only one worker serves, unless ``--kill-last``).
 Prints, per run, the images lost (failed), the kills and the batch time; then the total
 lost over all runs (target: 0) and the median batch time. Exit status 1 when any image
 was lost.
@@ -34,6 +35,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--size", default="x".join(map(str, CHAOS_IMAGE_SIZE)),
                         help="image size WxH (default: the chaos test's)")
+    parser.add_argument("--kill-last", action="store_true",
+                        help="also kill the only serving worker (a full outage whenever a "
+                             "kill outruns the replacement)")
     args = parser.parse_args()
 
     width, _, height = args.size.partition("x")
@@ -42,11 +46,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp:
         folder = write_images(Path(tmp) / "in", distinct_jpegs(args.images, size))
         print(f"{args.runs} runs: {args.images} {args.size} images, batch command at concurrency "
-              f"{args.concurrency}, a serving worker of 2 SIGKILLed every {args.every:g} s")
+              f"{args.concurrency}, a serving worker of 2 SIGKILLed every {args.every:g} s"
+              + (" (the last one too)" if args.kill_last else " (never the last one)"))
         for run in range(args.runs):
             started = time.monotonic()
             done = chaos_run(Path(tmp) / f"storage-{run}", folder, seed=run,
-                             every=args.every, concurrency=args.concurrency)
+                             every=args.every, concurrency=args.concurrency,
+                             spare_last=not args.kill_last)
             elapsed = time.monotonic() - started
             lost = done.failed if done.failed >= 0 else args.images
             lost_total += lost

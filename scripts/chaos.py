@@ -61,12 +61,20 @@ class WorkerKiller:
     """A thread that SIGKILLs a random *serving* (healthy) worker of ``fleet`` every
     ``every`` seconds while the context is open. Only serving workers: killing a
     replacement while it still boots would test the launch backoff, not the loss of
-    in-flight requests. Seeded, so a run can be repeated."""
+    in-flight requests. Seeded, so a run can be repeated.
+
+    With ``spare_last`` (the default) a kill is skipped while only one worker serves.
+    Otherwise how often the killer takes the *only* worker depends on how fast this
+    machine boots a replacement (about 2.5 s on an idle one, far longer on a busy one):
+    then every attempt of an image can die with its worker, which the client rightly
+    cannot tell from an image that kills workers, and gives up on it after its
+    attempts. ``spare_last=False`` measures that regime (``bench_chaos --kill-last``)."""
 
     def __init__(self, fleet: LocalFleet, every: float = 2.0, seed: int = 0,
-                 first_after: float | None = None) -> None:
+                 first_after: float | None = None, spare_last: bool = True) -> None:
         self._fleet = fleet
         self._every = every
+        self._spare_last = spare_last
         self._first_after = every if first_after is None else first_after
         self._rng = random.Random(seed)
         self._stop = threading.Event()
@@ -80,7 +88,7 @@ class WorkerKiller:
             pids = self._fleet.worker_pids()
             serving = sorted(i["id"] for i in self._fleet.snapshot()["instances"]
                              if i["health"] == "healthy" and i["id"] in pids)
-            if not serving:
+            if not serving or (self._spare_last and len(serving) < 2):
                 continue
             victim = self._rng.choice(serving)
             try:
@@ -116,12 +124,14 @@ def failed_count(stderr: str) -> int:
 
 def chaos_run(storage: Path, folder: Path, seed: int, *, every: float = 2.0,
               concurrency: int = 8, startup: float = 90.0, timeout: float = 400.0,
-              ) -> ChaosRun:
+              spare_last: bool = True) -> ChaosRun:
     """The batch command (bilateral, ``concurrency`` in flight) over ``folder`` on a local
-    fleet of 2 while a serving worker is SIGKILLed every ``every`` seconds."""
+    fleet of 2 while a serving worker is SIGKILLed every ``every`` seconds (never the
+    last serving one unless ``spare_last`` is false; see :class:`WorkerKiller`)."""
     with LocalFleet(workers=2, storage_dir=storage).start(startup) as fleet:
         deadline_wait(lambda: fleet.healthy_count() == 2, startup, "2 healthy workers")
-        with WorkerKiller(fleet, every, seed, first_after=min(every, FIRST_KILL_S)) as killer:
+        with WorkerKiller(fleet, every, seed, first_after=min(every, FIRST_KILL_S),
+                          spare_last=spare_last) as killer:
             done = subprocess.run(
                 [sys.executable, "-m", "scripts.process", "--endpoint", fleet.endpoint,
                  "--op", "bilateral", "--concurrency", str(concurrency), str(folder)],

@@ -268,7 +268,10 @@ def test_deregistered_target_gets_no_new_requests_but_in_flight_ones_finish() ->
     asyncio.run(scenario())
 
 
-def test_dead_target_answers_502_and_is_not_retried(tmp_path) -> None:
+def test_a_dead_only_target_answers_503_no_healthy_targets(tmp_path) -> None:
+    """The connection is refused, so nothing reached the worker; with no other target to
+    try, the answer is the retryable 503 (a 502 would cost the client one of its
+    retries for a request that never ran)."""
     victim = ServerProcess(tmp_path / "storage", "victim").wait_healthy()
 
     async def scenario() -> None:
@@ -277,8 +280,9 @@ def test_dead_target_answers_502_and_is_not_retried(tmp_path) -> None:
             os.killpg(victim.process.pid, signal.SIGKILL)
             victim.process.wait(10)
             async with session.get(gateway.url + "/health") as resp:
-                assert resp.status == 502
-                assert (await resp.json())["error"]["code"] == "bad_gateway"
+                assert resp.status == 503
+                assert resp.headers["Retry-After"] == "1"
+                assert (await resp.json())["error"]["code"] == "no_healthy_targets"
             await until(lambda: gateway.status("victim").health is Health.UNHEALTHY,
                         "dead target unhealthy after 2 failed checks")
 

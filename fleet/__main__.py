@@ -21,8 +21,8 @@ import signal
 import sys
 from pathlib import Path
 
-from fleet.gateway import GatewayLimits, raise_descriptor_limit
-from fleet.local import DEFAULT_STORAGE, LocalFleetRuntime, local_spec
+from fleet.local.gateway import GatewayLimits, raise_descriptor_limit
+from fleet.local.runtime import DEFAULT_STORAGE, LocalFleetRuntime, local_spec
 from fleet.providers.base import ProviderError
 from fleet.storage_cleanup import Caps
 from server.atomic import write_atomic
@@ -206,7 +206,7 @@ def write_ready_file(path: Path, content: dict[str, object]) -> None:
 
 def run_aws(config: Path) -> int:
     try:
-        from fleet.aws_main import main as aws_main
+        from fleet.aws.main import main as aws_main
     except ImportError as exc:
         print(f"python -m fleet run: the AWS provider is not available ({exc})",
               file=sys.stderr)

@@ -2,7 +2,7 @@
 
 ``bootstrap_aws up`` without ``--certificate-arn`` makes one for the load balancer's DNS
 name and imports it into ACM; clients then trust exactly that certificate for that
-endpoint (pinning, see ``gui/client.py``). The private key exists only in memory here
+endpoint (pinning, see ``gui/client/``). The private key exists only in memory here
 and in ACM: it is never written to disk.
 """
 

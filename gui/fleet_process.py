@@ -15,7 +15,7 @@ process group does not reach it directly; the app stops it in order). It is told
 
 Stopping: close the pipe and SIGTERM the child's process group (both mean "drain and
 stop"), wait up to a deadline, then SIGKILL it and kill the workers it recorded as running
-(``fleet.providers.local.cleanup_leftovers``, which checks each pid is still that worker).
+(``fleet.local.provider.cleanup_leftovers``, which checks each pid is still that worker).
 Blocking calls here (``start``, ``stop``) run on a worker thread, never on Tk's.
 """
 
@@ -245,7 +245,7 @@ class FleetProcess:
         """Workers run in sessions of their own, so a fleet killed before it stopped them
         leaves them running: kill the ones it recorded (each checked to be that worker
         still) now, rather than when the next fleet starts."""
-        from fleet.providers.local import STATE_FILE, cleanup_leftovers
+        from fleet.local.provider import STATE_FILE, cleanup_leftovers
 
         for note in cleanup_leftovers(self.storage_dir / ".fleet" / STATE_FILE):
             log.warning("%s", note)

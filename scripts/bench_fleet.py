@@ -9,7 +9,7 @@ Prints medians of:
 - the same for a hung worker (SIGSTOP): seconds to being out of rotation (two failed
   checks with a 1 s timeout), to being judged hung and killed (10 s without progress:
   busy is not dead) and to its replacement being healthy;
-- a batch of ``--images`` distinct images through the gateway with gui/client.py while a
+- a batch of ``--images`` distinct images through the gateway with gui/client/ while a
   worker is SIGKILLed every ``--kill-every`` seconds: failed images (target 0) and
   whether every result link downloads and decodes afterwards;
 - batch throughput (images/s) with 1 and 2 workers, no kills.
@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fleet.local import LocalFleet
+from fleet.local.runtime import LocalFleet
 from gui.client import ImageFleetClient, Job, RetryPolicy
 from scripts.chaos import WorkerKiller
 

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         child(json.loads(args.child))
         return 0
 
-    from fleet.providers.local import free_port
+    from fleet.local.provider import free_port
 
     with tempfile.TemporaryDirectory(prefix="imagefleet-bench-gui-") as tmp, xvfb() as display:
         base = Path(tmp)

@@ -26,8 +26,8 @@ import cv2
 import numpy as np
 import requests
 
-from fleet.local import LocalFleet
-from fleet.providers.local import server_command
+from fleet.local.provider import server_command
+from fleet.local.runtime import LocalFleet
 from scripts.benchlib import derived, jpeg, with_nonce
 
 TILE_SIZE = 2048

@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fleet.providers.local import free_port
+from fleet.local.provider import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "testdata" / "images"

@@ -4,8 +4,8 @@
     python -m scripts.bootstrap_aws status --name NAME [--show-token] [--region R]
     python -m scripts.bootstrap_aws down   --name NAME [--region R] [--profile P]
 
-The resources are described once (:func:`fleet.aws_stack.describe`) and applied by one
-mechanism (:mod:`fleet.aws_apply`): ``up`` creates what is missing and converges what
+The resources are described once (:func:`fleet.aws.stack.describe`) and applied by one
+mechanism (:mod:`fleet.aws.apply`): ``up`` creates what is missing and converges what
 exists, ``down`` deletes it all in reverse order, ``status`` reports what exists. This
 module only turns the command line into the description's parameters and prints.
 
@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fleet import aws_apply, aws_stack
-from fleet.aws_apply import (
+from fleet.aws import apply as aws_apply
+from fleet.aws import stack as aws_stack
+from fleet.aws.apply import (
     Clients,
     Context,
     InfraError,
@@ -43,7 +44,7 @@ from fleet.aws_apply import (
     make_clients,
     paginate,
 )
-from fleet.aws_config import (
+from fleet.aws.config import (
     AwsFleetConfig,
     ConfigError,
     config_from_dict,
@@ -52,8 +53,8 @@ from fleet.aws_config import (
     validate_fleet_name,
     write_private_file,
 )
-from fleet.aws_stack import MANAGER_OF_TAG_KEY, Names, StackParams
-from fleet.lease import LeaseRecord
+from fleet.aws.lease import LeaseRecord
+from fleet.aws.stack import MANAGER_OF_TAG_KEY, Names, StackParams
 from server.tokens import TokenSet
 
 __all__ = ["Clients", "InfraError", "main", "make_clients"]
@@ -239,8 +240,8 @@ def _lookup_params(names: Names, **overrides: Any) -> StackParams:
 
 
 def up(clients: Clients, options: UpOptions, report: Report) -> AwsFleetConfig:
-    from fleet.bootstrap import build_manager_bundle
-    from fleet.manager_host import render_manager_user_data
+    from fleet.aws.manager_host import render_manager_user_data
+    from fleet.aws.ssh_bootstrap import build_manager_bundle
 
     allowed_cidr = check_up_options(options)
     names = fleet_names(clients, options.name)

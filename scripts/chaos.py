@@ -22,7 +22,7 @@ from types import TracebackType
 import cv2
 import numpy as np
 
-from fleet.local import LocalFleet
+from fleet.local.runtime import LocalFleet
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "testdata" / "images"

@@ -22,7 +22,7 @@
 #   PREFIX/manager.log) and waits for /fleet/ping.
 #
 # SOURCE holds fleet/, server/, scripts/ and the requirements files (the bundle built by
-# fleet.bootstrap.build_manager_bundle). Exit codes: 0 answering; 1 failed (the reason is
+# fleet.aws.ssh_bootstrap.build_manager_bundle). Exit codes: 0 answering; 1 failed (the reason is
 # on stderr); 2 usage.
 set -euo pipefail
 
@@ -84,7 +84,7 @@ config_field() {
     [[ -x "$venv/bin/python" ]] && python="$venv/bin/python"
     PYTHONPATH="$source_dir" "$python" - "$config" "$1" <<'EOF'
 import sys
-from fleet.aws_config import ConfigError, load_config
+from fleet.aws.config import ConfigError, load_config
 try:
     value = getattr(load_config(sys.argv[1]), sys.argv[2])
 except ConfigError as exc:

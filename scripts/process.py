@@ -58,7 +58,7 @@ before and unchanged since are not sent again.
 
 A busy fleet (503 ``overloaded``) is waited for, not failed: such answers are retried
 for up to ``--patience`` seconds without using ``--attempts``, and the client keeps
-fewer requests in flight while they come (see gui/client.py), so ``--concurrency 64``
+fewer requests in flight while they come (see gui/client/), so ``--concurrency 64``
 against two workers finishes every image without hammering them.
 """
 

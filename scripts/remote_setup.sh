@@ -21,7 +21,7 @@
 # credentials); only the name passes through here, never the value.
 #
 # SOURCE holds server/, requirements.txt and scripts/ (the bundle built by
-# fleet/bootstrap.py). Exit codes: 0 healthy; 1 failed (the reason is on stderr); 2 usage.
+# fleet/aws/ssh_bootstrap.py). Exit codes: 0 healthy; 1 failed (the reason is on stderr); 2 usage.
 set -euo pipefail
 
 source_dir=""

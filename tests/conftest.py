@@ -19,7 +19,7 @@ import pytest
 import requests
 from waiting import wait_until
 
-from fleet.providers.local import free_port
+from fleet.local.provider import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES_DIR = REPO_ROOT.parent / "shared" / "testdata" / "images"

@@ -24,7 +24,7 @@ from helpers_fleet import REPO, free_port
 from test_gateway import TIMEOUT, parse_response, raw_request, running_gateway
 from waiting import wait_until
 
-from fleet.gateway import Gateway
+from fleet.local.gateway import Gateway
 from fleet.manager import FleetManager
 from fleet.model import FleetSpec
 from fleet.providers.memory import InMemoryProvider

@@ -38,14 +38,14 @@ from helpers_aws import (
 )
 from moto import mock_aws
 
-from fleet import aws_stack
-from fleet.aws_config import FLEET_TAG_KEY, AwsFleetConfig, ConfigError, config_from_dict
-from fleet.aws_main import build_service, spec_from_config
-from fleet.aws_main import main as aws_main
-from fleet.bootstrap import BootstrapFailed, HostKeyMismatch
+from fleet.aws import stack as aws_stack
+from fleet.aws.config import FLEET_TAG_KEY, AwsFleetConfig, ConfigError, config_from_dict
+from fleet.aws.main import build_service, spec_from_config
+from fleet.aws.main import main as aws_main
+from fleet.aws.provider import AwsProvider, client_token
+from fleet.aws.ssh_bootstrap import BootstrapFailed, HostKeyMismatch
 from fleet.manager import AdminError, FleetManager
 from fleet.model import Health, InstanceState
-from fleet.providers.aws import AwsProvider, client_token
 from fleet.providers.base import PermanentProviderError, TransientProviderError
 from scripts import bootstrap_aws
 
@@ -545,7 +545,7 @@ def test_fleet_run_serves_the_admin_api(infra: AwsFleetConfig) -> None:
     """`python -m fleet run`'s pieces: lease, manager loop and admin API over HTTP."""
     import aiohttp
 
-    from fleet.aws_main import start_admin
+    from fleet.aws.main import start_admin
 
     provider, (_, _, s3) = _provider(infra)
     service = build_service(infra, provider=provider, s3=s3, holder="only")
@@ -592,7 +592,7 @@ def test_polled_worker_load_scales_the_aws_fleet_out_and_in(infra: AwsFleetConfi
     import requests
     from helpers_fleet import IMAGES, ServerProcess
 
-    from fleet.load_probe import probe_all
+    from fleet.aws.load_probe import probe_all
     from fleet.model import Memory, Observed
     from fleet.reconcile import decide
 
@@ -669,7 +669,7 @@ def test_the_manager_scales_the_aws_fleet_out_and_in_on_polled_worker_load(
     import requests
     from helpers_fleet import IMAGES, ServerProcess
 
-    from fleet.load_probe import probe_all
+    from fleet.aws.load_probe import probe_all
 
     config = dataclasses.replace(infra, bootstrap="user-data", poll_worker_load=True)
     servers = [ServerProcess(tmp_path / "storage", f"w{n}",
@@ -746,8 +746,8 @@ def test_the_manager_scales_the_aws_fleet_out_and_in_on_polled_worker_load(
 
 
 def test_progress_is_a_completed_counter_that_grew() -> None:
-    from fleet.gateway import HealthReport
-    from fleet.load_probe import progress_times
+    from fleet.aws.load_probe import progress_times
+    from fleet.local.gateway import HealthReport
 
     counters, progressed = progress_times({}, {"a": HealthReport(1, 5), "b": None}, 10.0)
     assert counters == {"a": 5} and progressed == {}  # a first reading is no evidence yet
@@ -763,7 +763,7 @@ def test_a_worker_that_answers_no_http_gives_no_load_report() -> None:
     loopback): no report, and the probe does not raise into the manager's observe."""
     import socket
 
-    from fleet.load_probe import probe_all
+    from fleet.aws.load_probe import probe_all
 
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))

@@ -1,4 +1,4 @@
-"""The fleet's AWS description (fleet/aws_stack.py) as data: pure, ordered, complete.
+"""The fleet's AWS description (fleet/aws/stack.py) as data: pure, ordered, complete.
 No AWS here; tests/test_bootstrap_aws.py applies it to moto."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import dataclasses
 import json
 from typing import Any
 
-from fleet.aws_apply import HANDLERS
-from fleet.aws_stack import Fmt, Ref, StackParams, describe, resolve, template
+from fleet.aws.apply import HANDLERS
+from fleet.aws.stack import Fmt, Ref, StackParams, describe, resolve, template
 
 
 def _params(**overrides: Any) -> StackParams:

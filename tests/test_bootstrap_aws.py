@@ -27,10 +27,10 @@ from helpers_aws import moto_server
 from moto import mock_aws
 from waiting import wait_until
 
-from fleet import bootstrap
-from fleet.aws_config import FLEET_TAG_KEY, config_from_dict, load_config
-from fleet.aws_stack import MANAGER_OF_TAG_KEY
-from fleet.providers.aws import AwsProvider
+from fleet.aws import ssh_bootstrap as bootstrap
+from fleet.aws.config import FLEET_TAG_KEY, config_from_dict, load_config
+from fleet.aws.provider import AwsProvider
+from fleet.aws.stack import MANAGER_OF_TAG_KEY
 from fleet.tls import certificate_info, self_signed_certificate
 from scripts import bootstrap_aws
 from server.tokens import TokenSet, TokenSourceError, open_token_gate, parse_token_document
@@ -585,8 +585,8 @@ def test_a_token_file_must_be_private_and_is_re_read(tmp_path: Path) -> None:
 
 def test_status_shows_the_manager_from_the_lease(aws: None, tmp_path: Path) -> None:
     """`status` names the manager holding the fleet's lease (where it runs), since when,
-    and whether it is live; the lease is the real one `fleet run` takes (fleet.lease)."""
-    from fleet.lease import S3Lease
+    and whether it is live; the lease is the real one `fleet run` takes (fleet.aws.lease)."""
+    from fleet.aws.lease import S3Lease
 
     assert _up(tmp_path) == 0
     config = load_config(tmp_path / "fleet.json")
@@ -619,8 +619,8 @@ def _statements(iam: Any, role: str, policy: str) -> dict[str, dict[str, Any]]:
 
 def test_the_manager_runs_in_a_group_of_one_with_its_own_role(aws: None,
                                                               tmp_path: Path) -> None:
-    from fleet.bootstrap import build_manager_bundle
-    from fleet.manager_host import render_manager_user_data
+    from fleet.aws.manager_host import render_manager_user_data
+    from fleet.aws.ssh_bootstrap import build_manager_bundle
 
     assert _up(tmp_path) == 0
     config = load_config(tmp_path / "fleet.json")

@@ -1,4 +1,4 @@
-"""Tests for gui/client.py against real servers on loopback.
+"""Tests for gui/client/ against real servers on loopback.
 
 Retry, timeout and concurrency behaviours use small real aiohttp servers defined
 here (real sockets, real HTTP), because they need answers a healthy processing
@@ -1091,7 +1091,7 @@ def test_real_server_bad_requests_are_not_retried_and_explain_themselves(
 
 @pytest.mark.slow
 def test_through_a_local_fleet_gateway_with_admin_calls(tmp_path: Path) -> None:
-    from fleet.local import LocalFleet
+    from fleet.local.runtime import LocalFleet
 
     async def scenario(endpoint: str, token: str) -> tuple[Any, ...]:
         # The admin routes that change state need the fleet's admin token (issue 11).

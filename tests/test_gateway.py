@@ -18,7 +18,7 @@ from aiohttp import web
 from helpers_fleet import IMAGES, ServerProcess, free_port
 from PIL import Image
 
-from fleet.gateway import Gateway, HealthCheckConfig
+from fleet.local.gateway import Gateway, HealthCheckConfig
 from fleet.manager import FleetManager
 from fleet.model import FleetSpec, Health
 from fleet.providers.memory import InMemoryProvider

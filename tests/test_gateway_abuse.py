@@ -34,7 +34,7 @@ from test_gateway import (
 )
 from waiting import wait_until
 
-from fleet.gateway import (
+from fleet.local.gateway import (
     Gateway,
     GatewayLimits,
     HealthCheckConfig,

@@ -24,7 +24,7 @@ from conftest import free_port
 from helpers_gui import ScriptedDialogs, app_environ, pump_until, threads_now
 
 from fleet.admin import admin_routes, json_errors_middleware, ping
-from fleet.admin_access import server_tls_context
+from fleet.aws.admin_access import server_tls_context
 from fleet.manager import FleetManager
 from fleet.model import FleetSpec
 from fleet.providers.memory import InMemoryProvider

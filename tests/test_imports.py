@@ -105,11 +105,11 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_walk_finds_the_project_modules():
     modules = _modules()
-    assert {"server", "server.app", "fleet.aws_main", "gui.app", "scripts.process"} <= set(
+    assert {"server", "server.app", "fleet.aws.main", "gui.app", "scripts.process"} <= set(
         modules)
     top, inner = _imports(modules)
-    assert "fleet.model" in top["fleet.providers.aws"]
-    assert "fleet.providers.aws" in inner["fleet.aws_main"]
+    assert "fleet.model" in top["fleet.aws.provider"]
+    assert "fleet.aws.provider" in inner["fleet.aws.main"]
 
 
 def test_cycle_finder_names_the_cycle():

@@ -11,7 +11,7 @@ import pytest
 from helpers_aws import ClientProxy, client_error
 from moto import mock_aws
 
-from fleet.lease import SAFETY_MARGIN_S, S3Lease
+from fleet.aws.lease import SAFETY_MARGIN_S, S3Lease
 
 BUCKET = "imgf-lease-test"
 KEY = "fleet/lease.json"

@@ -19,8 +19,8 @@ import requests
 from helpers_fleet import IMAGES, REPO, free_port, pid_alive, pids_mentioning
 from waiting import wait_until
 
-from fleet.local import LocalFleet, LocalFleetRuntime, local_spec
-from fleet.providers.local import STATE_FILE
+from fleet.local.provider import STATE_FILE
+from fleet.local.runtime import LocalFleet, LocalFleetRuntime, local_spec
 
 pytestmark = pytest.mark.slow
 
@@ -367,7 +367,7 @@ def test_program_exiting_without_stop_leaves_no_worker(storage: Path) -> None:
     script = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from fleet.local import LocalFleet\n"
+        "from fleet.local.runtime import LocalFleet\n"
         "fleet = LocalFleet(workers=2, storage_dir=Path(sys.argv[1])).start(90)\n"
         "print(json.dumps(fleet.worker_pids()), flush=True)\n"
     )

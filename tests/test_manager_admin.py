@@ -1,4 +1,4 @@
-"""Who may use the AWS manager's admin API (fleet/admin_access.py): the decision, the
+"""Who may use the AWS manager's admin API (fleet/aws/admin_access.py): the decision, the
 admin token read from SSM (moto) and re-read, and HTTPS with a certificate made in
 memory, served by the real admin app on loopback."""
 
@@ -19,15 +19,15 @@ from moto import mock_aws
 from test_manager_host import MINIMAL
 from waiting import wait_until
 
-from fleet.admin_access import (
+from fleet.aws.admin_access import (
     ADMIN_CERT_FILE,
     admin_tls_context,
     open_admin_gate,
     plan_admin_access,
 )
-from fleet.aws_config import AwsFleetConfig, ConfigError, config_from_dict
-from fleet.aws_main import main as aws_main
-from fleet.aws_main import prepare_admin, start_admin
+from fleet.aws.config import AwsFleetConfig, ConfigError, config_from_dict
+from fleet.aws.main import main as aws_main
+from fleet.aws.main import prepare_admin, start_admin
 from server.tokens import TokenSet
 
 PARAMETER = "/imagefleet/mgr/admin-token"
@@ -197,7 +197,7 @@ def test_the_aws_managers_metrics_need_the_admin_token_off_loopback() -> None:
     address: read-only, under the same rule as GET /fleet."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from fleet.aws_main import AdminServing
+    from fleet.aws.main import AdminServing
     from fleet.window import Window
 
     class MeteredFleet(StubFleet):

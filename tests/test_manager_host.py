@@ -30,9 +30,9 @@ from helpers_manager import (
     stop_pid_file,
 )
 
-from fleet import bootstrap
-from fleet.aws_config import ConfigError, config_from_dict
-from fleet.manager_host import FETCH_SCRIPT, render_manager_user_data
+from fleet.aws import ssh_bootstrap as bootstrap
+from fleet.aws.config import ConfigError, config_from_dict
+from fleet.aws.manager_host import FETCH_SCRIPT, render_manager_user_data
 
 MINIMAL: dict[str, Any] = {
     "name": "mgr", "region": "eu-west-1", "vpc_id": "vpc-1", "subnets": ["subnet-1"],
@@ -88,7 +88,7 @@ def test_manager_bundle_holds_the_manager_and_what_it_bootstraps_workers_with() 
         names = set(tar.getnames())
         requirements = tar.extractfile("manager-requirements.txt").read().decode()
         setup_mode = tar.getmember("scripts/manager_setup.sh").mode
-    assert {"fleet/__main__.py", "fleet/aws_main.py", "server/__main__.py",
+    assert {"fleet/__main__.py", "fleet/aws/main.py", "server/__main__.py",
             "scripts/manager_setup.sh", "scripts/remote_setup.sh", "requirements.txt"} <= names
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     assert setup_mode & 0o111

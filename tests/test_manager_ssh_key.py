@@ -17,10 +17,10 @@ from helpers_aws import Sshd, console_output_with
 from helpers_manager import REGION
 from moto import mock_aws
 
-from fleet import bootstrap
-from fleet.aws_config import AwsFleetConfig, config_from_dict
+from fleet.aws import ssh_bootstrap as bootstrap
+from fleet.aws.config import AwsFleetConfig, config_from_dict
+from fleet.aws.ssh_key import SshKeyError, ensure_fleet_key, key_pair_action
 from fleet.providers.base import PermanentProviderError
-from fleet.ssh_key import SshKeyError, ensure_fleet_key, key_pair_action
 
 
 def _config(state: Path) -> AwsFleetConfig:
@@ -52,7 +52,7 @@ def test_key_pair_decision() -> None:
 def test_a_manager_inside_the_vpc_bootstraps_over_the_private_address() -> None:
     """The workers' SSH rule names the manager's security group, which only admits
     traffic inside the VPC; a manager outside (a laptop) needs the public address."""
-    from fleet.providers.aws import ssh_address
+    from fleet.aws.provider import ssh_address
 
     both = {"PrivateIpAddress": "10.0.1.5", "PublicIpAddress": "203.0.113.9"}
     assert ssh_address(both, inside_vpc=True) == "10.0.1.5"

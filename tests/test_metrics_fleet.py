@@ -13,7 +13,7 @@ from helpers_fleet import IMAGES
 from prometheus_client.parser import text_string_to_metric_families
 from waiting import wait_until
 
-from fleet.local import LocalFleet
+from fleet.local.runtime import LocalFleet
 
 pytestmark = pytest.mark.slow
 

@@ -40,11 +40,11 @@ from gui.client import (
     RetryPolicy,
     RetryStep,
     ServerError,
-    _AdaptiveLimiter,
     is_backpressure,
     next_retry,
     parse_health,
 )
+from gui.client.retry import _AdaptiveLimiter
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -410,7 +410,7 @@ def assert_every_link_downloads_from_every_worker(workers: dict[str, str],
 @pytest.mark.slow
 def test_fleet_secret_survives_a_lost_secret_file_and_a_killed_worker(
         tmp_path: Path, camera_png: bytes) -> None:
-    from fleet.local import LocalFleet
+    from fleet.local.runtime import LocalFleet
 
     storage = tmp_path / "storage"
     with LocalFleet(workers=2, storage_dir=storage, spec_overrides=QUICK).start(
@@ -446,7 +446,7 @@ def test_fleet_secret_survives_a_lost_secret_file_and_a_killed_worker(
 @pytest.mark.slow
 def test_fleet_secret_is_reused_when_the_fleet_restarts(tmp_path: Path,
                                                         camera_png: bytes) -> None:
-    from fleet.local import LocalFleet
+    from fleet.local.runtime import LocalFleet
 
     storage = tmp_path / "storage"
     with LocalFleet(workers=1, storage_dir=storage, spec_overrides=QUICK).start(

@@ -33,8 +33,8 @@ import pytest
 from helpers_aws import Sshd, console_output_with, free_port, keygen, moto_server, wait_until
 from helpers_fleet import pid_alive
 
-from fleet import bootstrap
-from fleet.bootstrap import (
+from fleet.aws import ssh_bootstrap as bootstrap
+from fleet.aws.ssh_bootstrap import (
     BootstrapFailed,
     BootstrapTimeout,
     HostKeyMismatch,

@@ -1,1 +1,3 @@
-"""Providers: where instances come from (local processes, AWS EC2, in-memory for tests)."""
+"""Providers: where instances come from. The interface (:mod:`fleet.providers.base`) and
+an in-memory one for tests; the real ones live with their fleets
+(:mod:`fleet.local.provider`, :mod:`fleet.aws.provider`)."""

@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
-from fleet.gateway import HEALTH_BODY_LIMIT, HealthReport, parse_health_report
+from fleet.local.gateway import HEALTH_BODY_LIMIT, HealthReport, parse_health_report
 
 log = logging.getLogger(__name__)
 

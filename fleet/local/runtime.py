@@ -28,10 +28,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fleet.gateway import Gateway, GatewayLimits, HealthCheckConfig
+from fleet.local.gateway import Gateway, GatewayLimits, HealthCheckConfig
+from fleet.local.provider import LocalProvider, WorkerCommand, server_command
 from fleet.manager import FleetManager
 from fleet.model import Event, FleetSpec, Health
-from fleet.providers.local import LocalProvider, WorkerCommand, server_command
 from fleet.storage_cleanup import Caps, sweep
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """``python -m fleet run --config FILE``: the fleet manager against AWS.
 
 The same :class:`fleet.manager.FleetManager` as the local fleet, with
-:class:`fleet.providers.aws.AwsProvider`, behind an S3 lease (:mod:`fleet.lease`) so that
+:class:`fleet.aws.provider.AwsProvider`, behind an S3 lease (:mod:`fleet.aws.lease`) so that
 only one manager acts on a fleet. A manager that does not hold the lease is a standby: it
 keeps observing (its ``/fleet`` shows the live instances and who leads) and takes over
 when the leader's lease expires. The admin API (``GET /fleet``, ``POST /fleet/scale``,
@@ -9,8 +9,8 @@ when the leader's lease expires. The admin API (``GET /fleet``, ``POST /fleet/sc
 ``admin_host:admin_port`` from the config (loopback by default); set
 ``IMAGEFLEET_ADMIN_TOKEN`` to require a bearer token. Off loopback (the manager in the
 cloud) a token is required and may come from SSM, and the API may serve HTTPS: see
-:mod:`fleet.admin_access`. With ``manage_ssh_key`` the manager makes the workers' SSH key
-itself (:mod:`fleet.ssh_key`).
+:mod:`fleet.aws.admin_access`. With ``manage_ssh_key`` the manager makes the workers' SSH key
+itself (:mod:`fleet.aws.ssh_key`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from fleet.aws_config import AwsFleetConfig, ConfigError, load_config
-from fleet.lease import S3Lease
+from fleet.aws.config import AwsFleetConfig, ConfigError, load_config
+from fleet.aws.lease import S3Lease
 from fleet.manager import AdminError, FleetManager
 from fleet.model import Event, FleetSpec
 from fleet.providers.base import Provider, ProviderError
@@ -171,7 +171,7 @@ class AwsFleetService:
 def build_service(config: AwsFleetConfig, *, provider: Provider | None = None,
                   s3: Any = None, holder: str | None = None,
                   clock: Callable[[], float] = time.time) -> AwsFleetService:
-    from fleet.providers.aws import AwsProvider
+    from fleet.aws.provider import AwsProvider
 
     if provider is None:
         provider = AwsProvider(config, clock=clock)
@@ -184,7 +184,7 @@ def build_service(config: AwsFleetConfig, *, provider: Provider | None = None,
 
 async def _upload_bundle(config: AwsFleetConfig, s3: Any) -> None:
     """For ``bootstrap: user-data``: instances fetch the bundle from the fleet bucket."""
-    from fleet.bootstrap import build_bundle
+    from fleet.aws.ssh_bootstrap import build_bundle
 
     body = build_bundle()
     await asyncio.to_thread(s3.put_object, Bucket=config.bucket, Key="fleet/bundle.tar.gz",
@@ -209,7 +209,7 @@ def prepare_admin(config: AwsFleetConfig,
                   environ: Mapping[str, str] = os.environ) -> AdminServing:
     """The admin API's token and TLS for ``config``; raises ``ConfigError`` (off
     loopback without a token) or ``TokenSourceError`` (SSM unreadable now)."""
-    from fleet.admin_access import admin_tls_context, open_admin_gate, plan_admin_access
+    from fleet.aws.admin_access import admin_tls_context, open_admin_gate, plan_admin_access
 
     plan = plan_admin_access(config, environ)
     serving = AdminServing(open_admin_gate(plan, config), plan.loopback_reads_open)
@@ -247,8 +247,8 @@ async def prepare_ssh_key(config: AwsFleetConfig) -> AwsFleetConfig:
     imported under ``key_name``; the config then points at that private key."""
     if not config.manage_ssh_key:
         return config
-    from fleet.providers.aws import make_clients
-    from fleet.ssh_key import ensure_fleet_key
+    from fleet.aws.provider import make_clients
+    from fleet.aws.ssh_key import ensure_fleet_key
 
     ec2 = make_clients(config)[0]
     key = await asyncio.to_thread(ensure_fleet_key, ec2, config)

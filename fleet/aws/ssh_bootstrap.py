@@ -49,7 +49,7 @@ import paramiko
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BEGIN_MARKER = "-----BEGIN SSH HOST KEY KEYS-----"
 END_MARKER = "-----END SSH HOST KEY KEYS-----"
 HOST_KEY_TYPES = frozenset({

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from fleet.aws_config import write_private_file
-from fleet.gateway import Gateway
+from fleet.aws.config import write_private_file
+from fleet.local.gateway import Gateway
 from fleet.model import Instance, InstanceState
 from fleet.providers.base import PermanentProviderError, TransientProviderError
 from server.atomic import write_atomic

@@ -2,7 +2,7 @@
 the list of resources, in the order they are applied (deletion runs in reverse).
 
 Nothing here talks to AWS. Each :class:`Resource` names a ``kind`` that one handler in
-:mod:`fleet.aws_apply` knows how to find, create, converge and delete; values that exist
+:mod:`fleet.aws.apply` knows how to find, create, converge and delete; values that exist
 only once another resource does (a security group's id, the load balancer's DNS name)
 are :class:`Ref` placeholders that the applier resolves from what it applied before.
 A resource with ``present=False`` is one that must not exist (the HTTPS listener of an
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet.aws_config import APP_PORT, FLEET_TAG_KEY, ROLE_TAG_KEY, resource_prefix
+from fleet.aws.config import APP_PORT, FLEET_TAG_KEY, ROLE_TAG_KEY, resource_prefix
 
 # Large images take a while; the ALB's default idle timeout (60 s) would cut them off.
 ALB_IDLE_TIMEOUT_S = 180
@@ -58,7 +58,7 @@ ADMIN_PATHS = ("/fleet", "/fleet/*")
 ADMIN_RULE_PRIORITY = 10
 MANAGER_BUNDLE_KEY = "fleet/manager/bundle.tar.gz"
 MANAGER_CONFIG_KEY = "fleet/manager/config.json"
-# Where the manager puts the workers' bundle for `bootstrap: user-data` (fleet.aws_main).
+# Where the manager puts the workers' bundle for `bootstrap: user-data` (fleet.aws.main).
 WORKER_BUNDLE_KEY = "fleet/bundle.tar.gz"
 DEFAULT_LEASE_KEY = "fleet/lease.json"
 MANAGER_STATE_DIR = "/var/lib/imagefleet-manager"
@@ -92,7 +92,7 @@ class Fmt:
 @dataclass(frozen=True)
 class Resource:
     key: str  # unique in the description; what a Ref names
-    kind: str  # the handler in fleet.aws_apply
+    kind: str  # the handler in fleet.aws.apply
     name: str  # the AWS name (or the Name tag where AWS takes none)
     role: str  # the imagefleet:role tag
     props: Mapping[str, Any] = field(default_factory=dict)
@@ -118,7 +118,7 @@ class StackParams:
     result_days: int = 7
     admin_port: int = 8001
     manager_instance_type: str = "t3.small"
-    # The manager's user data (fleet.manager_host) and bundle (fleet.bootstrap), and its
+    # The manager's user data (fleet.aws.manager_host) and bundle (fleet.aws.ssh_bootstrap), and its
     # config as a mapping whose values may be Refs; given, so this module stays pure.
     manager_user_data: str = ""
     manager_bundle: bytes = b""

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fleet.aws_errors import error_code as _error_code
+from fleet.aws.errors import error_code as _error_code
 
 log = logging.getLogger(__name__)
 

@@ -97,14 +97,14 @@ class AwsFleetConfig:
     grace_period_s: float = 480.0
     observe_interval_s: float = 2.0
     # Poll each worker's /health on its private address for its load and completed work
-    # (fleet/load_probe.py): needs a manager that reaches the workers (inside the VPC).
+    # (fleet/aws/load_probe.py): needs a manager that reaches the workers (inside the VPC).
     # Without it scaling on load is off and progress is the ALB's verdict only.
     poll_worker_load: bool = False
     lease_key: str = "fleet/lease.json"
     lease_ttl_s: float = 30.0
     admin_host: str = "127.0.0.1"
     admin_port: int = 8001
-    # The manager in the cloud (fleet/manager_host.py). The admin token's SSM SecureString
+    # The manager in the cloud (fleet/aws/manager_host.py). The admin token's SSM SecureString
     # (only its name here; the manager reads the value with its instance role); required
     # with IMAGEFLEET_ADMIN_TOKEN as the alternative when admin_host is not loopback.
     admin_token_parameter: str | None = None

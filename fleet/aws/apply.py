@@ -1,4 +1,4 @@
-"""Apply a fleet description (:mod:`fleet.aws_stack`) to AWS: one find / create /
+"""Apply a fleet description (:mod:`fleet.aws.stack`) to AWS: one find / create /
 converge / delete mechanism, one handler per resource kind.
 
 ``apply`` walks the description in order: a resource that is found (EC2 objects by the
@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fleet.aws_config import FLEET_TAG_KEY, ROLE_TAG_KEY
-from fleet.aws_errors import error_code
-from fleet.aws_stack import Names, Resource, resolve, substitute, tags
+from fleet.aws.config import FLEET_TAG_KEY, ROLE_TAG_KEY
+from fleet.aws.errors import error_code
+from fleet.aws.stack import Names, Resource, resolve, substitute, tags
 from fleet.tls import certificate_info, needs_new_certificate, self_signed_certificate
 from server.tokens import TokenSet, TokenSourceError, parse_token_document
 

@@ -3,7 +3,7 @@ instance into the fleet manager.
 
 The Auto Scaling group that holds the manager may replace it at any time (months after
 ``up``), so the user data carries no presigned URL and no secret: only where the bundle
-(:func:`fleet.bootstrap.build_manager_bundle`) and the fleet config lie in the fleet
+(:func:`fleet.aws.ssh_bootstrap.build_manager_bundle`) and the fleet config lie in the fleet
 bucket. The instance fetches both with its instance role, then runs
 ``scripts/manager_setup.sh`` from the bundle, which installs a venv, a system user and
 the ``imagefleet-manager.service`` systemd unit (``python -m fleet run --config FILE``).

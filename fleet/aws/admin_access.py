@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fleet.aws_config import (
+from fleet.aws.config import (
     AwsFleetConfig,
     ConfigError,
     ensure_private_dir,

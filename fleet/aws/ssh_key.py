@@ -6,7 +6,7 @@ pair ``key_name`` holds its public half: imported when missing, replaced when it
 another key (the Auto Scaling group replaced the manager, and the new one made a new
 key). The private key never leaves the manager's machine; EC2 puts the public half into
 the authorized keys of every worker launched afterwards, and the SSH bootstrap checks
-the workers' host keys as before (:mod:`fleet.bootstrap`).
+the workers' host keys as before (:mod:`fleet.aws.ssh_bootstrap`).
 
 Two managers overlapping during a replacement each import their own key; a worker
 launched by the one whose key was replaced fails its bootstrap (authentication refused)
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fleet.aws_config import (
+from fleet.aws.config import (
     FLEET_TAG_KEY,
     AwsFleetConfig,
     ensure_private_dir,
@@ -100,7 +100,7 @@ def ensure_fleet_key(ec2: Any, config: AwsFleetConfig) -> FleetKey:
     AWS errors are raised as the provider's transient or permanent errors."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from fleet.providers.aws import classify, error_code
+    from fleet.aws.provider import classify, error_code
 
     path = key_path(config)
     public, _ = load_or_create_key(path, f"imagefleet-{config.name}-manager")

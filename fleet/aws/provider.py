@@ -11,7 +11,7 @@ target group. Acting:
   and subnets before giving up.
 - ``bootstrap``: in the background (a worker thread; never awaited by the manager) wait
   for the host keys on the console, SSH in and run ``remote_setup.sh`` (see
-  :mod:`fleet.bootstrap`), then tag the instance ``imagefleet:bootstrapped=true`` so a
+  :mod:`fleet.aws.ssh_bootstrap`), then tag the instance ``imagefleet:bootstrapped=true`` so a
   restarted manager adopts it as set up. While it runs the instance is reported
   ``bootstrapping``; the reconcile grace period (which the config keeps above the
   bootstrap timeout) keeps it from being replaced for not being healthy yet. A failed or
@@ -42,9 +42,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fleet.aws_config import FLEET_TAG_KEY, ROLE_TAG_KEY, AwsFleetConfig
-from fleet.aws_errors import error_code
-from fleet.load_probe import LoadProbe, probe_all, progress_times
+from fleet.aws.config import FLEET_TAG_KEY, ROLE_TAG_KEY, AwsFleetConfig
+from fleet.aws.errors import error_code
+from fleet.aws.load_probe import LoadProbe, probe_all, progress_times
 from fleet.model import Health, Instance, InstanceState
 from fleet.providers.base import PermanentProviderError, TransientProviderError
 
@@ -123,7 +123,7 @@ def client_token(fleet: str, session: str, token: str, candidate: str) -> str:
 
 Bootstrapper = Callable[[dict[str, Any], float], None]
 """Runs the set-up of one instance (its DescribeInstances record) before a deadline
-(``time.monotonic()`` value); raises :class:`fleet.bootstrap.BootstrapError` on failure."""
+(``time.monotonic()`` value); raises :class:`fleet.aws.ssh_bootstrap.BootstrapError` on failure."""
 
 
 @dataclass
@@ -355,7 +355,7 @@ class AwsProvider:
                                         f"{itype}/{subnet}"),
         }
         if config.bootstrap == "user-data":
-            from fleet.bootstrap import render_user_data
+            from fleet.aws.ssh_bootstrap import render_user_data
             request["UserData"] = render_user_data(
                 bundle_url=f"s3://{config.bucket}/fleet/bundle.tar.gz",
                 storage=config.storage_url, region=config.region, port=config.app_port,
@@ -487,7 +487,7 @@ class SshBootstrapper:
         return response.get("Output") or ""
 
     def __call__(self, record: dict[str, Any], deadline: float) -> None:
-        from fleet import bootstrap
+        from fleet.aws import ssh_bootstrap as bootstrap
 
         iid = record["InstanceId"]
         host = ssh_address(record, inside_vpc=self.config.manager_security_group is not None)

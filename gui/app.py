@@ -62,7 +62,8 @@ from gui.settings import (
     save_settings,
     settings_path,
 )
-from gui.viewmodel import IMAGE_SUFFIXES, describe_error, describe_os_error, parse_path_list
+from gui.viewmodel.errors import describe_error, describe_os_error
+from gui.viewmodel.formatting import parse_path_list
 from gui.views.fleet import FleetView
 from gui.views.history import HistoryView
 from gui.views.messages import MessageArea
@@ -70,6 +71,7 @@ from gui.views.process import ProcessView
 from gui.views.settings import SettingsView
 from gui.views.widgets import MUTED
 from gui.worker import AsyncWorker
+from server.limits import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from gui.viewmodel import describe_fleet_error, parse_desired
+from gui.viewmodel.errors import describe_fleet_error
+from gui.viewmodel.fleet import parse_desired
 
 if TYPE_CHECKING:
     from gui.app import ImageFleetApp

@@ -20,7 +20,9 @@ from gui.journal import BatchSummary, InputRecord, ItemState
 from gui.journal_controller import SPEC_KIND, spec_request
 from gui.links import LOCAL_ONLY, is_loopback_link
 from gui.naming import batch_candidates, save_result, save_summary
-from gui.viewmodel import describe_error, describe_request, format_duration, result_filename
+from gui.viewmodel.errors import describe_error
+from gui.viewmodel.fleet import format_duration
+from gui.viewmodel.requests import describe_request, result_filename
 
 if TYPE_CHECKING:
     from gui.app import ImageFleetApp

@@ -34,16 +34,8 @@ from gui.journal import (
     journal_path,
     plan_resume,
 )
-from gui.viewmodel import (
-    ImageJob,
-    JobStatus,
-    OutputSettings,
-    ProcessRequest,
-    ResultInfo,
-    RunOutput,
-    Step,
-    recipe_request,
-)
+from gui.viewmodel.batch import ImageJob, JobStatus, ResultInfo
+from gui.viewmodel.requests import OutputSettings, ProcessRequest, RunOutput, Step, recipe_request
 
 if TYPE_CHECKING:
     from gui.app import ImageFleetApp

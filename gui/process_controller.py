@@ -47,32 +47,35 @@ from gui.recipe_controller import RecipeController, outputs_summary
 from gui.run_events import Outcome, Progress, RunEvents
 from gui.settings import save_settings
 from gui.thumbnails import Thumbnails
-from gui.viewmodel import (
+from gui.viewmodel.batch import (
     Batch,
     ImageJob,
     JobStatus,
     Overall,
-    ProcessRequest,
     ResultInfo,
     StaleChoice,
-    Step,
-    build_request,
-    describe_error,
-    describe_os_error,
-    describe_request,
-    expand_paths_in_folders,
-    format_elapsed,
-    format_expiry,
     not_images_text,
     order_depends_on_state,
     order_ids,
-    output_requests,
+    stale_choice,
+    stale_question,
+)
+from gui.viewmodel.errors import describe_error, describe_os_error
+from gui.viewmodel.formatting import (
+    expand_paths_in_folders,
+    format_elapsed,
+    format_expiry,
     parse_path_list,
+)
+from gui.viewmodel.requests import (
+    ProcessRequest,
+    Step,
+    build_request,
+    describe_request,
+    output_requests,
     recipe_request,
     result_filename,
     runs_text,
-    stale_choice,
-    stale_question,
 )
 from gui.views.widgets import ERROR, MUTED
 

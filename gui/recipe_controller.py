@@ -25,7 +25,8 @@ from gui.recipes import (
     recipe_from_single,
     recipes_dir,
 )
-from gui.viewmodel import ProcessRequest, describe_os_error
+from gui.viewmodel.errors import describe_os_error
+from gui.viewmodel.requests import ProcessRequest
 
 if TYPE_CHECKING:
     from gui.app import ImageFleetApp

@@ -21,7 +21,8 @@ sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 from helpers_gui import ScriptedDialogs  # noqa: E402
 
 from gui.app import ImageFleetApp  # noqa: E402
-from gui.viewmodel import JobStatus, Step  # noqa: E402
+from gui.viewmodel.batch import JobStatus  # noqa: E402
+from gui.viewmodel.requests import Step  # noqa: E402
 
 STEP = Step("gaussian_blur", {"ksize": 31})
 

@@ -125,7 +125,7 @@ def test_heic_in_is_decoded_upright_and_written_as_jpeg_by_default(server, image
 
 def test_the_app_takes_heic_and_avif_files_as_images(images_dir, tmp_path):
     from gui.imagecheck import not_an_image
-    from gui.viewmodel import IMAGE_SUFFIXES
+    from server.limits import IMAGE_SUFFIXES
 
     rgb = rgb_of("coffee.png", images_dir)
     for name, fmt in (("photo.heic", "HEIF"), ("photo.avif", "AVIF")):

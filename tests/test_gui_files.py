@@ -20,7 +20,7 @@ import requests
 from helpers_gui import ScriptedDialogs, app_environ, pump_until
 from PIL import Image
 
-from gui.viewmodel import status_text
+from gui.viewmodel.batch import status_text
 
 pytestmark = pytest.mark.gui
 

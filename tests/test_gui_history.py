@@ -27,7 +27,7 @@ from gui.journal import (
     OutputRecord,
 )
 from gui.journal_controller import request_spec, spec_request
-from gui.viewmodel import ProcessRequest, Step
+from gui.viewmodel.requests import ProcessRequest, Step
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES = REPO_ROOT.parent / "shared" / "testdata" / "images"

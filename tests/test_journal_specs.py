@@ -11,7 +11,7 @@ import pytest
 
 from gui.journal_controller import request_spec, spec_request
 from gui.recipes import parse_recipe
-from gui.viewmodel import OutputSettings, ProcessRequest, Step, recipe_request
+from gui.viewmodel.requests import OutputSettings, ProcessRequest, Step, recipe_request
 from scripts.batch_journal import job_spec
 
 RECIPE = {

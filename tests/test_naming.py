@@ -23,22 +23,18 @@ from gui.naming import (
     save_summary,
     save_to_path,
 )
-from gui.viewmodel import (
+from gui.viewmodel.batch import (
     Batch,
     JobStatus,
-    ProcessRequest,
     ResultInfo,
     StaleChoice,
-    Step,
-    build_request,
     can_retry,
-    describe_request,
-    runs_text,
     short_message,
     stale_choice,
     stale_question,
     status_text,
 )
+from gui.viewmodel.requests import ProcessRequest, Step, build_request, describe_request, runs_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES = REPO_ROOT.parent / "shared" / "testdata" / "images"

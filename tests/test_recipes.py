@@ -426,7 +426,8 @@ def test_bad_recipes_stop_the_command_before_any_upload(endpoint: str, tmp_path:
 
 
 def test_a_recipe_run_sends_one_request_per_output_and_counts_results() -> None:
-    from gui.viewmodel import Overall, output_requests, recipe_request
+    from gui.viewmodel.batch import Overall
+    from gui.viewmodel.requests import output_requests, recipe_request
 
     request = recipe_request(web_recipe(), 600)
     sent = output_requests(request)
@@ -451,7 +452,8 @@ def test_settings_refuse_a_bad_name_template() -> None:
 
 
 def test_the_app_lists_sub_folders_only_when_asked(tmp_path: Path) -> None:
-    from gui.viewmodel import Batch, expand_paths, expand_paths_in_folders
+    from gui.viewmodel.batch import Batch
+    from gui.viewmodel.formatting import expand_paths, expand_paths_in_folders
 
     for relative in ("a/b/x.png", "a/y.png", "z.png", ".git/q.png", "a/.thumb.png"):
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)

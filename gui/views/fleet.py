@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import customtkinter as ctk
 
-from gui.viewmodel import HEALTH_COLOURS, event_lines, fleet_rows, fleet_totals
+from gui.viewmodel.fleet import HEALTH_COLOURS, event_lines, fleet_rows, fleet_totals
 from gui.views.widgets import CARD, ERROR, MUTED, heading
 
 COLUMNS = (("id", "Instance", 220), ("state", "State", 120), ("health", "Health", 120),

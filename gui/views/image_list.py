@@ -30,7 +30,7 @@ from gui.list_window import (
     scrolled,
     wheel_rows,
 )
-from gui.viewmodel import (
+from gui.viewmodel.batch import (
     SORT_KEYS,
     STATE_FILTERS,
     ImageJob,

@@ -14,18 +14,16 @@ import customtkinter as ctk
 from PIL import Image
 
 from gui.preview import compose_split, fit_within, flatten
-from gui.viewmodel import (
+from gui.viewmodel.batch import Overall
+from gui.viewmodel.params import ControlSpec, SchemaError, controls_for
+from gui.viewmodel.requests import (
     ICC_LABELS,
     LOSSY_FORMATS,
     METADATA_LABELS,
     OUTPUT_FORMATS,
     SUBSAMPLINGS,
-    ControlSpec,
     OutputSettings,
-    Overall,
-    SchemaError,
     Step,
-    controls_for,
     describe_step,
 )
 from gui.views.image_list import ImageList, ListActions, PoolRow

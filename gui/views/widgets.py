@@ -10,7 +10,7 @@ from typing import Any
 
 import customtkinter as ctk
 
-from gui.viewmodel import ControlSpec, coerce_value, format_value
+from gui.viewmodel.params import ControlSpec, coerce_value, format_value
 
 MUTED = ("gray40", "gray65")
 ERROR = ("#b3261e", "#ff8a80")

@@ -21,11 +21,9 @@ import logging
 import os
 import time
 import tkinter
-import webbrowser
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from tkinter import filedialog, messagebox, simpledialog
 from typing import Any
 
 import customtkinter as ctk
@@ -45,6 +43,7 @@ from gui.connection import (
     local_fleet_options,
     restart_allowed,
 )
+from gui.dialogs import Dialogs
 from gui.fleet_controller import FleetController
 from gui.fleet_process import LOG_FILE as FLEET_LOG_FILE
 from gui.history_controller import HistoryController
@@ -71,7 +70,6 @@ from gui.views.process import ProcessView
 from gui.views.settings import SettingsView
 from gui.views.widgets import MUTED
 from gui.worker import AsyncWorker
-from server.limits import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -80,59 +78,6 @@ DRAIN_MS = 50
 CONNECTION = "connection"
 FLEET_STOPPED = "fleet-stopped"
 PORT_TAKEN = "port-taken"
-
-
-class Dialogs:
-    """Everything modal or outside the app. Tests replace these methods (the seam for
-    answering a confirmation or a file dialog programmatically)."""
-
-    def __init__(self, parent: tkinter.Misc) -> None:
-        self.parent = parent
-
-    def ask_open_files(self) -> list[str]:
-        patterns = " ".join(f"*{s}" for s in sorted(IMAGE_SUFFIXES))
-        names = filedialog.askopenfilenames(
-            parent=self.parent, title="Add images",
-            filetypes=[("Images", patterns), ("All files", "*")])
-        return list(names or ())
-
-    def ask_directory(self, title: str) -> str | None:
-        return filedialog.askdirectory(parent=self.parent, title=title, mustexist=True) or None
-
-    def ask_save_as(self, initial_name: str) -> str | None:
-        return filedialog.asksaveasfilename(parent=self.parent, title="Save result as",
-                                            initialfile=initial_name) or None
-
-    def ask_string(self, title: str, prompt: str, initial: str = "") -> str | None:
-        """A line of text (a recipe's name); None when cancelled."""
-        answer = simpledialog.askstring(title, prompt, initialvalue=initial,
-                                        parent=self.parent)
-        return answer if answer else None
-
-    def ask_open_recipe(self) -> str | None:
-        return filedialog.askopenfilename(
-            parent=self.parent, title="Import recipe",
-            filetypes=[("Recipes", "*.json"), ("All files", "*")]) or None
-
-    def ask_save_recipe(self, initial_name: str) -> str | None:
-        return filedialog.asksaveasfilename(
-            parent=self.parent, title="Export recipe", initialfile=initial_name,
-            defaultextension=".json", filetypes=[("Recipes", "*.json")]) or None
-
-    def confirm(self, title: str, message: str) -> bool:
-        return bool(messagebox.askyesno(title, message, parent=self.parent, icon="warning"))
-
-    def ask_yes_no_cancel(self, title: str, message: str) -> bool | None:
-        """Yes (True), No (False) or Cancel/closed (None)."""
-        return messagebox.askyesnocancel(title, message, parent=self.parent, icon="warning")
-
-    def open_url(self, url: str) -> bool:
-        """Open ``url`` in a web browser; False when none could be started. Called off
-        the UI thread: a text-mode browser would block until it is closed."""
-        try:
-            return bool(webbrowser.open(url, new=2))
-        except webbrowser.Error:
-            return False
 
 
 try:
@@ -441,6 +386,13 @@ class ImageFleetApp(ctk.CTk, _DropMethods):
                                 on_action=lambda: self.copy_to_clipboard(url, "Link copied."))
 
         self.submit(asyncio.to_thread(self.dialogs.open_url, url), opened)
+
+    def clipboard_text(self) -> str | None:
+        """The clipboard's text; None when it holds none."""
+        try:
+            return self.clipboard_get()
+        except tkinter.TclError:
+            return None
 
     def copy_to_clipboard(self, text: str, note: str) -> None:
         self.clipboard_clear()

@@ -7,18 +7,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from gui.host import FleetHost
 from gui.viewmodel.errors import describe_fleet_error
 from gui.viewmodel.fleet import parse_desired
 
 if TYPE_CHECKING:
-    from gui.app import ImageFleetApp
     from gui.views.fleet import FleetView
 
 FLEET_POLL_MS = 2000
 
 
 class FleetController:
-    def __init__(self, app: ImageFleetApp) -> None:
+    def __init__(self, app: FleetHost) -> None:
         self.app = app
         self.last_state: Any = None  # the latest gui.client.FleetState
         self._pending = False

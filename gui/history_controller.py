@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from gui.host import HistoryHost
 from gui.journal import BatchSummary, InputRecord, ItemState
 from gui.journal_controller import SPEC_KIND, spec_request
 from gui.links import LOCAL_ONLY, is_loopback_link
@@ -23,9 +24,6 @@ from gui.naming import batch_candidates, save_result, save_summary
 from gui.viewmodel.errors import describe_error
 from gui.viewmodel.fleet import format_duration
 from gui.viewmodel.requests import describe_request, result_filename
-
-if TYPE_CHECKING:
-    from gui.app import ImageFleetApp
 
 PAGE_SIZE = 12
 
@@ -106,7 +104,7 @@ class Page:
 
 
 class HistoryController:
-    def __init__(self, app: ImageFleetApp) -> None:
+    def __init__(self, app: HistoryHost) -> None:
         self.app = app
         self.offset = 0
         self.page: Page | None = None

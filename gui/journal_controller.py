@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from gui.host import JournalHost
 from gui.journal import (
     BatchState,
     BatchSummary,
@@ -36,9 +37,6 @@ from gui.journal import (
 )
 from gui.viewmodel.batch import ImageJob, JobStatus, ResultInfo
 from gui.viewmodel.requests import OutputSettings, ProcessRequest, RunOutput, Step, recipe_request
-
-if TYPE_CHECKING:
-    from gui.app import ImageFleetApp
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +175,7 @@ class JournalController:
     """See the module docstring. ``journal`` is None until opened (or when it cannot be:
     then the app says so once and runs without it)."""
 
-    def __init__(self, app: ImageFleetApp) -> None:
+    def __init__(self, app: JournalHost) -> None:
         self.app = app
         self.journal: Journal | None = None
         self._opened: Journal | None = None  # set on the worker thread as soon as it opens

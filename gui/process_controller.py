@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import tkinter
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -26,6 +25,7 @@ from PIL import Image
 
 from gui.client import ClientError, ProcessResult
 from gui.connection import Connected
+from gui.host import ProcessHost
 from gui.imagecheck import check_headers
 from gui.links import LOCAL_ONLY, is_loopback_link
 from gui.naming import (
@@ -80,7 +80,6 @@ from gui.viewmodel.requests import (
 from gui.views.widgets import ERROR, MUTED
 
 if TYPE_CHECKING:
-    from gui.app import ImageFleetApp
     from gui.journal_controller import Resumable
     from gui.views.process import ProcessView
 
@@ -185,7 +184,7 @@ class PendingSave:
 class ProcessController:
     """The Process view's controller; see the module docstring."""
 
-    def __init__(self, app: ImageFleetApp) -> None:
+    def __init__(self, app: ProcessHost) -> None:
         self.app = app
         self.batch = Batch()
         self.pipeline: list[Step] = []
@@ -317,9 +316,8 @@ class ProcessController:
             self.add_images([folder])
 
     def paste_paths(self) -> None:
-        try:
-            text = self.app.clipboard_get()
-        except tkinter.TclError:
+        text = self.app.clipboard_text()
+        if text is None:
             self.app.show_error("The clipboard holds no text to read paths from.")
             return
         paths = parse_path_list(text)
@@ -958,14 +956,13 @@ class ProcessController:
         job = self._selected_done()
         if job is None or job.result is None:
             return
-        self.app.clipboard_clear()
         # a recipe's image has a link per output: one line each, named
-        self.app.clipboard_append("\n".join(f"{name}: {info.url}" for name, info in job.outputs)
-                                  if job.outputs else job.result.url)
+        links = ("\n".join(f"{name}: {info.url}" for name, info in job.outputs)
+                 if job.outputs else job.result.url)
         local = f" Opens on {LOCAL_ONLY}." if is_loopback_link(job.result.url) else ""
-        self.app.show_info(f"Link to {job.name} copied. "
-                       f"{format_expiry(job.result.expires_at, datetime.now(UTC)).capitalize()}."
-                       + local)
+        self.app.copy_to_clipboard(
+            links, f"Link to {job.name} copied. "
+            f"{format_expiry(job.result.expires_at, datetime.now(UTC)).capitalize()}." + local)
 
     def open_link(self) -> None:
         job = self._selected_done()

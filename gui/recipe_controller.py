@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from gui.host import RecipeHost
 from gui.recipes import (
     Recipe,
     RecipeError,
@@ -27,9 +28,6 @@ from gui.recipes import (
 )
 from gui.viewmodel.errors import describe_os_error
 from gui.viewmodel.requests import ProcessRequest
-
-if TYPE_CHECKING:
-    from gui.app import ImageFleetApp
 
 
 def describe_outputs(recipe: Recipe) -> str:
@@ -57,7 +55,7 @@ class RecipeController:
     """See the module docstring. ``on_changed`` is called when the recipe in use
     changed (the Process view's "Runs:" line, names and stale marks follow)."""
 
-    def __init__(self, app: ImageFleetApp, on_changed: Callable[[], None]) -> None:
+    def __init__(self, app: RecipeHost, on_changed: Callable[[], None]) -> None:
         self.app = app
         self.on_changed = on_changed
         self.store = RecipeStore(recipes_dir(app.config_path))

@@ -259,6 +259,15 @@ def test_dropping_files_on_the_window_adds_them(fleet_app: Any, tmp_path: Path) 
     assert [job.path for job in app.process.batch.jobs[-2:]] == [spaced, folder / "rocket.jpg"]
 
 
+def test_the_window_provides_what_each_controller_needs(fleet_app: Any) -> None:
+    """Each controller is typed against a protocol of gui.host; the real window must
+    provide every member of each (runtime_checkable: names, checked with hasattr)."""
+    from gui.host import FleetHost, HistoryHost, Host, JournalHost, ProcessHost, RecipeHost
+
+    for protocol in (Host, RecipeHost, ProcessHost, FleetHost, JournalHost, HistoryHost):
+        assert isinstance(fleet_app, protocol), protocol.__name__
+
+
 def test_open_in_browser_without_a_browser_offers_copy_link(fleet_app: Any) -> None:
     app = fleet_app
     job = app.process.batch.jobs[-1]  # the image dropped by the test before

@@ -138,3 +138,15 @@ def test_light_modules_import_neither_flask_nor_opencv():
         out = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, f"import {module}: {out.stderr}"
+
+
+def test_no_controller_imports_the_window_class():
+    """The controllers depend on the small protocols of gui.host, not on gui.app (which
+    builds them): not at module level, not in functions, not for type checking."""
+    for path in sorted((ROOT / "gui").glob("*_controller.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "gui.app", f"{path.name} imports gui.app"
+                assert not (node.module == "gui" and any(a.name == "app" for a in node.names))
+            elif isinstance(node, ast.Import):
+                assert all(a.name != "gui.app" for a in node.names), path.name

@@ -70,8 +70,7 @@ def request_spec(request: ProcessRequest) -> dict[str, Any]:
 
 def _steps(raw: Iterable[Mapping[str, Any]]) -> tuple[Step, ...]:
     # the app journals {"op", "params"}; the command line {"op", **params}
-    return tuple(Step(str(s["op"]), dict(s["params"]) if "params" in s
-                      else {k: v for k, v in s.items() if k != "op"}) for s in raw)
+    return tuple(Step.from_payload(s) for s in raw)
 
 
 def _cli_request(spec: Mapping[str, Any]) -> ProcessRequest:

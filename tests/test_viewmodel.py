@@ -710,3 +710,11 @@ def test_worker_runs_coroutines_and_posts_outcomes_to_the_calling_thread() -> No
     assert threading.active_count() == before
     with pytest.raises(RuntimeError, match="stopping"):
         worker.submit(double(1))
+
+
+def test_a_step_round_trips_through_both_payload_forms() -> None:
+    step = Step("canny", {"threshold1": 50, "threshold2": 150})
+    assert step.to_payload() == {"op": "canny", "threshold1": 50, "threshold2": 150}
+    assert Step.from_payload(step.to_payload()) == step
+    assert Step.from_payload({"op": "canny", "params": dict(step.params)}) == step  # app journal
+    assert Step.from_payload({"op": "invert"}) == Step("invert", {})

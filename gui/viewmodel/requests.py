@@ -23,8 +23,22 @@ METADATA_LABELS = {"strip": "Strip all", "keep-no-location": "Keep all but locat
 
 @dataclass(frozen=True)
 class Step:
+    """One step of a pipeline: an operation and its parameters."""
+
     op: str
     params: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_payload(self) -> dict[str, Any]:
+        """The form ``POST /process`` and recipes take: ``{"op": name, **params}``."""
+        return {"op": self.op, **self.params}
+
+    @classmethod
+    def from_payload(cls, raw: Mapping[str, Any]) -> Step:
+        """From :meth:`to_payload`'s form (recipes, the command line's journal) or the app
+        journal's ``{"op": name, "params": {...}}``."""
+        if "params" in raw:
+            return cls(str(raw["op"]), dict(raw["params"]))
+        return cls(str(raw["op"]), {k: v for k, v in raw.items() if k != "op"})
 
 
 @dataclass(frozen=True)
@@ -122,7 +136,7 @@ class ProcessRequest:
     def steps_payload(self) -> list[dict[str, Any]] | None:
         if not self.steps:
             return None
-        return [{"op": step.op, **step.params} for step in self.steps]
+        return [step.to_payload() for step in self.steps]
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``ImageFleetClient.process`` (a recipe's first output)."""
@@ -155,8 +169,7 @@ def recipe_request(recipe: Any, expires_in: int | None) -> ProcessRequest:
                   MappingProxyType(job_options(recipe, out)), out.format)
         for out in recipe.outputs)
     first = outputs[0].options
-    steps = tuple(Step(str(step["op"]), {k: v for k, v in step.items() if k != "op"})
-                  for step in first["steps"])
+    steps = tuple(Step.from_payload(step) for step in first["steps"])
     return ProcessRequest(None, None, steps, first.get("format"), first.get("quality"),
                           expires_in, outputs, recipe.name)
 

@@ -36,7 +36,13 @@ from gui.journal import (
     plan_resume,
 )
 from gui.viewmodel.batch import ImageJob, JobStatus, ResultInfo
-from gui.viewmodel.requests import OutputSettings, ProcessRequest, RunOutput, Step, recipe_request
+from gui.viewmodel.requests import (
+    OutputSettings,
+    ProcessRequest,
+    RequestStep,
+    RunOutput,
+    recipe_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +74,9 @@ def request_spec(request: ProcessRequest) -> dict[str, Any]:
     }
 
 
-def _steps(raw: Iterable[Mapping[str, Any]]) -> tuple[Step, ...]:
+def _steps(raw: Iterable[Mapping[str, Any]]) -> tuple[RequestStep, ...]:
     # the app journals {"op", "params"}; the command line {"op", **params}
-    return tuple(Step.from_payload(s) for s in raw)
+    return tuple(RequestStep.from_payload(s) for s in raw)
 
 
 def _cli_request(spec: Mapping[str, Any]) -> ProcessRequest:

@@ -69,7 +69,7 @@ from gui.viewmodel.formatting import (
 )
 from gui.viewmodel.requests import (
     ProcessRequest,
-    Step,
+    RequestStep,
     build_request,
     describe_request,
     output_requests,
@@ -187,7 +187,7 @@ class ProcessController:
     def __init__(self, app: ProcessHost) -> None:
         self.app = app
         self.batch = Batch()
-        self.pipeline: list[Step] = []
+        self.pipeline: list[RequestStep] = []
         self.selected: int | None = None
         self.previews_shown = 0
         self.saved_paths: list[Path] = []
@@ -540,7 +540,7 @@ class ProcessController:
         except ValueError as exc:
             self.app.show_error(f"Fix the parameters first: {exc}")
             return
-        self.pipeline.append(Step(op, params))
+        self.pipeline.append(RequestStep(op, params))
         self.view.set_pipeline(self.pipeline, self._titles())
         # the step is in the pipeline now: editing it further would run it twice
         self.view.clear_operation()
@@ -569,7 +569,7 @@ class ProcessController:
         params = self.view.current_params() if op else {}
         pipeline = list(self.pipeline)
         if pipeline and op:
-            pipeline.append(Step(op, params))
+            pipeline.append(RequestStep(op, params))
         return build_request(operation=op, params=params, pipeline=pipeline,
                              output_format=self.view.output_format(),
                              quality=self.view.quality(),

@@ -494,7 +494,7 @@ def _positive_float(text: str) -> float:
 
 
 @dataclass(frozen=True)
-class Plan:
+class BatchPlan:
     """What to run, decided from the arguments before any image is uploaded."""
 
     inputs: list[Path]
@@ -587,7 +587,7 @@ def apply_stored_batch(args: argparse.Namespace, journal: Journal | None) -> Non
     args.stored_folders = spec.get("folders")  # ... and the sub-folders -r mirrored
 
 
-def plan_from_args(args: argparse.Namespace) -> Plan:
+def plan_from_args(args: argparse.Namespace) -> BatchPlan:
     if not args.endpoint:
         raise UsageError("--endpoint is required (or set IMAGEFLEET_ENDPOINT)")
     if not (args.op or args.steps or args.recipe or args.stored_recipe):
@@ -633,7 +633,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         found = [(path, folder) for (path, _), folder in zip(found, args.stored_folders,
                                                              strict=True)]
     inputs = [path for path, _folder in found]
-    return Plan(
+    return BatchPlan(
         inputs=inputs,
         stems=output_stems(inputs),
         numbers=output_numbers(inputs),
@@ -647,7 +647,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     )
 
 
-def output_runs(args: argparse.Namespace, plan: Plan,
+def output_runs(args: argparse.Namespace, plan: BatchPlan,
                 operations: Sequence[Any]) -> list[OutputRun]:
     """The outputs of the run, checked against the server's operations (UsageError)."""
     if plan.recipe is not None:
@@ -673,7 +673,7 @@ def output_runs(args: argparse.Namespace, plan: Plan,
 
 
 async def run_batch(
-    args: argparse.Namespace, plan: Plan, tally: Tally, display: ProgressDisplay, out: TextIO,
+    args: argparse.Namespace, plan: BatchPlan, tally: Tally, display: ProgressDisplay, out: TextIO,
     journal: Journal | None = None,
 ) -> int:
     try:
@@ -790,7 +790,7 @@ def _journal_outcome(journal: Journal | None, batch_id: str | None, image: int, 
         journal.record_failed(batch_id, image, " ".join(str(outcome.error).split()), output)
 
 
-def _finish(outcome: JobOutcome, plan: Plan, runs: Sequence[OutputRun], planned: PlannedName,
+def _finish(outcome: JobOutcome, plan: BatchPlan, runs: Sequence[OutputRun], planned: PlannedName,
             out_dir: Path | None, on_conflict: OnConflict = OnConflict.UNIQUE,
             tally: Tally | None = None, *,
             reuse_identical: bool = False) -> tuple[JobOutcome, str]:
@@ -867,7 +867,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             journal.close()  # what finished is committed before the process ends
 
 
-def _run(args: argparse.Namespace, plan: Plan, tally: Tally, display: ProgressDisplay,
+def _run(args: argparse.Namespace, plan: BatchPlan, tally: Tally, display: ProgressDisplay,
          journal: Journal | None, prog: str) -> int:
     try:
         code = asyncio.run(run_batch(args, plan, tally, display, sys.stdout, journal))

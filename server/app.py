@@ -33,7 +33,7 @@ from server.operations import Registry, default_registry
 from server.output_options import OutputOptions, parse_format, parse_options
 from server.peers import PeerClient
 from server.pipeline import Pipeline, check_output_pixels, parse_pipeline
-from server.processing import Job, Processor
+from server.processing import ProcessingJob, Processor
 from server.signing import TileCredentials
 from server.storage import Storage, StorageError, StorageFull, open_storage
 from server.tiling import TILE_HEADER
@@ -391,7 +391,7 @@ def _register_routes(app: Flask, state: ServerState) -> None:
             size = stored.size
         else:
             result = state.processor.run(
-                Job(data, info, pipeline, out_format, options, is_tile=is_tile,
+                ProcessingJob(data, info, pipeline, out_format, options, is_tile=is_tile,
                     control=control))
             timings.update(result.timings)
             g.log.update(result.log)

@@ -22,7 +22,7 @@ from server.tiling import pipeline_is_tileable, run_local, run_tiled
 
 
 @dataclass(frozen=True)
-class Job:
+class ProcessingJob:
     data: bytes
     info: ImageInfo
     pipeline: Pipeline
@@ -60,11 +60,11 @@ class Processor:
     tile_pixels: float
     tile_size: int
 
-    def should_tile(self, job: Job) -> bool:
+    def should_tile(self, job: ProcessingJob) -> bool:
         return (not job.is_tile and self.peers is not None
                 and job.info.pixels > self.tile_pixels and pipeline_is_tileable(job.pipeline))
 
-    def run(self, job: Job) -> Result:
+    def run(self, job: ProcessingJob) -> Result:
         if self.should_tile(job):
             return self._run_tiled(job)
         reduce = shrink_factor(job.pipeline, job.info)
@@ -85,7 +85,7 @@ class Processor:
             result.log["shrink_on_load"] = reduce
         return result
 
-    def _run_tiled(self, job: Job) -> Result:
+    def _run_tiled(self, job: ProcessingJob) -> Result:
         control = job.control
         with self.admission.slot(control):
             t0 = time.perf_counter()
@@ -121,7 +121,7 @@ class Processor:
         return result
 
     @staticmethod
-    def _colour(job: Job, image: Image) -> tuple[Image, Colour]:
+    def _colour(job: ProcessingJob, image: Image) -> tuple[Image, Colour]:
         """Settle the embedded profile on the decoded pixels (server/colour.py): before
         the pipeline, so tiles and steps see plain pixels. Tiles are never converted:
         the coordinator did it."""
@@ -131,7 +131,7 @@ class Processor:
         return colour.apply_policy(image, profile, job.output_options.icc)
 
     @staticmethod
-    def _encode(job: Job, out: Image, col: Colour = NO_COLOUR) -> bytes:
+    def _encode(job: ProcessingJob, out: Image, col: Colour = NO_COLOUR) -> bytes:
         if job.is_tile and job.out_format == "png":
             return codecs.encode_uncompressed_png(out)  # decoded at once by the coordinator
         opts = job.output_options

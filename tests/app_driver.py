@@ -22,9 +22,9 @@ from helpers_gui import ScriptedDialogs  # noqa: E402
 
 from gui.app import ImageFleetApp  # noqa: E402
 from gui.viewmodel.batch import JobStatus  # noqa: E402
-from gui.viewmodel.requests import Step  # noqa: E402
+from gui.viewmodel.requests import RequestStep  # noqa: E402
 
-STEP = Step("gaussian_blur", {"ksize": 31})
+STEP = RequestStep("gaussian_blur", {"ksize": 31})
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from gui.journal import (
     OutputRecord,
 )
 from gui.journal_controller import request_spec, spec_request
-from gui.viewmodel.requests import ProcessRequest, Step
+from gui.viewmodel.requests import ProcessRequest, RequestStep
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES = REPO_ROOT.parent / "shared" / "testdata" / "images"
@@ -59,7 +59,8 @@ def test_rows_say_counts_state_and_link_expiry() -> None:
 
 
 def test_requests_round_trip_through_the_journal_spec() -> None:
-    pipeline = ProcessRequest(None, None, (Step("resize", {"width": 64}), Step("invert")),
+    pipeline = ProcessRequest(None, None,
+                              (RequestStep("resize", {"width": 64}), RequestStep("invert")),
                               "webp", 80, 3600)
     single = ProcessRequest("gaussian_blur", {"ksize": 5}, None, None, 90, None)
     for request in (pipeline, single):
@@ -67,7 +68,7 @@ def test_requests_round_trip_through_the_journal_spec() -> None:
     # a command-line batch's steps carry their parameters inline
     cli = spec_request({"kind": "process", "steps": [{"op": "resize", "width": 64}],
                         "format": "png"})
-    assert cli.steps == (Step("resize", {"width": 64}),)
+    assert cli.steps == (RequestStep("resize", {"width": 64}),)
     with pytest.raises(ValueError, match="names no operation"):
         spec_request({"kind": "process"})
 

@@ -11,7 +11,7 @@ import pytest
 
 from gui.journal_controller import request_spec, spec_request
 from gui.recipes import parse_recipe
-from gui.viewmodel.requests import OutputSettings, ProcessRequest, Step, recipe_request
+from gui.viewmodel.requests import OutputSettings, ProcessRequest, RequestStep, recipe_request
 from scripts.batch_journal import job_spec
 
 RECIPE = {
@@ -28,8 +28,8 @@ RECIPE = {
 
 @pytest.mark.parametrize("request_", [
     ProcessRequest("gaussian_blur", {"ksize": 5}, None, "png", None, 3600),
-    ProcessRequest(None, None, (Step("grayscale"), Step("resize", {"width": 512})), "jpeg",
-                   80, 600, output=OutputSettings(progressive=True, metadata="keep")),
+    ProcessRequest(None, None, (RequestStep("grayscale"), RequestStep("resize", {"width": 512})),
+                   "jpeg", 80, 600, output=OutputSettings(progressive=True, metadata="keep")),
     recipe_request(parse_recipe(RECIPE), 86400),
 ], ids=["operation", "pipeline-with-options", "recipe"])
 def test_a_request_survives_the_journal(request_: ProcessRequest) -> None:

@@ -34,7 +34,13 @@ from gui.viewmodel.batch import (
     stale_question,
     status_text,
 )
-from gui.viewmodel.requests import ProcessRequest, Step, build_request, describe_request, runs_text
+from gui.viewmodel.requests import (
+    ProcessRequest,
+    RequestStep,
+    build_request,
+    describe_request,
+    runs_text,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES = REPO_ROOT.parent / "shared" / "testdata" / "images"
@@ -183,7 +189,8 @@ def test_the_stale_question_maps_yes_no_cancel() -> None:
 
 def test_what_runs_is_said_with_every_step_and_the_output() -> None:
     req = build_request(operation="canny", params={"low": 100.0, "high": 200.0},
-                        pipeline=[Step("resize", {"width": 64}), Step("canny", {"low": 100.0})],
+                        pipeline=[RequestStep("resize", {"width": 64}),
+                                  RequestStep("canny", {"low": 100.0})],
                         output_format="png", quality=90, expires_in=None)
     assert describe_request(req) == "resize (width=64) → canny (low=100) · png"
     assert runs_text(req, titles={"canny": "Canny edges"}) == (

@@ -63,7 +63,7 @@ from gui.viewmodel.formatting import expand_paths, format_expiry, parse_path_lis
 from gui.viewmodel.params import SchemaError, coerce_value, control_for, controls_for, format_value
 from gui.viewmodel.requests import (
     OutputSettings,
-    Step,
+    RequestStep,
     build_request,
     describe_request,
     describe_step,
@@ -303,7 +303,7 @@ def test_single_operation_request() -> None:
 
 
 def test_pipeline_wins_over_the_selected_operation() -> None:
-    steps = [Step("grayscale"), Step("gaussian_blur", {"ksize": 7})]
+    steps = [RequestStep("grayscale"), RequestStep("gaussian_blur", {"ksize": 7})]
     request = build_request(operation="invert", params={}, pipeline=steps,
                             output_format="jpeg", quality=70, expires_in=None)
     assert request.client_kwargs()["steps"] == [{"op": "grayscale"},
@@ -713,8 +713,9 @@ def test_worker_runs_coroutines_and_posts_outcomes_to_the_calling_thread() -> No
 
 
 def test_a_step_round_trips_through_both_payload_forms() -> None:
-    step = Step("canny", {"threshold1": 50, "threshold2": 150})
+    step = RequestStep("canny", {"threshold1": 50, "threshold2": 150})
     assert step.to_payload() == {"op": "canny", "threshold1": 50, "threshold2": 150}
-    assert Step.from_payload(step.to_payload()) == step
-    assert Step.from_payload({"op": "canny", "params": dict(step.params)}) == step  # app journal
-    assert Step.from_payload({"op": "invert"}) == Step("invert", {})
+    assert RequestStep.from_payload(step.to_payload()) == step
+    journaled = {"op": "canny", "params": dict(step.params)}  # the app journal's form
+    assert RequestStep.from_payload(journaled) == step
+    assert RequestStep.from_payload({"op": "invert"}) == RequestStep("invert", {})

@@ -22,7 +22,7 @@ METADATA_LABELS = {"strip": "Strip all", "keep-no-location": "Keep all but locat
 
 
 @dataclass(frozen=True)
-class Step:
+class RequestStep:
     """One step of a pipeline: an operation and its parameters."""
 
     op: str
@@ -33,7 +33,7 @@ class Step:
         return {"op": self.op, **self.params}
 
     @classmethod
-    def from_payload(cls, raw: Mapping[str, Any]) -> Step:
+    def from_payload(cls, raw: Mapping[str, Any]) -> RequestStep:
         """From :meth:`to_payload`'s form (recipes, the command line's journal) or the app
         journal's ``{"op": name, "params": {...}}``."""
         if "params" in raw:
@@ -112,7 +112,7 @@ class ProcessRequest:
 
     operation: str | None
     params: Mapping[str, Any] | None
-    steps: tuple[Step, ...] | None
+    steps: tuple[RequestStep, ...] | None
     format: str | None
     quality: int | None
     expires_in: int | None
@@ -169,7 +169,7 @@ def recipe_request(recipe: Any, expires_in: int | None) -> ProcessRequest:
                   MappingProxyType(job_options(recipe, out)), out.format)
         for out in recipe.outputs)
     first = outputs[0].options
-    steps = tuple(Step.from_payload(step) for step in first["steps"])
+    steps = tuple(RequestStep.from_payload(step) for step in first["steps"])
     return ProcessRequest(None, None, steps, first.get("format"), first.get("quality"),
                           expires_in, outputs, recipe.name)
 
@@ -178,7 +178,7 @@ def build_request(
     *,
     operation: str | None,
     params: Mapping[str, Any],
-    pipeline: Sequence[Step],
+    pipeline: Sequence[RequestStep],
     output_format: str,
     quality: int,
     expires_in: int | None,
@@ -199,7 +199,7 @@ def build_request(
     return ProcessRequest(operation, dict(params), None, fmt, q, expires_in, output=output)
 
 
-def describe_step(step: Step, titles: Mapping[str, str] | None = None) -> str:
+def describe_step(step: RequestStep, titles: Mapping[str, str] | None = None) -> str:
     title = (titles or {}).get(step.op, step.op)
     if not step.params:
         return title
@@ -220,7 +220,7 @@ def describe_request(request: ProcessRequest, titles: Mapping[str, str] | None =
                              for out in request.outputs)
         return (f"recipe {request.recipe}: {len(request.outputs)} output"
                 f"{'s' if len(request.outputs) != 1 else ''}: {outputs}")
-    steps = request.steps or (Step(request.operation or "?", dict(request.params or {})),)
+    steps = request.steps or (RequestStep(request.operation or "?", dict(request.params or {})),)
     text = " → ".join(describe_step(step, titles) for step in steps)
     fmt = request.format or "original format"
     if request.quality is not None:

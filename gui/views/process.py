@@ -23,7 +23,7 @@ from gui.viewmodel.requests import (
     OUTPUT_FORMATS,
     SUBSAMPLINGS,
     OutputSettings,
-    Step,
+    RequestStep,
     describe_step,
 )
 from gui.views.image_list import ImageList, ListActions, PoolRow
@@ -481,7 +481,7 @@ class ProcessView(ctk.CTkFrame):
         self.quality_label.configure(text=str(self.quality()))
         self.controller.params_changed()
 
-    def set_pipeline(self, steps: Sequence[Step], titles: dict[str, str]) -> None:
+    def set_pipeline(self, steps: Sequence[RequestStep], titles: dict[str, str]) -> None:
         destroy_widgets(self.steps_frame.winfo_children())
         if not steps:
             caption(self.steps_frame, "Empty: Process runs the operation above. Add steps "

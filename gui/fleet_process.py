@@ -276,7 +276,7 @@ class FleetProcess:
         return (f"Port {self._ready.port_taken} was in use, so the local fleet listens on "
                 f"{self._ready.endpoint} this time: links made earlier on port "
                 f"{self._ready.port_taken} will not open until it is free again "
-                "(the local_port setting in settings.json).")
+                "(Settings: Local fleet size, port).")
 
     @property
     def admin_token(self) -> str | None:

@@ -1,5 +1,6 @@
 """The Settings view: endpoint, token, link lifetime, concurrency, appearance, the
-embedded fleet's size and the output rules (conflict policy, result names). Validation
+embedded fleet (size, port, S3 storage, local storage caps) and the output rules
+(conflict policy, result names). Validation
 is ``gui.settings.parse_settings``; this view only collects the raw values and shows
 the problems."""
 
@@ -14,6 +15,9 @@ from gui.settings import (
     CONCURRENCY_RANGE,
     FLEET_SIZE_RANGE,
     LINK_TTL_MAX_S,
+    PORT_RANGE,
+    STORAGE_MAX_AGE_DAYS_RANGE,
+    STORAGE_MAX_MB_RANGE,
     Settings,
 )
 from gui.views.widgets import ERROR, MUTED, Spinbox, caption, heading
@@ -91,19 +95,38 @@ class SettingsView(ctk.CTkFrame):
             f"Images processed at once ({CONCURRENCY_RANGE[0]}–{CONCURRENCY_RANGE[1]}).")
         self.appearance = ctk.CTkSegmentedButton(card, values=list(APPEARANCE_LABELS.values()))
         row(9, "Appearance", self.appearance)
-        self.fleet_size = Spinbox(card, step=1, value=2, minimum=FLEET_SIZE_RANGE[0],
+        local = ctk.CTkFrame(card, fg_color="transparent")
+        self.fleet_size = Spinbox(local, step=1, value=2, minimum=FLEET_SIZE_RANGE[0],
                                   maximum=FLEET_SIZE_RANGE[1], width=130)
-        row(10, "Local fleet size", self.fleet_size,
-            f"Worker processes of the embedded fleet ({FLEET_SIZE_RANGE[0]}–"
-            f"{FLEET_SIZE_RANGE[1]}); used when the endpoint is empty.")
+        self.fleet_size.grid(row=0, column=0)
+        ctk.CTkLabel(local, text="workers, port").grid(row=0, column=1, padx=8)
+        self.local_port = Spinbox(local, step=1, value=8765, minimum=PORT_RANGE[0],
+                                  maximum=PORT_RANGE[1], width=130)
+        self.local_port.grid(row=0, column=2)
+        row(10, "Local fleet size", local,
+            f"The embedded fleet's worker processes ({FLEET_SIZE_RANGE[0]}–"
+            f"{FLEET_SIZE_RANGE[1]}) and its port (0: any free one). Its links name the "
+            "port, so a fixed one keeps them working after a restart. Used when the "
+            "endpoint is empty.")
+        s3 = ctk.CTkFrame(card, fg_color="transparent")
+        self.s3_bucket = ctk.CTkEntry(s3, width=170, placeholder_text="bucket: none")
+        self.s3_bucket.grid(row=0, column=0)
+        self.s3_region = ctk.CTkEntry(s3, width=100, placeholder_text="region")
+        self.s3_region.grid(row=0, column=1, padx=(8, 0))
+        self.s3_prefix = ctk.CTkEntry(s3, width=74, placeholder_text="prefix")
+        self.s3_prefix.grid(row=0, column=2, padx=(8, 0))
+        row(11, "Results in S3", s3,
+            "With a bucket, the embedded fleet keeps results there and its links open "
+            "anywhere (AWS credentials from the standard chain, never kept here). "
+            "Without: on this computer, and links open on this computer only.")
         self._conflict_by_label = {label: value for value, label in ON_CONFLICT_LABELS.items()}
         self.on_conflict = ctk.CTkOptionMenu(card, values=list(ON_CONFLICT_LABELS.values()),
                                              width=130)
-        row(11, "When a name is taken", self.on_conflict,
+        row(12, "When a name is taken", self.on_conflict,
             "Save all and recipe outputs: add -2, -3… to the new file's name, overwrite "
             "the old file, or skip the new one.")
         self.name_template = ctk.CTkEntry(card, width=360)
-        row(12, "Result names", self.name_template,
+        row(13, "Result names", self.name_template,
             "Save all's file names, from " + " ".join("{" + f + "}" for f in FIELDS)
             + " ({n:04}: the image's number, zero-padded).")
         storage = ctk.CTkFrame(card, fg_color="transparent")
@@ -112,17 +135,28 @@ class SettingsView(ctk.CTkFrame):
         self.clear_button = ctk.CTkButton(storage, text="Clear", width=80,
                                           command=controller.clear_storage)
         self.clear_button.grid(row=0, column=1, padx=(8, 0))
-        row(13, "Local storage", storage,
-            "Space the embedded fleet's results and originals use (kept within the "
-            "storage_max_mb and storage_max_age_days settings). Clear removes them: "
-            "their links stop working.")
+        ctk.CTkLabel(storage, text="keep at most").grid(row=0, column=2, padx=(16, 8))
+        self.storage_max_mb = Spinbox(storage, step=100, value=500,
+                                      minimum=STORAGE_MAX_MB_RANGE[0],
+                                      maximum=STORAGE_MAX_MB_RANGE[1], width=130)
+        self.storage_max_mb.grid(row=0, column=3)
+        ctk.CTkLabel(storage, text="MB for").grid(row=0, column=4, padx=8)
+        self.storage_max_age_days = Spinbox(storage, step=1, value=7,
+                                            minimum=STORAGE_MAX_AGE_DAYS_RANGE[0],
+                                            maximum=STORAGE_MAX_AGE_DAYS_RANGE[1], width=110)
+        self.storage_max_age_days.grid(row=0, column=5)
+        ctk.CTkLabel(storage, text="days").grid(row=0, column=6, padx=(8, 0))
+        row(14, "Local storage", storage,
+            "Space the embedded fleet's results and originals use on this computer; "
+            "past the size or the age (0: no limit) the oldest go. Clear removes them "
+            "all: their links stop working.")
         buttons = ctk.CTkFrame(card, fg_color="transparent")
-        buttons.grid(row=14, column=0, columnspan=3, sticky="w", padx=16, pady=(14, 4))
+        buttons.grid(row=15, column=0, columnspan=3, sticky="w", padx=16, pady=(14, 4))
         self.save_button = ctk.CTkButton(buttons, text="Save and reconnect", width=160,
                                          command=self._save)
         self.save_button.grid(row=0, column=0)
         self.message = ctk.CTkLabel(card, text="", anchor="w", justify="left", wraplength=760)
-        self.message.grid(row=15, column=0, columnspan=3, sticky="w", padx=16, pady=(4, 8))
+        self.message.grid(row=16, column=0, columnspan=3, sticky="w", padx=16, pady=(4, 8))
 
     def show(self, settings: Settings, path: str, overridden: str = "") -> None:
         self.path_label.configure(text=f"Kept in {path}" + (f" · {overridden}"
@@ -130,7 +164,10 @@ class SettingsView(ctk.CTkFrame):
         for entry, value in ((self.endpoint, settings.endpoint), (self.token, settings.token),
                              (self.admin, settings.admin_endpoint),
                              (self.admin_token, settings.admin_token),
-                             (self.ca_file, settings.ca_file)):
+                             (self.ca_file, settings.ca_file),
+                             (self.s3_bucket, settings.s3_bucket),
+                             (self.s3_region, settings.s3_region),
+                             (self.s3_prefix, settings.s3_prefix)):
             if entry.get() != value:  # an untouched empty entry keeps its placeholder
                 entry.delete(0, "end")
                 if value:
@@ -142,6 +179,9 @@ class SettingsView(ctk.CTkFrame):
         self.concurrency.set(settings.concurrency)
         self.appearance.set(APPEARANCE_LABELS.get(settings.appearance, "System"))
         self.fleet_size.set(settings.fleet_size)
+        self.local_port.set(settings.local_port)
+        self.storage_max_mb.set(settings.storage_max_mb)
+        self.storage_max_age_days.set(settings.storage_max_age_days)
         self.set_on_conflict(settings.on_conflict)
         self.name_template.delete(0, "end")
         self.name_template.insert(0, settings.name_template)
@@ -170,6 +210,12 @@ class SettingsView(ctk.CTkFrame):
             "concurrency": self.concurrency.get(),
             "appearance": appearance,
             "fleet_size": self.fleet_size.get(),
+            "local_port": self.local_port.get(),
+            "s3_bucket": self.s3_bucket.get(),
+            "s3_region": self.s3_region.get(),
+            "s3_prefix": self.s3_prefix.get(),
+            "storage_max_mb": self.storage_max_mb.get(),
+            "storage_max_age_days": self.storage_max_age_days.get(),
             "on_conflict": self._conflict_by_label.get(self.on_conflict.get(), "unique"),
             "name_template": self.name_template.get(),
         }

@@ -104,10 +104,9 @@ class SettingsView(ctk.CTkFrame):
                                   maximum=PORT_RANGE[1], width=130)
         self.local_port.grid(row=0, column=2)
         row(10, "Local fleet size", local,
-            f"The embedded fleet's worker processes ({FLEET_SIZE_RANGE[0]}–"
-            f"{FLEET_SIZE_RANGE[1]}) and its port (0: any free one). Its links name the "
-            "port, so a fixed one keeps them working after a restart. Used when the "
-            "endpoint is empty.")
+            f"The embedded fleet's workers ({FLEET_SIZE_RANGE[0]}–{FLEET_SIZE_RANGE[1]}) "
+            "and port (0: any free one; a fixed one keeps its links working after a "
+            "restart). Used when the endpoint is empty.")
         s3 = ctk.CTkFrame(card, fg_color="transparent")
         self.s3_bucket = ctk.CTkEntry(s3, width=170, placeholder_text="bucket: none")
         self.s3_bucket.grid(row=0, column=0)
@@ -116,9 +115,8 @@ class SettingsView(ctk.CTkFrame):
         self.s3_prefix = ctk.CTkEntry(s3, width=74, placeholder_text="prefix")
         self.s3_prefix.grid(row=0, column=2, padx=(8, 0))
         row(11, "Results in S3", s3,
-            "With a bucket, the embedded fleet keeps results there and its links open "
-            "anywhere (AWS credentials from the standard chain, never kept here). "
-            "Without: on this computer, and links open on this computer only.")
+            "With a bucket, the embedded fleet's links open anywhere (AWS credentials "
+            "from the standard chain, never kept here). Without: this computer only.")
         self._conflict_by_label = {label: value for value, label in ON_CONFLICT_LABELS.items()}
         self.on_conflict = ctk.CTkOptionMenu(card, values=list(ON_CONFLICT_LABELS.values()),
                                              width=130)
@@ -147,9 +145,8 @@ class SettingsView(ctk.CTkFrame):
         self.storage_max_age_days.grid(row=0, column=5)
         ctk.CTkLabel(storage, text="days").grid(row=0, column=6, padx=(8, 0))
         row(14, "Local storage", storage,
-            "Space the embedded fleet's results and originals use on this computer; "
-            "past the size or the age (0: no limit) the oldest go. Clear removes them "
-            "all: their links stop working.")
+            "The embedded fleet's results here; past the size or age (0: no limit) the "
+            "oldest go. Clear removes them all: their links stop working.")
         buttons = ctk.CTkFrame(card, fg_color="transparent")
         buttons.grid(row=15, column=0, columnspan=3, sticky="w", padx=16, pady=(14, 4))
         self.save_button = ctk.CTkButton(buttons, text="Save and reconnect", width=160,

@@ -65,7 +65,10 @@ def row_text(batch: BatchSummary, now: datetime) -> str:
     state = {"running": "interrupted", "cancelled": "cancelled"}.get(str(batch.state), "")
     if batch.state.value != "finished" and not batch.pending:
         state = ""
-    parts = [when, spec_text(batch.spec), counts, expiry_text(batch, now), where]
+    expiry = expiry_text(batch, now)
+    if batch.sample_link and is_loopback_link(batch.sample_link):
+        expiry += f" ({LOCAL_ONLY})"
+    parts = [when, spec_text(batch.spec), counts, expiry, where]
     if state:
         parts.insert(3, state)
     return " · ".join(parts)

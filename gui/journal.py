@@ -246,6 +246,9 @@ class BatchSummary:
     links: int  # outputs with a link
     first_expiry: datetime | None  # the soonest a link of this batch expires
     last_expiry: datetime | None
+    # One of its links (all of a batch's come from one fleet's storage): whether they
+    # open on this computer only.
+    sample_link: str | None = None
 
     @property
     def pending(self) -> int:
@@ -664,7 +667,7 @@ class Journal:
             "SELECT state, COUNT(*) FROM outputs WHERE batch_id = ? GROUP BY state",
             (row["id"],)).fetchall())
         links = conn.execute(
-            "SELECT COUNT(url), MIN(expires_at), MAX(expires_at) FROM outputs "
+            "SELECT COUNT(url), MIN(expires_at), MAX(expires_at), MIN(url) FROM outputs "
             "WHERE batch_id = ? AND url IS NOT NULL", (row["id"],)).fetchone()
         if per_image == 1:
             done, failed = counts.get("done", 0), counts.get("failed", 0)
@@ -682,4 +685,4 @@ class Journal:
             source=row["source"], endpoint=row["endpoint"], spec=json.loads(row["spec"]),
             outputs=outputs, out_dir=row["out_dir"], state=BatchState(row["state"]),
             total=row["total"], done=done, failed=failed, links=links[0],
-            first_expiry=_when(links[1]), last_expiry=_when(links[2]))
+            first_expiry=_when(links[1]), last_expiry=_when(links[2]), sample_link=links[3])

@@ -58,6 +58,14 @@ def test_rows_say_counts_state_and_link_expiry() -> None:
     assert expiry_text(summary(links=0), NOW) == "no links"
 
 
+def test_rows_say_when_links_open_on_this_computer_only() -> None:
+    local = summary(sample_link="http://127.0.0.1:8765/results/k?expires=1&sig=s")
+    assert "links expire in 2h 00m (this computer only) · command line" in row_text(local, NOW)
+    shared = summary(sample_link="https://bucket.s3.amazonaws.com/results/k?X-Amz-Signature=s")
+    assert "this computer only" not in row_text(shared, NOW)
+    assert "this computer only" not in row_text(summary(), NOW)  # no link recorded
+
+
 def test_requests_round_trip_through_the_journal_spec() -> None:
     pipeline = ProcessRequest(None, None,
                               (RequestStep("resize", {"width": 64}), RequestStep("invert")),

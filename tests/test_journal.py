@@ -82,6 +82,7 @@ def test_a_batch_goes_from_pending_to_done_and_failed(journal: Journal, tmp_path
     summary = journal.batch(batch)
     assert summary is not None and (summary.done, summary.failed, summary.links) == (1, 1, 1)
     assert summary.first_expiry == expires and summary.unfinished
+    assert summary.sample_link == "http://x/0"  # whether the links open elsewhere
 
     # a failed image that is retried and works is done; the batch then finishes
     journal.record_done(batch, 1, key="k1", url="http://x/1", expires_at=expires)

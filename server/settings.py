@@ -58,8 +58,10 @@ def one_line(exc: ValidationError, where: Callable[[str], str] | None = None) ->
     return "; ".join(problems_of(exc, where))
 
 
-def read_config_file(path: Path, known: Iterable[str]) -> dict[str, Any]:
-    """The file's values by field name (``max-bytes`` and ``max_bytes`` alike).
+def read_config_file(path: Path, known: Iterable[str],
+                     flag_names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The file's values by field name, keyed in the file by flag name (``max-bytes`` and
+    ``max_bytes`` alike; ``min`` for the field of ``--min``) or by field name.
 
     Unknown keys are refused, naming them and the known ones, so a typo never silently
     leaves an option at its default.
@@ -75,12 +77,15 @@ def read_config_file(path: Path, known: Iterable[str]) -> dict[str, Any]:
         raise ValueError(f"config file {path} is not valid {kind} ({exc})") from exc
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold an object of option: value")
-    values = {str(key).replace("-", "_"): value for key, value in data.items()}
+    fields = {flag.replace("-", "_"): name for name, flag in (flag_names or {}).items()}
+    values = {fields.get(key, key): value
+              for key, value in ((str(k).replace("-", "_"), v) for k, v in data.items())}
     known = set(known)
     unknown = sorted(set(values) - known)
     if unknown:
+        shown = sorted((flag_names or {}).get(k) or k.replace("_", "-") for k in known)
         raise ValueError(f"config file {path}: unknown options {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(known))}")
+                         f"known: {', '.join(shown)}")
     return values
 
 
@@ -116,18 +121,21 @@ class _Layers(BaseSettings):
 
 def layered(fields: Mapping[str, Any], *, flags: Mapping[str, Any],
             environ: Mapping[str, str] | None = None, config_file: Path | None = None,
-            env_names: Mapping[str, str] | None = None) -> dict[str, Any]:
+            flag_names: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The options that some layer sets, by field name, parsed to the fields' types:
     ``flags`` (those not None) > the environment > ``config_file`` > (defaults: left out,
     so the command's model applies its own).
 
-    ``fields`` maps each field name to its type; ``env_names`` gives a field's variable
-    when it is not ``IMAGEFLEET_<FIELD>`` (a flag whose name is not its field's).
+    ``fields`` maps each field name to its type; ``flag_names`` gives a field's flag when
+    it is not the field's name (``--min`` for ``min_workers``): the variable is then
+    ``IMAGEFLEET_MIN`` and the file's key ``min``.
     Raises ValueError naming the variable or the file of a value that does not parse.
     """
     env = os.environ if environ is None else environ
-    names = {name: (env_names or {}).get(name) or env_name(name) for name in fields}
-    file_values = read_config_file(config_file, fields) if config_file is not None else {}
+    flag_of = {name: (flag_names or {}).get(name) or name.replace("_", "-") for name in fields}
+    names = {name: env_name(flag_of[name]) for name in fields}
+    file_values = (read_config_file(config_file, fields, flag_names)
+                   if config_file is not None else {})
     env_source = type("_Env", (_MappingEnvSource,), {"environ": env})
 
     class Layers(_Layers):
@@ -150,10 +158,10 @@ def layered(fields: Mapping[str, Any], *, flags: Mapping[str, Any],
         # pydantic names the alias (the variable) in its errors; say where the value was.
         field = by_alias.get(loc.lower(), loc)
         if field in given:
-            return f"--{field.replace('_', '-')}"
+            return f"--{flag_of.get(field, field)}"
         if names.get(field, "").lower() in lowered:
             return names[field]
-        return f"{field} in {config_file}" if config_file else field
+        return f"{flag_of.get(field, field)} in {config_file}" if config_file else field
 
     try:
         settings = model(**given)

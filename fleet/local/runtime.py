@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.local.gateway import Gateway, GatewayLimits, HealthCheckConfig
+from fleet.local.options import DEFAULT_STORAGE
 from fleet.local.provider import LocalProvider, WorkerCommand, server_command
 from fleet.manager import FleetManager
 from fleet.model import Event, FleetSpec, Health
@@ -36,7 +37,6 @@ from fleet.storage_cleanup import Caps, sweep
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORAGE = Path("storage")
 ADMIN_TOKEN_FILE = "admin-token"
 CLEANUP_INTERVAL_S = 300.0  # how often the storage caps are applied (and once at start)
 

@@ -30,6 +30,7 @@ from gui.naming import ON_CONFLICT_CHOICES as ON_CONFLICT  # Save all when a nam
 from gui.output_rules import DEFAULT_TEMPLATE, TemplateError, parse_template
 from server.atomic import write_atomic
 from server.limits import MAX_LINK_SECONDS
+from server.settings import layered
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,21 @@ def _user_dir(kind: str, environ: Mapping[str, str] | None) -> Path:
     chosen = Path(platformdirs.user_config_dir(APP_DIR, appauthor=False) if kind == "config"
                   else platformdirs.user_cache_dir(APP_DIR, appauthor=False))
     return legacy if legacy.is_dir() and not chosen.exists() else chosen
+
+
+# The app's variables: each wins over its saved setting, and a command-line flag (where
+# there is one) over the variable. IMAGEFLEET_LOCAL_PORT stays text: a bad one is ignored
+# (the app must start), not refused.
+APP_ENVIRONMENT: dict[str, type] = {
+    "endpoint": str, "admin_endpoint": str, "token": str, "admin_token": str,
+    "ca_file": str, "local_port": str,
+}
+
+
+def app_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ``IMAGEFLEET_*`` variables of ``APP_ENVIRONMENT`` that are set and not empty,
+    by setting name, read the same way as the server's and the fleet's."""
+    return layered(APP_ENVIRONMENT, flags={}, environ=environ)
 
 
 def settings_path(environ: Mapping[str, str] | None = None) -> Path:

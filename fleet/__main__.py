@@ -6,6 +6,9 @@ app does): ``--ready-file PATH`` writes, once a worker is healthy, a JSON
 reader never sees half of it); ``--stop-on-stdin-eof`` stops the fleet when its standard
 input reaches end of file, which happens when the parent closes the pipe or dies however
 it dies (even SIGKILL), so a fleet never outlives the program that started it.
+
+Every option of ``local`` comes from its flag, else ``IMAGEFLEET_<FLAG>``, else the
+``--config`` file, else its default (fleet/local/options.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import sys
 from pathlib import Path
 
 from fleet.local.gateway import GatewayLimits, raise_descriptor_limit
-from fleet.local.runtime import DEFAULT_STORAGE, LocalFleetRuntime, local_spec
+from fleet.local.options import LocalFleetOptions, local_options
+from fleet.local.runtime import LocalFleetRuntime, local_spec
 from fleet.providers.base import ProviderError
 from fleet.storage_cleanup import Caps
 from server.atomic import write_atomic
@@ -35,20 +39,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fleet",
                                      description="Run a self-healing ImageFleet fleet.")
     sub = parser.add_subparsers(dest="command", required=True)
-    local = sub.add_parser("local", help="gateway + worker processes on this machine")
-    local.add_argument("--workers", type=int, default=2,
+    # Flags default to None: one not given leaves the option to IMAGEFLEET_<FLAG>, the
+    # --config file, then LocalFleetOptions' default.
+    local = sub.add_parser("local", help="gateway + worker processes on this machine",
+                           description="Every flag can also be set with IMAGEFLEET_<FLAG> "
+                                       "(e.g. IMAGEFLEET_MAX_CONNECTIONS) or in the --config "
+                                       "file; a flag wins over the variable, the variable "
+                                       "over the file, the file over the default.")
+    local.add_argument("--config", type=Path, default=os.environ.get("IMAGEFLEET_CONFIG")
+                       or None, metavar="FILE",
+                       help="options as a JSON object, or TOML when FILE ends in .toml, "
+                            "keyed by flag name, e.g. {\"workers\": 4} (env IMAGEFLEET_CONFIG)")
+    local.add_argument("--workers", type=int, default=None,
                        help="starting desired number of workers (default 2)")
     local.add_argument("--min", type=int, default=None, dest="min_workers",
                        help="fewest workers when scaling (default: --workers)")
     local.add_argument("--max", type=int, default=None, dest="max_workers",
                        help="most workers when scaling (default: --workers)")
-    local.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
-    local.add_argument("--storage", type=Path, default=DEFAULT_STORAGE,
+    local.add_argument("--port", type=int, default=None, help="gateway port (default 8000)")
+    local.add_argument("--storage", type=Path, default=None,
                        help="shared storage folder (default ./storage)")
-    local.add_argument("--port-fallback", action="store_true",
+    local.add_argument("--port-fallback", action="store_true", default=None,
                        help="when --port is taken, listen on a free port instead of failing "
                             "(the readiness file then names the port asked for)")
-    local.add_argument("--results", default=os.environ.get("IMAGEFLEET_RESULTS") or None,
+    local.add_argument("--results", default=None,
                        metavar="s3://BUCKET[/PREFIX]",
                        help="store results and originals in S3 (standard AWS credential "
                             "chain; AWS_ENDPOINT_URL for an S3-compatible endpoint) so "
@@ -57,19 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="remove the oldest local results and originals past this size")
     local.add_argument("--max-age-days", type=float, default=None,
                        help="remove local results and originals older than this")
-    local.add_argument("--token", default=os.environ.get("IMAGEFLEET_TOKEN") or None,
+    local.add_argument("--token", default=None,
                        help="require 'Authorization: Bearer TOKEN' on workers and /fleet "
                             "(default: env IMAGEFLEET_TOKEN; prefer it, argv is visible). "
                             "Without it the workers are open and the fleet makes an admin "
                             "token for POST /fleet/..., written to <storage>/.fleet/admin-token")
-    defaults = GatewayLimits()
-    local.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
+    local.add_argument("--max-body-bytes", type=int, default=None,
                        help="largest request body the gateway takes (default 51 MiB: the "
                             "workers' 50 MiB plus form overhead); larger ones get 413")
-    local.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
+    local.add_argument("--idle-timeout", type=float, default=None,
                        help="close keep-alive client connections idle this long (s, "
                             "default 60)")
-    local.add_argument("--header-timeout", type=float, default=defaults.header_timeout_s,
+    local.add_argument("--header-timeout", type=float, default=None,
                        help="408 for a request whose headers take longer (s, default 10)")
     local.add_argument("--max-connections", type=int, default=None,
                        help="most open client connections (default: from the descriptor "
@@ -77,13 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--ready-file", type=Path, default=None, metavar="PATH",
                        help="once a worker is healthy, write JSON {endpoint, pid, "
                             "admin_token_file} here (0600, atomically); removed at stop")
-    local.add_argument("--stop-on-stdin-eof", action="store_true",
+    local.add_argument("--stop-on-stdin-eof", action="store_true", default=None,
                        help="stop when standard input is closed (for a parent process "
                             "that starts the fleet with a pipe: its death stops the fleet)")
-    local.add_argument("--sample-interval", type=float,
-                       default=float(os.environ.get("IMAGEFLEET_SAMPLE_INTERVAL") or 5.0),
+    local.add_argument("--sample-interval", type=float, default=None,
                        help="seconds between samples of the /fleet/metrics window (default 5)")
-    local.add_argument("--verbose", action="store_true", help="debug logging")
+    local.add_argument("--verbose", action="store_true", default=None, help="debug logging")
     run = sub.add_parser("run", help="manage an AWS fleet (EC2 + ALB target group)")
     run.add_argument("--config", type=Path, required=True,
                      help="the file 'python -m scripts.bootstrap_aws up' wrote")
@@ -91,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def storage_caps(args: argparse.Namespace) -> Caps:
+def storage_caps(args: argparse.Namespace | LocalFleetOptions) -> Caps:
     for name in ("max_storage_mb", "max_age_days"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -101,7 +113,7 @@ def storage_caps(args: argparse.Namespace) -> Caps:
         max_age_s=None if args.max_age_days is None else args.max_age_days * 86400.0)
 
 
-async def run_local(args: argparse.Namespace) -> int:
+async def run_local(args: LocalFleetOptions) -> int:
     spec = local_spec(args.workers, args.min_workers, args.max_workers)
     limits = GatewayLimits(max_body_bytes=args.max_body_bytes, idle_timeout_s=args.idle_timeout,
                            header_timeout_s=args.header_timeout,
@@ -216,14 +228,22 @@ def run_aws(config: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    options = None
+    if args.command == "local":
+        try:
+            options = local_options(args)
+        except ValueError as exc:
+            print(f"python -m fleet {args.command}: {exc}", file=sys.stderr)
+            return 2
+    verbose = options.verbose if options is not None else args.verbose
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        if args.command == "local":
+        if options is not None:
             # One descriptor per client connection: take what the hard limit allows.
             raise_descriptor_limit()
-            return asyncio.run(run_local(args))
+            return asyncio.run(run_local(options))
         return run_aws(args.config)
     except (ValueError, ProviderError, OSError) as exc:  # OSError covers TimeoutError
         print(f"python -m fleet {args.command}: {exc}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 Everything here is a frozen dataclass or an enum so that :func:`fleet.reconcile.decide`
 can be a pure function of its inputs. Times are plain ``float`` seconds since the epoch
-(``time.time()``); tests pass any numbers they like as the clock.
+(``time.time()``); tests pass any numbers they like as the clock. Values from outside (a
+caller's overrides, a file) come in through :func:`spec_from_mapping`, which checks their
+types with pydantic before the spec checks its own ranges.
 """
 
 from __future__ import annotations
@@ -10,10 +12,14 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from server.settings import one_line
 
 
 class InstanceState(enum.StrEnum):
@@ -123,6 +129,8 @@ class FleetSpec:
     max_lifetime_s: float | None = None
     # How often the manager observes and decides.
     tick_interval_s: float = 0.5
+    # For spec_from_mapping: an unknown key is a typo, never silently dropped.
+    __pydantic_config__ = ConfigDict(extra="forbid")
 
     def __post_init__(self) -> None:
         problems = spec_problems(self)
@@ -135,6 +143,17 @@ class FleetSpec:
 
     def clamp(self, desired: int) -> int:
         return max(self.min, min(self.max, desired))
+
+
+def spec_from_mapping(values: Mapping[str, Any], base: FleetSpec | None = None) -> FleetSpec:
+    """A spec from untrusted values, the fields not given taken from ``base`` (default:
+    the defaults). ValueError with one line naming each wrong field: an unknown key, a
+    value of the wrong type, or a range ``spec_problems`` refuses."""
+    start = asdict(base) if base is not None else {}
+    try:
+        return TypeAdapter(FleetSpec).validate_python({**start, **values})
+    except ValidationError as exc:
+        raise ValueError(one_line(exc)) from None
 
 
 def spec_problems(spec: FleetSpec) -> list[str]:

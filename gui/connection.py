@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gui.client import ImageFleetClient, OperationSpec
-from gui.settings import Settings
+from gui.settings import Settings, app_environment
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class LocalFleetOptions:
 def local_fleet_options(environ: Mapping[str, str], settings: Settings) -> LocalFleetOptions:
     """The embedded fleet's options (env ``IMAGEFLEET_LOCAL_PORT`` > the setting)."""
     port = settings.local_port
-    raw = environ.get("IMAGEFLEET_LOCAL_PORT", "").strip()
+    raw = app_environment(environ).get("local_port", "").strip()
     if raw.isdigit() and int(raw) <= 65535:
         port = int(raw)
     return LocalFleetOptions(port=port, results=settings.s3_location,
@@ -95,7 +95,7 @@ def restart_allowed(deaths: Sequence[float], now: float,
 
 def choose_endpoint(flag: str | None, environ: Mapping[str, str], settings: Settings) -> str:
     """The endpoint to use, or "" for the embedded fleet (flag > env > settings)."""
-    for candidate in (flag, environ.get("IMAGEFLEET_ENDPOINT"), settings.endpoint):
+    for candidate in (flag, app_environment(environ).get("endpoint"), settings.endpoint):
         if candidate and candidate.strip():
             return candidate.strip().rstrip("/")
     return ""
@@ -104,7 +104,8 @@ def choose_endpoint(flag: str | None, environ: Mapping[str, str], settings: Sett
 def choose_admin_endpoint(flag: str | None, environ: Mapping[str, str],
                           settings: Settings) -> str:
     """Where ``/fleet`` is served, or "" when it is the endpoint itself."""
-    for candidate in (flag, environ.get("IMAGEFLEET_ADMIN_ENDPOINT"), settings.admin_endpoint):
+    for candidate in (flag, app_environment(environ).get("admin_endpoint"),
+                      settings.admin_endpoint):
         if candidate and candidate.strip():
             return candidate.strip().rstrip("/")
     return ""
@@ -112,16 +113,16 @@ def choose_admin_endpoint(flag: str | None, environ: Mapping[str, str],
 
 def choose_ca_file(environ: Mapping[str, str], settings: Settings) -> str:
     """The pinned certificate's file (env ``IMAGEFLEET_CA_FILE`` > settings), or ""."""
-    return (environ.get("IMAGEFLEET_CA_FILE") or settings.ca_file or "").strip()
+    return (app_environment(environ).get("ca_file") or settings.ca_file or "").strip()
 
 
 def choose_token(environ: Mapping[str, str], settings: Settings) -> str | None:
-    return environ.get("IMAGEFLEET_TOKEN") or settings.token or None
+    return app_environment(environ).get("token") or settings.token or None
 
 
 def choose_admin_token(environ: Mapping[str, str], settings: Settings) -> str | None:
     """The fleet's admin token (env ``IMAGEFLEET_ADMIN_TOKEN`` > settings), or None."""
-    return environ.get("IMAGEFLEET_ADMIN_TOKEN") or settings.admin_token or None
+    return app_environment(environ).get("admin_token") or settings.admin_token or None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,13 @@
 """User settings of the desktop app: a validated, frozen value kept as JSON.
 
-The file lives in the user's config directory (``$XDG_CONFIG_HOME/imagefleet/settings.json``,
-falling back to ``~/.config/imagefleet/settings.json``). Loading never raises for a bad
-file: it answers defaults plus a message the app shows, because a broken settings file
-must not stop the app from starting. No Tk import here.
+The file lives in the user's config folder: ``$XDG_CONFIG_HOME/imagefleet/settings.json``
+when that variable is set (tests and the app point it at a folder of their own), else
+platformdirs' ``user_config_dir`` (``~/.config/imagefleet`` on Linux). Loading never
+raises for a bad file: it answers defaults plus a message the app shows, because a broken
+settings file must not stop the app from starting. No Tk import here.
+
+``Settings`` is a pydantic dataclass: each field's validator normalises form text and
+says what is allowed; ``parse_settings`` turns pydantic's errors into ``SettingsError``.
 """
 
 from __future__ import annotations
@@ -12,16 +16,21 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from pydantic import ValidationError, field_validator
+from pydantic.dataclasses import dataclass as validated_dataclass
 
 from gui.naming import ON_CONFLICT_CHOICES as ON_CONFLICT  # Save all when a name is taken
 from gui.output_rules import DEFAULT_TEMPLATE, TemplateError, parse_template
 from server.atomic import write_atomic
 from server.limits import MAX_LINK_SECONDS
+from server.settings import layered
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,21 @@ STORAGE_MAX_MB_RANGE = (0, 1_000_000)  # 0: no size cap
 STORAGE_MAX_AGE_DAYS_RANGE = (0, 3650)  # 0: no age cap
 
 
+INT_RANGES = {
+    "link_ttl_s": (LINK_TTL_MIN_S, LINK_TTL_MAX_S),
+    "concurrency": CONCURRENCY_RANGE,
+    "fleet_size": FLEET_SIZE_RANGE,
+    "local_port": PORT_RANGE,
+    "storage_max_mb": STORAGE_MAX_MB_RANGE,
+    "storage_max_age_days": STORAGE_MAX_AGE_DAYS_RANGE,
+}
+APP_DIR = "imagefleet"
+# Where the settings lived before platformdirs chose (macOS and Windows): still used when
+# the file is there and the new folder is not, so an upgrade keeps the user's settings.
+LEGACY_CONFIG = Path(".config")
+LEGACY_CACHE = Path(".cache")
+
+
 class SettingsError(ValueError):
     """One or more settings values are invalid; ``problems`` names each one."""
 
@@ -44,7 +68,8 @@ class SettingsError(ValueError):
         self.problems = problems
 
 
-@dataclass(frozen=True)
+# Unknown keys are refused rather than ignored so a typo never silently loses a value.
+@validated_dataclass(frozen=True, config={"extra": "forbid"})
 class Settings:
     """What the user can change in the Settings view.
 
@@ -89,6 +114,87 @@ class Settings:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    # Each validator takes the raw value (JSON or form text) and answers the normalised
+    # one, or raises ValueError with a message naming the field and what it allows.
+
+    @field_validator("endpoint", "admin_endpoint", mode="before")
+    @classmethod
+    def _url(cls, raw: Any, info: Any) -> str:
+        url = str(raw or "").strip().rstrip("/")
+        problem = validate_endpoint(url)
+        if problem:
+            raise ValueError(problem.replace("endpoint", info.field_name, 1))
+        return url
+
+    @field_validator("token", "admin_token", mode="before")
+    @classmethod
+    def _token(cls, raw: Any, info: Any) -> str:
+        value = str(raw or "").strip()
+        if any(c.isspace() for c in value):
+            raise ValueError(f"{info.field_name} may not contain spaces or line breaks")
+        return value
+
+    @field_validator("ca_file", mode="before")
+    @classmethod
+    def _ca_file(cls, raw: Any) -> str:
+        # Only the form of the value here (no I/O on the UI thread): the client reads the
+        # file when it connects and names what is wrong with it.
+        ca_file = str(raw or "").strip()
+        if "\n" in ca_file or "\x00" in ca_file:
+            raise ValueError("ca_file must be the path of a PEM file")
+        return str(Path(ca_file).expanduser()) if ca_file else ""
+
+    @field_validator("s3_bucket", mode="before")
+    @classmethod
+    def _bucket(cls, raw: Any) -> str:
+        value = str(raw or "").strip().removeprefix("s3://").strip("/")
+        if value and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", value):
+            raise ValueError("s3_bucket must be an S3 bucket name (3-63 lower-case "
+                             f"letters, digits, dots, hyphens), got {value!r}")
+        return value
+
+    @field_validator("s3_region", mode="before")
+    @classmethod
+    def _region(cls, raw: Any) -> str:
+        value = str(raw or "").strip()
+        if value and not re.fullmatch(r"[a-z0-9-]+", value):
+            raise ValueError(f"s3_region must be a region name such as eu-west-1, "
+                             f"got {value!r}")
+        return value
+
+    @field_validator("s3_prefix", mode="before")
+    @classmethod
+    def _prefix(cls, raw: Any) -> str:
+        value = str(raw or "").strip()
+        if any(c.isspace() for c in value):
+            raise ValueError("s3_prefix may not contain spaces")
+        return value
+
+    @field_validator("appearance", "on_conflict", mode="before")
+    @classmethod
+    def _choice(cls, raw: Any, info: Any) -> str:
+        allowed = APPEARANCES if info.field_name == "appearance" else ON_CONFLICT
+        value = str(raw).strip().lower()
+        if value not in allowed:
+            raise ValueError(f"{info.field_name} must be one of {', '.join(allowed)}, "
+                             f"got {value!r}")
+        return value
+
+    @field_validator("name_template", mode="before")
+    @classmethod
+    def _template(cls, raw: Any) -> str:
+        template = str(raw or "").strip()
+        try:
+            parse_template(template)
+        except TemplateError as exc:
+            raise ValueError(f"name_template: {exc}") from None
+        return template
+
+    @field_validator(*INT_RANGES, mode="before")
+    @classmethod
+    def _whole_number(cls, raw: Any, info: Any) -> int:
+        return int_in_range(info.field_name, raw, *INT_RANGES[info.field_name])
+
 
 @dataclass(frozen=True)
 class LoadedSettings:
@@ -98,17 +204,53 @@ class LoadedSettings:
     problems: list[str] = field(default_factory=list)
 
 
-def settings_path(environ: Mapping[str, str] | None = None) -> Path:
+def _xdg_platform() -> bool:
+    return sys.platform.startswith(("linux", "freebsd", "openbsd", "netbsd"))
+
+
+def _user_dir(kind: str, environ: Mapping[str, str] | None) -> Path:
+    """The app's ``config`` or ``cache`` folder. ``XDG_<KIND>_HOME`` of ``environ`` wins
+    on every system (tests and the app pass their own environment); on Linux and other
+    XDG systems the rest of platformdirs' rule (``~/.config``, ``~/.cache``) is applied to
+    ``environ``'s HOME, elsewhere platformdirs decides."""
     env = os.environ if environ is None else environ
-    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
-    return Path(base) / "imagefleet" / "settings.json"
+    home = Path(env.get("HOME") or Path.home())
+    # ~/.config/imagefleet: XDG's default, and the folder used everywhere before platformdirs
+    legacy = home / (LEGACY_CONFIG if kind == "config" else LEGACY_CACHE) / APP_DIR
+    base = env.get(f"XDG_{kind.upper()}_HOME")
+    if base:
+        return Path(base) / APP_DIR
+    if _xdg_platform():
+        return legacy
+    import platformdirs
+
+    chosen = Path(platformdirs.user_config_dir(APP_DIR, appauthor=False) if kind == "config"
+                  else platformdirs.user_cache_dir(APP_DIR, appauthor=False))
+    return legacy if legacy.is_dir() and not chosen.exists() else chosen
+
+
+# The app's variables: each wins over its saved setting, and a command-line flag (where
+# there is one) over the variable. IMAGEFLEET_LOCAL_PORT stays text: a bad one is ignored
+# (the app must start), not refused.
+APP_ENVIRONMENT: dict[str, type] = {
+    "endpoint": str, "admin_endpoint": str, "token": str, "admin_token": str,
+    "ca_file": str, "local_port": str,
+}
+
+
+def app_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ``IMAGEFLEET_*`` variables of ``APP_ENVIRONMENT`` that are set and not empty,
+    by setting name, read the same way as the server's and the fleet's."""
+    return layered(APP_ENVIRONMENT, flags={}, environ=environ)
+
+
+def settings_path(environ: Mapping[str, str] | None = None) -> Path:
+    return _user_dir("config", environ) / "settings.json"
 
 
 def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
     """Where the embedded fleet keeps its storage (results survive a restart)."""
-    env = os.environ if environ is None else environ
-    base = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".cache")
-    return Path(base) / "imagefleet"
+    return _user_dir("cache", environ)
 
 
 def validate_endpoint(value: str) -> str | None:
@@ -121,101 +263,47 @@ def validate_endpoint(value: str) -> str | None:
     return None
 
 
-def _int_in_range(name: str, raw: Any, low: int, high: int, problems: list[str]) -> int | None:
+def int_in_range(name: str, raw: Any, low: int, high: int) -> int:
+    """``raw`` (a number or form text) as a whole number in low..high, or ValueError."""
     if isinstance(raw, bool):
-        problems.append(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
-        return None
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
     try:
         value = int(str(raw).strip()) if not isinstance(raw, int) else raw
     except ValueError:
-        problems.append(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
-        return None
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, "
+                         f"got {raw!r}") from None
     if not low <= value <= high:
-        problems.append(f"{name} must be from {low} to {high}, got {value}")
-        return None
+        raise ValueError(f"{name} must be from {low} to {high}, got {value}")
     return value
 
 
 def parse_settings(data: Mapping[str, Any], base: Settings | None = None) -> Settings:
-    """Validate raw values (from JSON or from the form) into Settings.
+    """Validate raw values (from JSON or from the form) into Settings, the keys not in
+    ``data`` taken from ``base`` (default: the defaults).
 
     Unknown keys are rejected rather than ignored so a typo never silently loses a value.
     Raises SettingsError listing every problem at once.
     """
     start = base or Settings()
-    known = set(Settings.__dataclass_fields__)
-    problems = [
-        f"unknown setting {key!r} (known: {', '.join(sorted(known))})"
-        for key in data
-        if key not in known
-    ]
-    values: dict[str, Any] = {}
-    for name in ("endpoint", "admin_endpoint"):
-        if name in data:
-            url = str(data[name] or "").strip().rstrip("/")
-            problem = validate_endpoint(url)
-            if problem:
-                problems.append(problem.replace("endpoint", name, 1))
-            values[name] = url
-    for name in ("token", "admin_token"):
-        if name in data:
-            value = str(data[name] or "").strip()
-            if any(c.isspace() for c in value):
-                problems.append(f"{name} may not contain spaces or line breaks")
-            values[name] = value
-    if "ca_file" in data:
-        # Only the form of the value here (no I/O on the UI thread): the client reads the
-        # file when it connects and names what is wrong with it.
-        ca_file = str(data["ca_file"] or "").strip()
-        if "\n" in ca_file or "\x00" in ca_file:
-            problems.append("ca_file must be the path of a PEM file")
-        values["ca_file"] = str(Path(ca_file).expanduser()) if ca_file else ""
-    for name in ("s3_bucket", "s3_region", "s3_prefix"):
-        if name in data:
-            value = str(data[name] or "").strip()
-            if name == "s3_bucket":
-                value = value.removeprefix("s3://").strip("/")
-                if value and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", value):
-                    problems.append("s3_bucket must be an S3 bucket name (3-63 lower-case "
-                                    f"letters, digits, dots, hyphens), got {value!r}")
-            elif name == "s3_region" and value and not re.fullmatch(r"[a-z0-9-]+", value):
-                problems.append(f"s3_region must be a region name such as eu-west-1, "
-                                f"got {value!r}")
-            elif any(c.isspace() for c in value):
-                problems.append(f"{name} may not contain spaces")
-            values[name] = value
-    if "appearance" in data:
-        appearance = str(data["appearance"]).strip().lower()
-        if appearance not in APPEARANCES:
-            allowed = ", ".join(APPEARANCES)
-            problems.append(f"appearance must be one of {allowed}, got {appearance!r}")
-        values["appearance"] = appearance
-    if "on_conflict" in data:
-        policy = str(data["on_conflict"]).strip().lower()
-        if policy not in ON_CONFLICT:
-            problems.append(f"on_conflict must be one of {', '.join(ON_CONFLICT)}, "
-                            f"got {policy!r}")
-        values["on_conflict"] = policy
-    if "name_template" in data:
-        template = str(data["name_template"] or "").strip()
-        try:
-            parse_template(template)
-        except TemplateError as exc:
-            problems.append(f"name_template: {exc}")
-        values["name_template"] = template
-    for name, (low, high) in {
-        "link_ttl_s": (LINK_TTL_MIN_S, LINK_TTL_MAX_S),
-        "concurrency": CONCURRENCY_RANGE,
-        "fleet_size": FLEET_SIZE_RANGE,
-        "local_port": PORT_RANGE,
-        "storage_max_mb": STORAGE_MAX_MB_RANGE,
-        "storage_max_age_days": STORAGE_MAX_AGE_DAYS_RANGE,
-    }.items():
-        if name in data:
-            values[name] = _int_in_range(name, data[name], low, high, problems)
-    if problems:
-        raise SettingsError(problems)
-    return replace(start, **values)
+    try:
+        return Settings(**{**asdict(start), **data})
+    except ValidationError as exc:
+        raise SettingsError(settings_problems(exc)) from None
+
+
+def settings_problems(exc: ValidationError) -> list[str]:
+    """One line per problem; the validators' messages name their field already."""
+    known = ", ".join(sorted(f.name for f in fields(Settings)))
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            problems.append(f"unknown setting {key!r} (known: {known})")
+        elif error["type"] == "value_error":
+            problems.append(error["msg"].removeprefix("Value error, "))
+        else:
+            problems.append(f"{key}: {error['msg']} (got {error.get('input')!r})")
+    return problems
 
 
 def load_settings(path: Path) -> LoadedSettings:

@@ -1,4 +1,7 @@
-"""`python -m server`: the processing server (server/serving.py says how it is served)."""
+"""`python -m server`: the processing server (server/serving.py says how it is served).
+
+Each option comes from its flag, else ``IMAGEFLEET_<FLAG>``, else the ``--config`` file,
+else its default (server/settings.py)."""
 
 from __future__ import annotations
 
@@ -6,36 +9,43 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import MISSING
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, get_type_hints
 
-from server.config import ENV_PREFIX, ServerConfig
+from server.config import ServerConfig
+from server.settings import env_name, layered
 from server.storage import open_storage
 from server.tokens import open_token_gate
 
 log = logging.getLogger("imagefleet.server")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_LOG_LEVEL = "INFO"
+# Options whose empty value means "not given" (IMAGEFLEET_PEERS= in a unit file).
+OPTIONAL_STRINGS = ("token", "token_file", "token_ssm_parameter", "peers", "s3_endpoint_url",
+                    "public_url")
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = ServerConfig.__dataclass_fields__
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The flags, each defaulting to None so that an unset flag leaves the option to the
+    environment, the config file or the default (``config_from_args``)."""
+    env = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
         prog="python -m server",
         description="ImageFleet processing server. Every flag can also be set with the "
-                    "environment variable IMAGEFLEET_<FLAG>, e.g. IMAGEFLEET_STORAGE.",
+                    "environment variable IMAGEFLEET_<FLAG>, e.g. IMAGEFLEET_STORAGE, or "
+                    "in the --config file; a flag wins over the variable, the variable "
+                    "over the file, the file over the default.",
     )
 
-    def add(flag: str, kind=str, help_text: str = "", default=None):
-        name = flag.replace("-", "_")
-        fallback = default if default is not None else d[name].default
-        if fallback is MISSING:  # computed at start-up (instance id, process slots)
-            fallback = None
-        value = _env(flag, None if fallback is None else str(fallback))
-        parser.add_argument(f"--{flag}", type=kind, default=value, help=help_text)
+    def add(flag: str, kind=str, help_text: str = "") -> None:
+        parser.add_argument(f"--{flag}", type=kind, default=None, help=help_text)
 
+    parser.add_argument("--config", type=Path, default=env.get(env_name("config")) or None,
+                        metavar="FILE",
+                        help="options as a JSON object, or TOML when FILE ends in .toml, "
+                             "keyed by flag name, e.g. {\"port\": 8081} (env "
+                             "IMAGEFLEET_CONFIG)")
     add("host", help_text="address to listen on (default 127.0.0.1)")
     add("port", int, "port to listen on; 0 picks a free one (default 8080)")
     add("storage", help_text="folder path or s3://bucket[/prefix] (default ./storage)")
@@ -72,17 +82,38 @@ def build_parser() -> argparse.ArgumentParser:
     add("workers", int, "server processes sharing the port under gunicorn, e.g. one per "
                         "core (Linux, macOS); /health reports the answering worker's counts "
                         "(default 1: one waitress process)")
-    parser.add_argument("--log-level", default=_env("log-level", "INFO"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    # The variable is read here too, so that logging is set up before anything else.
+    parser.add_argument("--log-level", default=env.get(env_name("log-level")) or None,
+                        type=str.upper, choices=LOG_LEVELS,
+                        help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    values = {k: v for k, v in vars(args).items() if k != "log_level" and v is not None}
-    for optional in ("token", "token_file", "token_ssm_parameter", "peers", "s3_endpoint_url",
-                     "public_url"):
+def option_values(args: argparse.Namespace,
+                  environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Every option some layer sets (flag > environment > config file), by field name,
+    including ``log_level``; ValueError naming the variable or file of a bad value."""
+    fields = {**get_type_hints(ServerConfig), "log_level": str}
+    flags = {k: v for k, v in vars(args).items() if k != "config"}
+    values = layered(fields, flags=flags, environ=environ, config_file=args.config)
+    for optional in OPTIONAL_STRINGS:
         if values.get(optional) == "":
             values.pop(optional)
+    return values
+
+
+def log_level_from_args(args: argparse.Namespace,
+                        environ: Mapping[str, str] | None = None) -> str:
+    level = str(option_values(args, environ).get("log_level", DEFAULT_LOG_LEVEL)).upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return level
+
+
+def config_from_args(args: argparse.Namespace,
+                     environ: Mapping[str, str] | None = None) -> ServerConfig:
+    values = option_values(args, environ)
+    values.pop("log_level", None)
     return ServerConfig.from_mapping(values)
 
 
@@ -100,7 +131,11 @@ def configure_logging(level: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level)
+    try:
+        log_level = log_level_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    configure_logging(log_level)
     from server.serving import serve_gunicorn, serve_waitress
 
     try:
@@ -113,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             open_token_gate(token=config.token, token_file=config.token_file,
                             ssm_parameter=config.token_ssm_parameter,
                             refresh_s=config.token_refresh).close()
-            return serve_gunicorn(config, args.log_level)
+            return serve_gunicorn(config, log_level)
         return serve_waitress(config)
     except ValueError as exc:
         parser.error(str(exc))

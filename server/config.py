@@ -1,15 +1,21 @@
-"""Server configuration: one validated dataclass, filled from flags or environment."""
+"""Server configuration: one validated, frozen dataclass (pydantic), filled from flags,
+``IMAGEFLEET_*`` variables and a config file (server/settings.py says the precedence)."""
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import field, fields
 from typing import Any
 
-from server.limits import MAX_LINK_SECONDS
+from pydantic import ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
-ENV_PREFIX = "IMAGEFLEET_"
+from server.limits import MAX_LINK_SECONDS
+from server.settings import ENV_PREFIX, one_line
+
+__all__ = ["ENV_PREFIX", "ServerConfig", "config_problems", "default_instance_id"]
 SPARE_THREADS = 8
 QUEUE_PER_SLOT = 4
 
@@ -18,7 +24,8 @@ def default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-@dataclass(frozen=True)
+# Unknown keys are refused (a typo must not leave an option at its default).
+@dataclass(frozen=True, config={"extra": "forbid"})
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -65,63 +72,79 @@ class ServerConfig:
     # Server processes sharing the port (gunicorn's arbiter, server/serving.py).
     workers: int = 1
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> ServerConfig:
+        # Frozen: the two computed defaults are filled in once, here, before the checks.
         if self.queue_limit == -1:
             object.__setattr__(self, "queue_limit", QUEUE_PER_SLOT * self.process_slots)
         if self.threads == 0:
             object.__setattr__(self, "threads",
                                max(16, self.process_slots + self.queue_limit + SPARE_THREADS))
-        problems = []
-        if not 0 <= self.port <= 65535:
-            problems.append(f"port {self.port} is not 0..65535")
-        if not 1 <= self.threads <= 512:
-            problems.append(f"threads {self.threads} is not 1..512")
-        if not 1 <= self.link_ttl <= MAX_LINK_SECONDS:
-            problems.append(f"link_ttl {self.link_ttl} is not 1..{MAX_LINK_SECONDS} seconds "
-                            "(links live at most 7 days)")
-        if self.max_bytes < 1024:
-            problems.append("max_bytes must be at least 1024")
-        if self.max_pixels < 1:
-            problems.append("max_pixels must be positive")
-        if self.tile_mp <= 0:
-            problems.append("tile_mp must be positive")
-        if not 128 <= self.tile_size <= 16384:
-            problems.append(f"tile_size {self.tile_size} is not 128..16384 pixels")
-        if not 1 <= self.process_slots <= 256:
-            problems.append(f"process_slots {self.process_slots} is not 1..256")
-        if not 0 <= self.queue_limit <= 4096:
-            problems.append(f"queue_limit {self.queue_limit} is not 0..4096")
-        if self.threads < self.process_slots + self.queue_limit + 2:
-            problems.append(f"threads {self.threads} must exceed process_slots + queue_limit "
-                            f"({self.process_slots} + {self.queue_limit}) by at least 2, so "
-                            "that /health and refusals always find a thread")
-        if not self.max_cost > 0:
-            problems.append(f"max_cost must be positive, got {self.max_cost}")
-        if not self.request_timeout > 0:
-            problems.append(f"request_timeout must be positive, got {self.request_timeout}")
-        if self.public_url is not None and not self.public_url.startswith(
-                ("http://", "https://")):
-            problems.append(f"public_url {self.public_url!r} must start with http:// or "
-                            "https://")
-        if not 0 <= self.opencv_threads <= 256:
-            problems.append(f"opencv_threads {self.opencv_threads} is not 0..256")
-        if not 1 <= self.workers <= 64:
-            problems.append(f"workers {self.workers} is not 1..64")
-        if self.token is not None and len(self.token) < 8:
-            problems.append("token must be at least 8 characters")
-        sources = [s for s in (self.token, self.token_file, self.token_ssm_parameter) if s]
-        if len(sources) > 1:
-            problems.append("give one of token, token_file and token_ssm_parameter")
-        if not 0.05 <= self.token_refresh <= 3600:
-            problems.append(f"token_refresh {self.token_refresh} is not 0.05..3600 seconds")
+        problems = config_problems(self)
         if problems:
             raise ValueError("invalid server configuration: " + "; ".join(problems))
+        return self
 
     @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> ServerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+    def from_mapping(cls, values: Mapping[str, Any]) -> ServerConfig:
+        """Validated config from option values; ValueError with one line naming each
+        wrong field and what it allows."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"unknown configuration keys: {', '.join(unknown)}; "
                              f"known: {', '.join(sorted(known))}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            message = one_line(exc)
+            prefix = "invalid server configuration: "
+            raise ValueError(prefix + message.removeprefix(prefix)) from None
+
+
+def config_problems(config: ServerConfig) -> list[str]:
+    """What is wrong with the values (after the computed defaults), one line each."""
+    problems = []
+    if not 0 <= config.port <= 65535:
+        problems.append(f"port {config.port} is not 0..65535")
+    if not 1 <= config.threads <= 512:
+        problems.append(f"threads {config.threads} is not 1..512")
+    if not 1 <= config.link_ttl <= MAX_LINK_SECONDS:
+        problems.append(f"link_ttl {config.link_ttl} is not 1..{MAX_LINK_SECONDS} seconds "
+                        "(links live at most 7 days)")
+    if config.max_bytes < 1024:
+        problems.append("max_bytes must be at least 1024")
+    if config.max_pixels < 1:
+        problems.append("max_pixels must be positive")
+    if config.tile_mp <= 0:
+        problems.append("tile_mp must be positive")
+    if not 128 <= config.tile_size <= 16384:
+        problems.append(f"tile_size {config.tile_size} is not 128..16384 pixels")
+    if not 1 <= config.process_slots <= 256:
+        problems.append(f"process_slots {config.process_slots} is not 1..256")
+    if not 0 <= config.queue_limit <= 4096:
+        problems.append(f"queue_limit {config.queue_limit} is not 0..4096")
+    if config.threads < config.process_slots + config.queue_limit + 2:
+        problems.append(f"threads {config.threads} must exceed process_slots + queue_limit "
+                        f"({config.process_slots} + {config.queue_limit}) by at least 2, so "
+                        "that /health and refusals always find a thread")
+    if not config.max_cost > 0:
+        problems.append(f"max_cost must be positive, got {config.max_cost}")
+    if not config.request_timeout > 0:
+        problems.append(f"request_timeout must be positive, got {config.request_timeout}")
+    if config.public_url is not None and not config.public_url.startswith(
+            ("http://", "https://")):
+        problems.append(f"public_url {config.public_url!r} must start with http:// or "
+                        "https://")
+    if not 0 <= config.opencv_threads <= 256:
+        problems.append(f"opencv_threads {config.opencv_threads} is not 0..256")
+    if not 1 <= config.workers <= 64:
+        problems.append(f"workers {config.workers} is not 1..64")
+    if config.token is not None and len(config.token) < 8:
+        problems.append("token must be at least 8 characters")
+    sources = [s for s in (config.token, config.token_file, config.token_ssm_parameter) if s]
+    if len(sources) > 1:
+        problems.append("give one of token, token_file and token_ssm_parameter")
+    if not 0.05 <= config.token_refresh <= 3600:
+        problems.append(f"token_refresh {config.token_refresh} is not 0.05..3600 seconds")
+    return problems

@@ -20,7 +20,7 @@ import requests
 from conftest import REPO_ROOT, free_port
 from waiting import wait_until
 
-from server.__main__ import build_parser, config_from_args
+from server.__main__ import build_parser, config_from_args, log_level_from_args
 
 TOKEN = "process-test-token-1234"
 # Two bilateral passes on 12 MP: ~2 s on two cores, long enough to SIGTERM mid-way.
@@ -72,11 +72,13 @@ SAMPLES = {  # flag -> (environment value, parsed value in the config)
 
 
 def server_flags() -> list[str]:
-    """The documented flags (not --help, --log-level, or the internal ones whose help
-    is suppressed, such as the socket a worker inherits)."""
+    """The documented flags (not --help, --log-level, --config (the file's path, tested
+    below), or the internal ones whose help is suppressed, such as the socket a worker
+    inherits)."""
     return [option[2:] for action in build_parser()._actions
             for option in action.option_strings if option.startswith("--")
-            and option not in ("--help", "--log-level") and action.help != argparse.SUPPRESS]
+            and option not in ("--help", "--log-level", "--config")
+            and action.help != argparse.SUPPRESS]
 
 
 def env_name(flag: str) -> str:
@@ -126,6 +128,79 @@ def test_flags_win_over_environment(clean_env) -> None:
     assert (config.instance_id, config.port) == ("from-flag", 9002)
 
 
+# One precedence for every option: flag > IMAGEFLEET_<FLAG> > config file > default.
+PRECEDENCE = [  # (flag, environment, file) -> which one the config holds
+    (["--port", "9001"], {"IMAGEFLEET_PORT": "9002"}, {"port": 9003}, 9001),
+    ([], {"IMAGEFLEET_PORT": "9002"}, {"port": 9003}, 9002),
+    ([], {}, {"port": 9003}, 9003),
+    ([], {}, {}, 8080),
+    (["--port", "9001"], {}, {"port": 9003}, 9001),
+    (["--port", "9001"], {"IMAGEFLEET_PORT": "9002"}, {}, 9001),
+]
+
+
+@pytest.mark.parametrize(("flags", "env", "file", "port"), PRECEDENCE)
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_flag_beats_environment_beats_file_beats_default(
+        clean_env, tmp_path: Path, flags: list[str], env: dict[str, str],
+        file: dict[str, int], port: int, suffix: str) -> None:
+    config_file = tmp_path / f"server{suffix}"
+    config_file.write_text(json.dumps(file) if suffix == ".json"
+                           else "".join(f"{k} = {v}\n" for k, v in file.items()))
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    config = config_from_args(build_parser().parse_args(["--config", str(config_file),
+                                                         *flags]))
+    assert config.port == port
+
+
+@pytest.mark.parametrize(("flags", "env", "file", "level"), [
+    (["--log-level", "ERROR"], {"IMAGEFLEET_LOG_LEVEL": "DEBUG"}, {"log-level": "WARNING"},
+     "ERROR"),
+    ([], {"IMAGEFLEET_LOG_LEVEL": "DEBUG"}, {"log-level": "WARNING"}, "DEBUG"),
+    ([], {}, {"log-level": "WARNING"}, "WARNING"),
+    ([], {}, {}, "INFO"),
+])
+def test_log_level_follows_the_same_precedence(clean_env, tmp_path: Path, flags: list[str],
+                                               env: dict[str, str], file: dict[str, str],
+                                               level: str) -> None:
+    (tmp_path / "server.json").write_text(json.dumps(file))
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    args = build_parser().parse_args(["--config", str(tmp_path / "server.json"), *flags])
+    assert log_level_from_args(args) == level
+
+
+def test_config_file_comes_from_the_environment_too(clean_env, tmp_path: Path) -> None:
+    (tmp_path / "server.json").write_text(json.dumps({"max-bytes": 4096,
+                                                      "instance_id": "from-file"}))
+    clean_env.setenv("IMAGEFLEET_CONFIG", str(tmp_path / "server.json"))
+    config = config_from_args(build_parser().parse_args([]))
+    assert (config.max_bytes, config.instance_id) == (4096, "from-file")
+
+
+@pytest.mark.parametrize(("env", "file", "says"), [
+    ({"IMAGEFLEET_PORT": "eighty"}, {}, "IMAGEFLEET_PORT: Input should be a valid integer"),
+    ({}, {"port": "eighty"}, "port in "),
+    ({}, {"port": 70000}, "port 70000 is not 0..65535"),
+    ({"IMAGEFLEET_TILE_SIZE": "64"}, {}, "tile_size 64 is not 128..16384"),
+    ({}, {"prot": 1}, "unknown options prot; known: "),
+    ({"IMAGEFLEET_LOG_LEVEL": "LOUD"}, {}, "log_level must be one of DEBUG, INFO"),
+])
+def test_bad_values_are_refused_naming_the_field(clean_env, tmp_path: Path,
+                                                 env: dict[str, str], file: dict[str, Any],
+                                                 says: str) -> None:
+    (tmp_path / "server.json").write_text(json.dumps(file))
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    args = build_parser().parse_args(["--config", str(tmp_path / "server.json")])
+    with pytest.raises(ValueError) as caught:
+        config_from_args(args)
+        log_level_from_args(args)
+    assert says in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
 def test_environment_configures_a_real_server(server_process, tmp_path: Path,
                                               camera_png: bytes) -> None:
     storage = tmp_path / "from-env-storage"
@@ -164,7 +239,9 @@ def test_environment_configures_a_real_server(server_process, tmp_path: Path,
     ({"IMAGEFLEET_LINK_TTL": "604801"}, [], "7 days"),
     ({}, ["--link-ttl", "604801"], "7 days"),
     ({"IMAGEFLEET_TOKEN": "short"}, [], "at least 8 characters"),
-    ({"IMAGEFLEET_PORT": "eighty"}, [], "invalid int value"),
+    # The variable is named, with what it must be.
+    ({"IMAGEFLEET_PORT": "eighty"}, [], "IMAGEFLEET_PORT: Input should be a valid integer"),
+    ({}, ["--port", "eighty"], "invalid int value"),
     ({"IMAGEFLEET_STORAGE": "ftp://somewhere/x"}, [], "s3://bucket"),
 ])
 def test_invalid_configuration_exits_2_with_a_reason(tmp_path: Path, env: dict[str, str],

@@ -5,6 +5,9 @@ It holds the ids of everything ``up`` created (so the manager never has to searc
 them) plus the fleet's tunables (size, grace period, bootstrap timeout, lease TTL). The
 file is validated as a whole when loaded: every problem names the field and what is
 allowed, so a hand edit gone wrong fails at start-up rather than mid-reconcile.
+
+``AwsFleetConfig`` is a frozen pydantic dataclass with strict field types (JSON's ``1``
+is not ``true``); pydantic's errors become ``ConfigError`` with one line per field.
 """
 
 from __future__ import annotations
@@ -14,9 +17,23 @@ import json
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge, Le, MinLen
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
 
 from server.atomic import write_atomic
 
@@ -46,80 +63,129 @@ def validate_fleet_name(name: str) -> str:
     return name
 
 
+def _fleet_name(name: str) -> str:
+    try:
+        return validate_fleet_name(name)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _parameter_path(value: str | None) -> str | None:
+    if value is not None and not _PARAMETER.match(value):
+        raise ValueError("'admin_token_parameter' must be an SSM parameter path like "
+                         f"/imagefleet/NAME/admin-token (got {value!r})")
+    return value
+
+
+def _absolute(value: str | None) -> str | None:
+    if value is not None and not value.startswith("/"):
+        raise ValueError(f"'state_dir' must be an absolute path (got {value!r})")
+    return value
+
+
+def _http_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ValueError(f"'api_url' must start with https:// or http:// (got {value!r})")
+    return value
+
+
+# Field types: strict (a JSON string is not a number, 1 is not true); the ranges are what a
+# hand edit may set.
+Text = Annotated[StrictStr, MinLen(1)]
+Texts = Annotated[tuple[Text, ...], MinLen(1)]
+OptionalText = Text | None
+
+
+def _int(lo: int, hi: int) -> Any:
+    return Annotated[StrictInt, Ge(lo), Le(hi)]
+
+
+def _number(lo: float, hi: float) -> Any:
+    return Annotated[StrictFloat, Ge(lo), Le(hi)]
+
+
 def resource_prefix(name: str) -> str:
     """Prefix for the names of AWS resources that need a name (ALB, target group, IAM)."""
     return f"imgf-{validate_fleet_name(name)}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config={"extra": "forbid"})
 class AwsFleetConfig:
     # Identity and where to reach AWS.
-    name: str
-    region: str
+    name: Annotated[Text, AfterValidator(_fleet_name)]
+    region: Text
     # What ``up`` created.
-    vpc_id: str
-    subnets: tuple[str, ...]
-    bucket: str
-    alb_security_group: str
-    worker_security_group: str
-    key_name: str
-    key_file: str
-    role_name: str
-    instance_profile_name: str
-    instance_profile_arn: str
-    target_group_arn: str
-    load_balancer_arn: str
-    load_balancer_dns: str
-    listener_arn: str  # the one forwarding to the target group (HTTPS unless insecure_http)
+    vpc_id: Text
+    subnets: Texts
+    bucket: Text
+    alb_security_group: Text
+    worker_security_group: Text
+    key_name: Text
+    key_file: Text
+    role_name: Text
+    instance_profile_name: Text
+    instance_profile_arn: Text
+    target_group_arn: Text
+    load_balancer_arn: Text
+    load_balancer_dns: Text
+    listener_arn: Text  # the one forwarding to the target group (HTTPS unless insecure_http)
     # What to launch.
-    ami: str
-    instance_types: tuple[str, ...]
+    ami: Text
+    instance_types: Texts
     ssh_user: str = "admin"
-    app_port: int = APP_PORT
+    app_port: _int(1, 65535) = APP_PORT
     results_prefix: str = "results"
-    result_days: int = 7
+    result_days: _int(1, 3650) = 7
     endpoint_url: str | None = None
     profile: str | None = None
     # How clients reach the fleet: the URL, the API token's SSM parameter (the value is
     # never in this file), the ACM certificate, and for a self-signed one its PEM, which
     # clients pin.
-    api_url: str | None = None
-    token_parameter: str | None = None
-    certificate_arn: str | None = None
-    ca_pem: str | None = None
-    insecure_http: bool = False
+    api_url: Annotated[OptionalText, AfterValidator(_http_url)] = None
+    token_parameter: OptionalText = None
+    certificate_arn: OptionalText = None
+    ca_pem: OptionalText = None
+    insecure_http: StrictBool = False
     # How the manager runs the fleet.
-    desired: int = 2
-    min: int = 1
-    max: int = 4
-    bootstrap: str = "ssh"
-    bootstrap_timeout_s: float = 420.0
-    grace_period_s: float = 480.0
-    observe_interval_s: float = 2.0
+    desired: _int(0, 1000) = 2
+    min: _int(0, 1000) = 1
+    max: _int(1, 1000) = 4
+    bootstrap: Literal["ssh", "user-data"] = "ssh"
+    bootstrap_timeout_s: _number(10, 3600) = 420.0
+    grace_period_s: _number(0, 7200) = 480.0
+    observe_interval_s: _number(0.1, 300) = 2.0
     # Poll each worker's /health on its private address for its load and completed work
     # (fleet/aws/load_probe.py): needs a manager that reaches the workers (inside the VPC).
     # Without it scaling on load is off and progress is the ALB's verdict only.
-    poll_worker_load: bool = False
+    poll_worker_load: StrictBool = False
     lease_key: str = "fleet/lease.json"
-    lease_ttl_s: float = 30.0
+    lease_ttl_s: _number(1, 3600) = 30.0
     admin_host: str = "127.0.0.1"
-    admin_port: int = 8001
+    admin_port: _int(0, 65535) = 8001
     # The manager in the cloud (fleet/aws/manager_host.py). The admin token's SSM SecureString
     # (only its name here; the manager reads the value with its instance role); required
     # with IMAGEFLEET_ADMIN_TOKEN as the alternative when admin_host is not loopback.
-    admin_token_parameter: str | None = None
+    admin_token_parameter: Annotated[OptionalText, AfterValidator(_parameter_path)] = None
     # Serve the admin API over HTTPS with a self-signed certificate made in memory at
     # start (fleet/tls.py): the ALB's hop to the manager is encrypted too.
-    admin_tls: bool = False
+    admin_tls: StrictBool = False
     # The manager makes the workers' SSH key pair itself (in state_dir) and imports the
     # public half under key_name, so the private key never leaves the manager's machine.
-    manage_ssh_key: bool = False
+    manage_ssh_key: StrictBool = False
     # Where the manager keeps its state (the SSH key), mode 0700; systemd's StateDirectory.
-    state_dir: str | None = None
+    state_dir: Annotated[OptionalText, AfterValidator(_absolute)] = None
     # The manager instance's security group: the only source the workers accept SSH from.
-    manager_security_group: str | None = None
-    version: int = CONFIG_VERSION
-    extra_tags: dict[str, str] = field(default_factory=dict)
+    manager_security_group: OptionalText = None
+    version: StrictInt = CONFIG_VERSION
+    extra_tags: Annotated[dict[str, str], BeforeValidator(lambda v: v or {})] = field(
+        default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> AwsFleetConfig:
+        problems = config_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @property
     def storage_url(self) -> str:
@@ -132,94 +198,89 @@ class AwsFleetConfig:
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-_REQUIRED_STRINGS = (
-    "name", "region", "vpc_id", "bucket", "alb_security_group", "worker_security_group",
-    "key_name", "key_file", "role_name", "instance_profile_name", "instance_profile_arn",
-    "target_group_arn", "load_balancer_arn", "load_balancer_dns", "listener_arn", "ami",
-)
-
-
-def _problems(data: dict[str, Any]) -> list[str]:
-    fields = {f.name for f in dataclasses.fields(AwsFleetConfig)}
-    problems = [f"unknown field {k!r}" for k in sorted(set(data) - fields)]
-    for key in _REQUIRED_STRINGS:
-        value = data.get(key)
-        if not isinstance(value, str) or not value:
-            problems.append(f"{key!r} must be a non-empty string (got {value!r})")
-    for key in ("subnets", "instance_types"):
-        value = data.get(key)
-        if (
-            not isinstance(value, list | tuple)
-            or not value
-            or not all(isinstance(v, str) and v for v in value)
-        ):
-            problems.append(f"{key!r} must be a non-empty list of strings (got {value!r})")
-    if "name" in data:
-        try:
-            validate_fleet_name(data["name"])
-        except ConfigError as exc:
-            problems.append(str(exc))
-    ints = {"desired": (0, 1000), "min": (0, 1000), "max": (1, 1000),
-            "app_port": (1, 65535), "admin_port": (0, 65535), "result_days": (1, 3650)}
-    for key, (lo, hi) in ints.items():
-        if key in data and (
-            not isinstance(data[key], int) or isinstance(data[key], bool)
-            or not lo <= data[key] <= hi
-        ):
-            problems.append(f"{key!r} must be an integer in {lo}..{hi} (got {data[key]!r})")
-    floats = {"bootstrap_timeout_s": (10, 3600), "grace_period_s": (0, 7200),
-              "observe_interval_s": (0.1, 300), "lease_ttl_s": (1, 3600)}
-    for key, (lo, hi) in floats.items():
-        if key in data and (
-            not isinstance(data[key], int | float) or isinstance(data[key], bool)
-            or not lo <= data[key] <= hi
-        ):
-            problems.append(f"{key!r} must be a number in {lo}..{hi} (got {data[key]!r})")
-    for key in ("api_url", "token_parameter", "certificate_arn", "ca_pem",
-                "admin_token_parameter", "state_dir", "manager_security_group"):
-        if data.get(key) is not None and (not isinstance(data[key], str) or not data[key]):
-            problems.append(f"{key!r} must be a non-empty string or null (got {data[key]!r})")
-    for key in ("poll_worker_load", "insecure_http", "admin_tls", "manage_ssh_key"):
-        if key in data and not isinstance(data[key], bool):
-            problems.append(f"{key!r} must be true or false (got {data[key]!r})")
-    parameter = data.get("admin_token_parameter")
-    if isinstance(parameter, str) and parameter and not _PARAMETER.match(parameter):
-        problems.append("'admin_token_parameter' must be an SSM parameter path like "
-                        f"/imagefleet/NAME/admin-token (got {parameter!r})")
-    state_dir = data.get("state_dir")
-    if isinstance(state_dir, str) and state_dir and not state_dir.startswith("/"):
-        problems.append(f"'state_dir' must be an absolute path (got {state_dir!r})")
-    if data.get("manage_ssh_key") is True and not data.get("state_dir"):
+def config_problems(config: AwsFleetConfig) -> list[str]:
+    """What is wrong across fields (each field's own type and range already checked)."""
+    problems = []
+    if config.manage_ssh_key and not config.state_dir:
         problems.append("'manage_ssh_key' needs 'state_dir': the folder where the manager "
                         "keeps the key it makes")
-    if data.get("api_url") and not str(data["api_url"]).startswith(("http://", "https://")):
-        problems.append(f"'api_url' must start with https:// or http:// (got {data['api_url']!r})")
-    if "bootstrap" in data and data["bootstrap"] not in _BOOTSTRAP_MODES:
-        problems.append(
-            f"'bootstrap' must be one of {_BOOTSTRAP_MODES} (got {data['bootstrap']!r})")
-    if not problems:
-        lo, want, hi = data.get("min", 1), data.get("desired", 2), data.get("max", 4)
-        if not lo <= want <= hi:
-            problems.append(f"need min <= desired <= max (got {lo}, {want}, {hi})")
-        if data.get("grace_period_s", 480.0) < data.get("bootstrap_timeout_s", 420.0):
-            problems.append("'grace_period_s' must be at least 'bootstrap_timeout_s', so a "
-                            "bootstrapping instance is never replaced for being 'initial'")
-    if data.get("version", CONFIG_VERSION) != CONFIG_VERSION:
-        problems.append(f"'version' must be {CONFIG_VERSION} (got {data.get('version')!r})")
+    if not config.min <= config.desired <= config.max:
+        problems.append(f"need min <= desired <= max (got {config.min}, {config.desired}, "
+                        f"{config.max})")
+    if config.grace_period_s < config.bootstrap_timeout_s:
+        problems.append("'grace_period_s' must be at least 'bootstrap_timeout_s', so a "
+                        "bootstrapping instance is never replaced for being 'initial'")
+    if config.version != CONFIG_VERSION:
+        problems.append(f"'version' must be {CONFIG_VERSION} (got {config.version!r})")
+    return problems
+
+
+def _field_kinds() -> dict[str, Callable[[str, Any], str]]:
+    """For each field, what it must be: the message of any pydantic error about it."""
+    def text(key: str, got: Any) -> str:
+        return f"{key!r} must be a non-empty string (got {got!r})"
+
+    def texts(key: str, got: Any) -> str:
+        return f"{key!r} must be a non-empty list of strings (got {got!r})"
+
+    def optional(key: str, got: Any) -> str:
+        return f"{key!r} must be a non-empty string or null (got {got!r})"
+
+    def boolean(key: str, got: Any) -> str:
+        return f"{key!r} must be true or false (got {got!r})"
+
+    def ranged(kind: str, lo: float, hi: float) -> Callable[[str, Any], str]:
+        return lambda key, got: f"{key!r} must be {kind} in {lo}..{hi} (got {got!r})"
+
+    kinds: dict[str, Callable[[str, Any], str]] = {
+        "subnets": texts, "instance_types": texts,
+        "bootstrap": lambda key, got: f"'bootstrap' must be one of {_BOOTSTRAP_MODES} "
+                                      f"(got {got!r})",
+        "version": lambda key, got: f"'version' must be {CONFIG_VERSION} (got {got!r})",
+    }
+    for key, (lo, hi) in {"desired": (0, 1000), "min": (0, 1000), "max": (1, 1000),
+                          "app_port": (1, 65535), "admin_port": (0, 65535),
+                          "result_days": (1, 3650)}.items():
+        kinds[key] = ranged("an integer", lo, hi)
+    for key, (lo, hi) in {"bootstrap_timeout_s": (10, 3600), "grace_period_s": (0, 7200),
+                          "observe_interval_s": (0.1, 300), "lease_ttl_s": (1, 3600)}.items():
+        kinds[key] = ranged("a number", lo, hi)
+    for key in ("api_url", "token_parameter", "certificate_arn", "ca_pem",
+                "admin_token_parameter", "state_dir", "manager_security_group"):
+        kinds[key] = optional
+    for key in ("poll_worker_load", "insecure_http", "admin_tls", "manage_ssh_key"):
+        kinds[key] = boolean
+    for f in dataclasses.fields(AwsFleetConfig):
+        kinds.setdefault(f.name, text)
+    return kinds
+
+
+def config_error_lines(exc: ValidationError, data: dict[str, Any]) -> list[str]:
+    """One line per field: the validators' own messages, else what the field must be."""
+    kinds = _field_kinds()
+    problems: list[str] = []
+    for error in exc.errors():
+        key = str(error["loc"][0]) if error["loc"] else ""
+        if error["type"] == "value_error":
+            message = error["msg"].removeprefix("Value error, ")
+        elif error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            message = f"unknown field {key!r}"
+        elif key in kinds:
+            message = kinds[key](key, data.get(key))
+        else:
+            message = f"{key}: {error['msg']}"
+        if message not in problems:  # a tuple's bad items are one problem with the field
+            problems.append(message)
     return problems
 
 
 def config_from_dict(data: dict[str, Any], *, source: str = "config") -> AwsFleetConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a JSON object at the top level")
-    problems = _problems(data)
-    if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
-    values = dict(data)
-    values["subnets"] = tuple(values["subnets"])
-    values["instance_types"] = tuple(values["instance_types"])
-    values["extra_tags"] = dict(values.get("extra_tags") or {})
-    return AwsFleetConfig(**values)
+    try:
+        return AwsFleetConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(config_error_lines(exc, data))) from None
 
 
 def load_config(path: str | os.PathLike[str]) -> AwsFleetConfig:

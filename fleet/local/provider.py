@@ -38,6 +38,7 @@ from typing import IO
 
 from fleet.aws.config import write_private_file
 from fleet.local.gateway import Gateway
+from fleet.local.options import without_fleet_options
 from fleet.model import Instance, InstanceState
 from fleet.providers.base import PermanentProviderError, TransientProviderError
 from server.atomic import write_atomic
@@ -209,7 +210,9 @@ class LocalProvider:
                               storage_dir=self.storage_dir, gateway_url=self.gateway.url,
                               token=self.token, storage_location=self.storage_location)
         command = list(self.command(launch))
-        env = {**os.environ, **self.extra_env}
+        # The fleet's own IMAGEFLEET_* options stay with it: IMAGEFLEET_WORKERS (the
+        # fleet's size) would otherwise be a worker's gunicorn process count.
+        env = {**without_fleet_options(os.environ), **self.extra_env}
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")

@@ -24,19 +24,19 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fleet.local.gateway import Gateway, GatewayLimits, HealthCheckConfig
+from fleet.local.options import DEFAULT_STORAGE
 from fleet.local.provider import LocalProvider, WorkerCommand, server_command
 from fleet.manager import FleetManager
-from fleet.model import Event, FleetSpec, Health
+from fleet.model import Event, FleetSpec, Health, spec_from_mapping
 from fleet.storage_cleanup import Caps, sweep
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORAGE = Path("storage")
 ADMIN_TOKEN_FILE = "admin-token"
 CLEANUP_INTERVAL_S = 300.0  # how often the storage caps are applied (and once at start)
 
@@ -52,8 +52,8 @@ def local_spec(workers: int = 2, min_workers: int | None = None,
     if not 0 <= low <= workers <= high:
         raise ValueError(f"need 0 <= min <= workers <= max, got min={low} workers={workers} "
                          f"max={high}")
-    return replace(FleetSpec(name="local", desired=1, min=1, max=1),
-                   **{"desired": workers, "min": low, "max": high, **overrides})
+    return spec_from_mapping({"name": "local", "desired": workers, "min": low, "max": high,
+                              **overrides})
 
 
 @dataclass

@@ -8,12 +8,13 @@ can be a pure function of its inputs. Times are plain ``float`` seconds since th
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
+
+from server.backoff import doubling_delay
 
 
 class InstanceState(enum.StrEnum):
@@ -266,15 +267,11 @@ class Backoff:
 
     def failed(self, now: float, base: float, cap: float) -> Backoff:
         failures = self.failures + 1
-        return Backoff(failures=failures, not_before=now + _delay(failures, base, cap))
+        return Backoff(failures=failures, not_before=now + doubling_delay(failures, base, cap))
 
     def hold(self, now: float, base: float, cap: float) -> Backoff:
         """Wait the current delay again without counting a new failure (pacing probes)."""
-        return Backoff(self.failures, now + _delay(max(self.failures, 1), base, cap))
-
-
-def _delay(failures: int, base: float, cap: float) -> float:
-    return min(cap, base * math.pow(2, failures - 1))
+        return Backoff(self.failures, now + doubling_delay(max(self.failures, 1), base, cap))
 
 
 def _frozen_map(items: Mapping[str, float] | None = None) -> Mapping[str, float]:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.backoff import doubling_delays
+
 log = logging.getLogger(__name__)
 
 MIN_TOKEN_CHARS = 8
@@ -261,15 +263,15 @@ def _retrying(read: Callable[[], str], first_for_s: float) -> Callable[[], str]:
         if not first[0]:
             return read()
         first[0] = False
-        deadline, delay = time.monotonic() + first_for_s, 0.5
+        deadline, delays = time.monotonic() + first_for_s, doubling_delays(0.5, 5.0)
         while True:
             try:
                 return read()
             except TokenSourceError as exc:
+                delay = next(delays)
                 if time.monotonic() + delay > deadline:
                     raise
                 log.info("token not readable yet (%s); retrying in %.1f s", exc, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     return call

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import paramiko
 
+from server.backoff import doubling_delays
+
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -212,7 +214,7 @@ def connect(target: SshTarget, *, deadline: float, clock: Callable[[], float] = 
     if not target.host_keys:
         raise HostKeyParseError("no host keys given; refusing to connect without them")
     pkey = paramiko.PKey.from_path(str(target.key_file))
-    delay = 0.25
+    delays = doubling_delays(0.25, 5.0)
     attempt = 0
     auth_failures = 0
     while True:
@@ -254,10 +256,9 @@ def connect(target: SshTarget, *, deadline: float, clock: Callable[[], float] = 
             client.close()
             log.debug("ssh %s:%s not ready (%s: %s)", target.host, target.port,
                       type(exc).__name__, exc)
-        wait = min(delay, max(0.0, deadline - clock()))
+        wait = min(next(delays), max(0.0, deadline - clock()))
         if wait > 0:
             sleep(wait)
-        delay = min(delay * 2, 5.0)
 
 
 # ------------------------------------------------------------------------- commands
@@ -527,7 +528,7 @@ def wait_for_host_keys(fetch_console: Callable[[], str], *, deadline: float,
                        clock: Callable[[], float] = time.monotonic,
                        sleep: Callable[[float], None] = time.sleep) -> tuple[HostKey, ...]:
     """Poll ``fetch_console`` (e.g. EC2 GetConsoleOutput) until the key block appears."""
-    delay = 1.0
+    delays = doubling_delays(1.0, 10.0)
     while True:
         try:
             return parse_console_host_keys(fetch_console())
@@ -536,5 +537,4 @@ def wait_for_host_keys(fetch_console: Callable[[], str], *, deadline: float,
             if remaining <= 0:
                 raise BootstrapTimeout("the instance did not publish its SSH host keys on "
                                        "the console before the deadline") from None
-        sleep(min(delay, remaining))
-        delay = min(delay * 2, 10.0)
+        sleep(min(next(delays), remaining))

@@ -26,7 +26,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,32 @@ DOCUMENT_VERSION = 1
 
 class TokenSourceError(ValueError):
     """The token source is missing, unreadable or holds something that is not tokens."""
+
+
+def _wire(value: str | bytes) -> bytes:
+    # compare_digest refuses a non-ASCII str; a header may hold anything (aiohttp maps
+    # undecodable bytes to surrogates), and surrogatepass encodes every str.
+    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
+
+
+def token_matches(supplied: str | bytes, accepted: Iterable[str | bytes]) -> bool:
+    """Whether ``supplied`` is one of ``accepted``, in constant time per candidate.
+
+    Every candidate is compared, so the time taken does not tell which one matched;
+    never raises, whatever characters ``supplied`` holds."""
+    given = _wire(supplied)
+    matches = [hmac.compare_digest(given, _wire(token)) for token in accepted]
+    return any(matches)
+
+
+def bearer_accepts(authorization: str | None, accepted: Iterable[str | bytes]) -> bool:
+    """Whether an ``Authorization`` header value is ``Bearer <one of accepted>``.
+
+    The scheme is case-insensitive (RFC 7235); a missing header, another scheme or an
+    empty ``accepted`` is refused."""
+    scheme, _, supplied = (authorization or "").partition(" ")
+    matched = token_matches(supplied, accepted)
+    return scheme.lower() == "bearer" and matched
 
 
 @dataclass(frozen=True)
@@ -60,10 +86,7 @@ class TokenSet:
         return (self.current, *(p.token for p in self.previous if now < p.until))
 
     def accepts(self, supplied: str, now: float) -> bool:
-        given = supplied.encode("utf-8", "surrogatepass")
-        # Every candidate is compared, so the time taken does not tell which one matched.
-        matches = [hmac.compare_digest(given, t.encode()) for t in self.accepted(now)]
-        return any(matches)
+        return token_matches(supplied, self.accepted(now))
 
     def rotated(self, new: str, now: float, overlap_s: float) -> TokenSet:
         """The set after a rotation: ``new`` current, the old current accepted for
@@ -221,12 +244,11 @@ class TokenGate:
         tokens = self.source.token_set()
         return tokens.current if tokens else None
 
-    def accepts(self, authorization: str) -> bool:
+    def accepts(self, authorization: str | None) -> bool:
         tokens = self.source.token_set()
         if tokens is None:
             return True
-        scheme, _, supplied = authorization.partition(" ")
-        return scheme.lower() == "bearer" and tokens.accepts(supplied, self.clock())
+        return bearer_accepts(authorization, tokens.accepted(self.clock()))
 
     def close(self) -> None:
         self.source.close()

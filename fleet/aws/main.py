@@ -42,7 +42,7 @@ from fleet.providers.base import Provider, ProviderError
 
 log = logging.getLogger(__name__)
 
-# Matches the target group `scripts/bootstrap_aws.py` creates.
+# Matches the target group `up` creates (fleet.aws.operator, described in fleet.aws.stack).
 HEALTH_CHECK_INTERVAL_S = 5.0
 HEALTH_CHECK_TIMEOUT_S = 3.0
 HEALTH_THRESHOLD = 2

@@ -353,6 +353,7 @@ def test_bundle_is_reproducible_and_holds_what_the_setup_needs() -> None:
         requirements = tar.extractfile("requirements.txt").read().decode()
         setup_mode = tar.getmember("scripts/remote_setup.sh").mode
     assert "server/__main__.py" in names and "scripts/remote_setup.sh" in names
+    assert "scripts/setup_common.sh" in names  # remote_setup.sh sources it
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     assert setup_mode & 0o111
     packages = {line.split(">")[0].split("=")[0].split("<")[0].strip()

@@ -8,8 +8,8 @@ API. :func:`parse_console_host_keys` turns it into the only keys paramiko will a
 
 1. connect, retrying connection and banner errors with backoff until a deadline
    (sshd is not up yet while the instance boots);
-2. upload a bundle (``server/``, the server's requirements, ``scripts/remote_setup.sh``)
-   over SFTP;
+2. upload a bundle (``server/``, the server's requirements, ``scripts/remote_setup.sh`` and
+   the ``setup_common.sh`` it sources) over SFTP;
 3. run ``remote_setup.sh``, reading stdout and stderr to the end before asking for the
    exit status (paramiko blocks forever if a full stderr window stalls the remote side
    while we wait on stdout), and check the exit code.
@@ -387,16 +387,18 @@ def _script(root: Path, name: str) -> tuple[str, bytes, int]:
 
 
 def build_bundle(root: Path = PROJECT_ROOT) -> bytes:
-    """A reproducible tar.gz of ``server/``, its requirements and ``remote_setup.sh``."""
+    """A reproducible tar.gz of ``server/``, its requirements, ``remote_setup.sh`` and the
+    ``setup_common.sh`` it sources."""
     return _tarball([*_package_files(root, "server"),
                      ("requirements.txt", server_requirements(root).encode(), 0o644),
-                     _script(root, "remote_setup.sh")])
+                     _script(root, "remote_setup.sh"), _script(root, "setup_common.sh")])
 
 
 def build_manager_bundle(root: Path = PROJECT_ROOT) -> bytes:
     """The manager host's bundle: ``fleet/`` and the manager's requirements
     (``manager-requirements.txt``) with ``scripts/manager_setup.sh``, plus everything
-    :func:`build_bundle` reads (``server/``, ``requirements.txt``, ``remote_setup.sh``),
+    :func:`build_bundle` reads (``server/``, ``requirements.txt``, ``remote_setup.sh``,
+    ``setup_common.sh``),
     because the manager builds the workers' bundle itself when it bootstraps them."""
     requirements = (root / "requirements.txt").read_bytes()
     return _tarball([
@@ -406,6 +408,7 @@ def build_manager_bundle(root: Path = PROJECT_ROOT) -> bytes:
         ("requirements.txt", requirements, 0o644),
         _script(root, "manager_setup.sh"),
         _script(root, "remote_setup.sh"),
+        _script(root, "setup_common.sh"),
     ])
 
 

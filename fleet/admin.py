@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -40,6 +39,7 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
 from fleet.manager import AdminError
+from server.tokens import bearer_accepts
 
 log = logging.getLogger(__name__)
 
@@ -215,15 +215,13 @@ def is_loopback(remote: str | None) -> bool:
 
 
 def authorized(given: str | None, token: str | TokenCheck | None) -> bool:
-    """Constant-time comparison of an ``Authorization`` value with ``Bearer TOKEN``.
-    Header values may hold any bytes (aiohttp maps undecodable ones to surrogates);
-    ``surrogatepass`` encodes every str, so this never raises."""
+    """Whether the ``Authorization`` value ``given`` is ``Bearer TOKEN`` (constant time;
+    never raises, whatever bytes the header holds)."""
     if token is None:
         return True
     if not isinstance(token, str):
         return token.accepts(given or "")
-    encoded = (given or "").encode("utf-8", "surrogatepass")
-    return hmac.compare_digest(encoded, f"Bearer {token}".encode("utf-8", "surrogatepass"))
+    return bearer_accepts(given, (token,))
 
 
 def admin_refusal(policy: AdminPolicy, *, host: str | None,

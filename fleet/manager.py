@@ -18,7 +18,6 @@ Failure handling:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from fleet.loop import run_every
 from fleet.model import (
     Action,
     Backoff,
@@ -176,16 +176,12 @@ class FleetManager:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick every ``spec.tick_interval_s`` until ``stop`` is set."""
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                await self.tick()
-            except Exception as exc:  # the loop must survive anything one tick does
-                log.exception("fleet tick failed")
-                self.record(Event(self._clock(), "tick_failed", None, repr(exc)))
-            wait = max(0.0, self._spec.tick_interval_s - (time.monotonic() - started))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=wait)
+        await run_every(self.tick, stop, self._spec.tick_interval_s, what="fleet tick",
+                        on_failure=self.record_cycle_failure)
+
+    def record_cycle_failure(self, exc: Exception) -> None:
+        """A whole tick (or an AWS service step) raised: kept in the event log."""
+        self.record(Event(self._clock(), "tick_failed", None, repr(exc)))
 
     async def tick(self) -> Plan | None:
         try:

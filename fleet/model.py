@@ -10,7 +10,6 @@ types with pydantic before the spec checks its own ranges.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +18,7 @@ from typing import Any
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
+from server.backoff import doubling_delay
 from server.settings import one_line
 
 
@@ -285,15 +285,11 @@ class Backoff:
 
     def failed(self, now: float, base: float, cap: float) -> Backoff:
         failures = self.failures + 1
-        return Backoff(failures=failures, not_before=now + _delay(failures, base, cap))
+        return Backoff(failures=failures, not_before=now + doubling_delay(failures, base, cap))
 
     def hold(self, now: float, base: float, cap: float) -> Backoff:
         """Wait the current delay again without counting a new failure (pacing probes)."""
-        return Backoff(self.failures, now + _delay(max(self.failures, 1), base, cap))
-
-
-def _delay(failures: int, base: float, cap: float) -> float:
-    return min(cap, base * math.pow(2, failures - 1))
+        return Backoff(self.failures, now + doubling_delay(max(self.failures, 1), base, cap))
 
 
 def _frozen_map(items: Mapping[str, float] | None = None) -> Mapping[str, float]:

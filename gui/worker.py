@@ -1,4 +1,5 @@
-"""An asyncio loop on a background thread, and the queue that carries results back to Tk.
+"""An asyncio loop on a background thread (:class:`server.background.BackgroundLoop`), and
+the queue that carries results back to Tk.
 
 Only the Tk main thread may touch widgets. Coroutines run here; when one finishes, its
 callback is *posted* to a ``queue.Queue`` and the app's ``after(50, drain)`` runs it on
@@ -11,9 +12,10 @@ import asyncio
 import concurrent.futures
 import logging
 import queue
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+
+from server.background import BackgroundLoop
 
 log = logging.getLogger(__name__)
 
@@ -25,64 +27,27 @@ class AsyncWorker:
     """Runs coroutines on its own event loop thread; see the module docstring."""
 
     def __init__(self, name: str = "imagefleet-async") -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._background = BackgroundLoop(name)
         self._posted: queue.Queue[UiCallback] = queue.Queue()
-        self._stopping = False
-        self._started = threading.Event()
         self.callback_failures: list[BaseException] = []  # bugs in UI callbacks, for tests
 
     # -- lifecycle
     def start(self) -> None:
-        self._thread.start()
-        self._started.wait(timeout=5)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.call_soon(self._started.set)
-        try:
-            self._loop.run_forever()
-        finally:
-            self._loop.close()
+        self._background.start()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
+        return self._background.loop
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return self._background.alive
 
     def stop(self, cleanup: Callable[[], Awaitable[Any]] | None = None,
              timeout: float = 30.0) -> None:
         """Cancel every task, run ``cleanup`` (e.g. close the client, stop a fleet), shut
         the default executor down and join the thread, so no thread is left behind."""
-        if not self._thread.is_alive():
-            return
-        self._stopping = True
-
-        async def shutdown() -> None:
-            current = asyncio.current_task()
-            tasks = [t for t in asyncio.all_tasks() if t is not current]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if cleanup is not None:
-                try:
-                    await cleanup()
-                except Exception:
-                    log.exception("cleanup failed while stopping the worker")
-            await self._loop.shutdown_asyncgens()
-            await self._loop.shutdown_default_executor()
-
-        future = asyncio.run_coroutine_threadsafe(shutdown(), self._loop)
-        try:
-            future.result(timeout=timeout)
-        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
-            log.error("worker did not shut down within %.0f s", timeout)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=timeout)
+        self._background.stop(cleanup, timeout)
 
     # -- work
     def submit(
@@ -93,11 +58,7 @@ class AsyncWorker:
     ) -> concurrent.futures.Future[T]:
         """Schedule ``coro``; its outcome goes to ``on_success``/``on_error`` on the UI
         thread (via ``drain``). Cancelled work calls neither."""
-        if self._stopping:
-            if asyncio.iscoroutine(coro):
-                coro.close()
-            raise RuntimeError("worker is stopping")
-        future = asyncio.run_coroutine_threadsafe(_as_coroutine(coro), self._loop)
+        future = self._background.submit(coro)
 
         def done(fut: concurrent.futures.Future[T]) -> None:
             if fut.cancelled():
@@ -119,7 +80,7 @@ class AsyncWorker:
 
     def post(self, callback: UiCallback) -> None:
         """Queue a callback for the UI thread; safe from any thread."""
-        if not self._stopping:
+        if not self._background.stopping:
             self._posted.put(callback)
 
     def drain(self, limit: int = 500) -> int:
@@ -141,7 +102,3 @@ class AsyncWorker:
                 log.exception("UI callback failed")
                 self.callback_failures.append(exc)
         return count
-
-
-async def _as_coroutine(awaitable: Awaitable[T]) -> T:
-    return await awaitable

@@ -37,9 +37,9 @@ use_systemd=1
 print_unit=0
 health_timeout=120
 
-die() { echo "manager_setup: $*" >&2; exit 1; }
-usage() { echo "manager_setup: $*" >&2; echo "see the header of $0 for usage" >&2; exit 2; }
-log() { echo "manager_setup: $*"; }
+setup_name=manager_setup
+# die, usage, log, the venv, the readiness wait...: shared with remote_setup.sh.
+source "$(dirname "${BASH_SOURCE[0]}")/setup_common.sh"
 
 while (($#)); do
     case "$1" in
@@ -94,51 +94,23 @@ EOF
 }
 
 install_code() {
-    # Copy then rename, so a restarting manager never sees a half-written tree.
     local app="$prefix/app" item
     rm -rf "$app.new"
     mkdir -p "$app.new/scripts"
     for item in fleet server requirements.txt manager-requirements.txt; do
         cp -R "$source_dir/$item" "$app.new/$item"
     done
-    # The manager bundles remote_setup.sh for the workers it bootstraps.
+    # The manager bundles remote_setup.sh (and what it sources) for the workers it
+    # bootstraps.
     cp "$source_dir/scripts/remote_setup.sh" "$source_dir/scripts/manager_setup.sh" \
-        "$app.new/scripts/"
-    rm -rf "$app.old"
-    if [[ -d "$app" ]]; then mv "$app" "$app.old"; fi
-    mv "$app.new" "$app"
-    rm -rf "$app.old"
-    log "code installed in $app"
-}
-
-ensure_venv() {
-    if [[ -n "$venv" ]]; then
-        [[ -x "$venv/bin/python" ]] || die "--venv $venv has no bin/python"
-        log "using existing venv $venv (no install)"
-        return
-    fi
-    venv="$prefix/venv"
-    "$python_bin" -c 'import ensurepip, venv' 2>/dev/null \
-        || die "$python_bin cannot create virtual environments (install python3-venv)"
-    [[ -x "$venv/bin/python" ]] || "$python_bin" -m venv "$venv"
-    local stamp="$venv/.requirements.sha256" wanted
-    wanted=$(sha256sum "$prefix/app/manager-requirements.txt" | cut -d' ' -f1)
-    if [[ -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then
-        log "requirements unchanged; skipping pip"
-        return
-    fi
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-        -r "$prefix/app/manager-requirements.txt"
-    echo "$wanted" > "$stamp"
-    log "requirements installed in $venv"
+        "$source_dir/scripts/setup_common.sh" "$app.new/scripts/"
+    swap_in_tree "$app"
 }
 
 wait_for_ping() {
-    # Poll with backoff until the deadline. Over TLS the manager's certificate is made in
-    # memory at start; it writes the public half to state_dir, which this check pins.
-    local deadline=$((SECONDS + health_timeout)) delay=0.1
-    local port tls state_dir url
+    # Over TLS the manager's certificate is made in memory at start; it writes the public
+    # half to state_dir, which this check pins.
+    local port tls state_dir url outcome=0
     port=$(config_field admin_port)
     tls=$(config_field admin_tls)
     state_dir=$(config_field state_dir)
@@ -146,30 +118,14 @@ wait_for_ping() {
         || die "admin_tls needs state_dir in the config: the manager writes its certificate there"
     if [[ "$tls" == true ]]; then url="https://127.0.0.1:$port/fleet/ping"
     else url="http://127.0.0.1:$port/fleet/ping"; fi
-    while ((SECONDS < deadline)); do
-        if "$venv/bin/python" - "$url" "$state_dir/admin-cert.pem" <<'EOF' 2>/dev/null; then
-import ssl, sys, urllib.request
-url, pem = sys.argv[1], sys.argv[2]
-context = ssl.create_default_context(cafile=pem) if url.startswith("https:") else None
-with urllib.request.urlopen(url, timeout=2, context=context) as response:
-    sys.exit(0 if response.status == 200 else 1)
-EOF
-            log "answering: $url"
-            return 0
-        fi
-        if [[ -n "${manager_pid:-}" ]] && ! kill -0 "$manager_pid" 2>/dev/null; then
-            tail -n 30 "$prefix/manager.log" >&2 || true
-            die "the manager exited before answering"
-        fi
-        sleep "$delay"
-        delay=$(awk -v d="$delay" 'BEGIN { d *= 2; if (d > 2) d = 2; print d }')
-    done
-    if ((use_systemd)); then
-        journalctl -u imagefleet-manager.service -n 30 --no-pager >&2 || true
-    else
-        tail -n 30 "$prefix/manager.log" >&2 || true
-    fi
-    die "no answer from $url within ${health_timeout}s"
+    wait_until_answers "$url" "$state_dir/admin-cert.pem" "${manager_pid:-}" || outcome=$?
+    case "$outcome" in
+        0) log "answering: $url" ;;
+        1) tail -n 30 "$prefix/manager.log" >&2 || true
+           die "the manager exited before answering" ;;
+        *) show_log_tail imagefleet-manager.service "$prefix/manager.log"
+           die "no answer from $url within ${health_timeout}s" ;;
+    esac
 }
 
 render_unit() {
@@ -230,14 +186,10 @@ EOF
 }
 
 setup_systemd() {
-    if ! id -u "$service_user" >/dev/null 2>&1; then
-        useradd --system --home-dir "$prefix" --no-create-home \
-            --shell /usr/sbin/nologin "$service_user"
-        log "created system user $service_user"
-    fi
+    ensure_system_user "$service_user"
     mkdir -p "$prefix" /etc/imagefleet
     install_code
-    ensure_venv
+    ensure_venv "$prefix/app/manager-requirements.txt"
     local config_file=/etc/imagefleet/manager.json
     local unit=/etc/systemd/system/imagefleet-manager.service new_unit
     new_unit=$(render_unit "$config_file")
@@ -255,24 +207,10 @@ setup_systemd() {
     wait_for_ping
 }
 
-stop_background_manager() {
-    local pid_file="$prefix/manager.pid" pid deadline
-    [[ -f "$pid_file" ]] || return 0
-    pid=$(cat "$pid_file")
-    if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid"
-        deadline=$((SECONDS + 30))
-        while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
-        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-        log "stopped previous manager (pid $pid)"
-    fi
-    rm -f "$pid_file"
-}
-
 setup_background() {
     install_code
-    ensure_venv
-    stop_background_manager
+    ensure_venv "$prefix/app/manager-requirements.txt"
+    stop_pid_file "$prefix/manager.pid" 30 manager
     local state_dir
     state_dir=$(config_field state_dir)
     if [[ -n "$state_dir" ]]; then mkdir -p "$state_dir" && chmod 0700 "$state_dir"; fi

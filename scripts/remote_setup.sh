@@ -38,9 +38,9 @@ use_systemd=1
 health_timeout=180
 token_parameter=""
 
-die() { echo "remote_setup: $*" >&2; exit 1; }
-usage() { echo "remote_setup: $*" >&2; echo "see the header of $0 for usage" >&2; exit 2; }
-log() { echo "remote_setup: $*"; }
+setup_name=remote_setup
+# die, usage, log, the venv, the readiness wait...: shared with manager_setup.sh.
+source "$(dirname "${BASH_SOURCE[0]}")/setup_common.sh"
 
 while (($#)); do
     case "$1" in
@@ -82,74 +82,25 @@ else
 fi
 
 install_code() {
-    # Copy then rename, so a running server never sees a half-written tree.
     local app="$prefix/app"
     rm -rf "$app.new"
     mkdir -p "$app.new"
     cp -R "$source_dir/server" "$app.new/server"
     cp "$source_dir/requirements.txt" "$app.new/requirements.txt"
-    rm -rf "$app.old"
-    if [[ -d "$app" ]]; then mv "$app" "$app.old"; fi
-    mv "$app.new" "$app"
-    rm -rf "$app.old"
-    log "code installed in $app"
-}
-
-ensure_venv() {
-    if [[ -n "$venv" ]]; then
-        [[ -x "$venv/bin/python" ]] || die "--venv $venv has no bin/python"
-        log "using existing venv $venv (no install)"
-        return
-    fi
-    venv="$prefix/venv"
-    if ! "$python_bin" -c 'import ensurepip, venv' 2>/dev/null; then
-        if ((use_systemd)) && command -v apt-get >/dev/null; then
-            log "installing python3-venv"
-            DEBIAN_FRONTEND=noninteractive apt-get update -q
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
-        else
-            die "$python_bin cannot create virtual environments (install python3-venv)"
-        fi
-    fi
-    [[ -x "$venv/bin/python" ]] || "$python_bin" -m venv "$venv"
-    local stamp="$venv/.requirements.sha256" wanted
-    wanted=$(sha256sum "$prefix/app/requirements.txt" | cut -d' ' -f1)
-    if [[ -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then
-        log "requirements unchanged; skipping pip"
-        return
-    fi
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-        -r "$prefix/app/requirements.txt"
-    echo "$wanted" > "$stamp"
-    log "requirements installed in $venv"
+    swap_in_tree "$app"
 }
 
 wait_for_health() {
-    # Poll with backoff until the deadline; the server needs a moment to import OpenCV.
-    local url="http://127.0.0.1:$port/health" deadline=$((SECONDS + health_timeout)) delay=0.1
-    while ((SECONDS < deadline)); do
-        if "$venv/bin/python" - "$url" <<'EOF' 2>/dev/null; then
-import sys, urllib.request
-with urllib.request.urlopen(sys.argv[1], timeout=2) as response:
-    sys.exit(0 if response.status == 200 else 1)
-EOF
-            log "healthy: $url"
-            return 0
-        fi
-        if [[ -n "${server_pid:-}" ]] && ! kill -0 "$server_pid" 2>/dev/null; then
-            tail -n 30 "$prefix/server.log" >&2 || true
-            die "server exited before becoming healthy"
-        fi
-        sleep "$delay"
-        delay=$(awk -v d="$delay" 'BEGIN { d *= 2; if (d > 2) d = 2; print d }')
-    done
-    if ((use_systemd)); then
-        journalctl -u imagefleet.service -n 30 --no-pager >&2 || true
-    else
-        tail -n 30 "$prefix/server.log" >&2 || true
-    fi
-    die "no healthy answer from $url within ${health_timeout}s"
+    # The server needs a moment to import OpenCV.
+    local url="http://127.0.0.1:$port/health" outcome=0
+    wait_until_answers "$url" "" "${server_pid:-}" || outcome=$?
+    case "$outcome" in
+        0) log "healthy: $url" ;;
+        1) tail -n 30 "$prefix/server.log" >&2 || true
+           die "server exited before becoming healthy" ;;
+        *) show_log_tail imagefleet.service "$prefix/server.log"
+           die "no healthy answer from $url within ${health_timeout}s" ;;
+    esac
 }
 
 imds_instance_id() {
@@ -161,14 +112,10 @@ imds_instance_id() {
 }
 
 setup_systemd() {
-    if ! id -u "$service_user" >/dev/null 2>&1; then
-        useradd --system --home-dir "$prefix" --no-create-home \
-            --shell /usr/sbin/nologin "$service_user"
-        log "created system user $service_user"
-    fi
+    ensure_system_user "$service_user"
     mkdir -p "$prefix" /etc/imagefleet
     install_code
-    ensure_venv
+    ensure_venv "$prefix/app/requirements.txt" apt
     [[ -n "$instance_id" ]] || instance_id=$(imds_instance_id)
     local env_file=/etc/imagefleet/server.env unit=/etc/systemd/system/imagefleet.service
     local new_env new_unit changed=0
@@ -232,24 +179,10 @@ EOF
     wait_for_health
 }
 
-stop_background_server() {
-    local pid_file="$prefix/server.pid" pid deadline
-    [[ -f "$pid_file" ]] || return 0
-    pid=$(cat "$pid_file")
-    if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid"
-        deadline=$((SECONDS + 60))
-        while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
-        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-        log "stopped previous server (pid $pid)"
-    fi
-    rm -f "$pid_file"
-}
-
 setup_background() {
     install_code
-    ensure_venv
-    stop_background_server
+    ensure_venv "$prefix/app/requirements.txt" apt
+    stop_pid_file "$prefix/server.pid" 60 server
     cd "$prefix/app"
     local -a env_args=(IMAGEFLEET_STORAGE="$storage" IMAGEFLEET_HOST="$host"
                        IMAGEFLEET_PORT="$port")

@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.tokens import token_matches
+
 log = logging.getLogger(__name__)
 
 SECRET_ENV = "IMAGEFLEET_LINK_SECRET"
@@ -101,10 +103,7 @@ class TileCredentials:
         return cls(tuple(v.encode() for v in values), values[0] if values else None)
 
     def accepts(self, header: str | None) -> bool:
-        if not header or not self.accepted:
-            return False
-        supplied = _ascii(header)
-        return any([hmac.compare_digest(value, supplied) for value in self.accepted])
+        return bool(header) and token_matches(header or "", self.accepted)
 
 
 def parse_keys(value: str, source: str = SECRET_ENV) -> tuple[bytes, ...]:

@@ -26,10 +26,12 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from server.backoff import doubling_delays
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,32 @@ DOCUMENT_VERSION = 1
 
 class TokenSourceError(ValueError):
     """The token source is missing, unreadable or holds something that is not tokens."""
+
+
+def _wire(value: str | bytes) -> bytes:
+    # compare_digest refuses a non-ASCII str; a header may hold anything (aiohttp maps
+    # undecodable bytes to surrogates), and surrogatepass encodes every str.
+    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
+
+
+def token_matches(supplied: str | bytes, accepted: Iterable[str | bytes]) -> bool:
+    """Whether ``supplied`` is one of ``accepted``, in constant time per candidate.
+
+    Every candidate is compared, so the time taken does not tell which one matched;
+    never raises, whatever characters ``supplied`` holds."""
+    given = _wire(supplied)
+    matches = [hmac.compare_digest(given, _wire(token)) for token in accepted]
+    return any(matches)
+
+
+def bearer_accepts(authorization: str | None, accepted: Iterable[str | bytes]) -> bool:
+    """Whether an ``Authorization`` header value is ``Bearer <one of accepted>``.
+
+    The scheme is case-insensitive (RFC 7235); a missing header, another scheme or an
+    empty ``accepted`` is refused."""
+    scheme, _, supplied = (authorization or "").partition(" ")
+    matched = token_matches(supplied, accepted)
+    return scheme.lower() == "bearer" and matched
 
 
 @dataclass(frozen=True)
@@ -58,10 +86,7 @@ class TokenSet:
         return (self.current, *(p.token for p in self.previous if now < p.until))
 
     def accepts(self, supplied: str, now: float) -> bool:
-        given = supplied.encode("utf-8", "surrogatepass")
-        # Every candidate is compared, so the time taken does not tell which one matched.
-        matches = [hmac.compare_digest(given, t.encode()) for t in self.accepted(now)]
-        return any(matches)
+        return token_matches(supplied, self.accepted(now))
 
     def rotated(self, new: str, now: float, overlap_s: float) -> TokenSet:
         """The set after a rotation: ``new`` current, the old current accepted for
@@ -219,12 +244,11 @@ class TokenGate:
         tokens = self.source.token_set()
         return tokens.current if tokens else None
 
-    def accepts(self, authorization: str) -> bool:
+    def accepts(self, authorization: str | None) -> bool:
         tokens = self.source.token_set()
         if tokens is None:
             return True
-        scheme, _, supplied = authorization.partition(" ")
-        return scheme.lower() == "bearer" and tokens.accepts(supplied, self.clock())
+        return bearer_accepts(authorization, tokens.accepted(self.clock()))
 
     def close(self) -> None:
         self.source.close()
@@ -261,15 +285,15 @@ def _retrying(read: Callable[[], str], first_for_s: float) -> Callable[[], str]:
         if not first[0]:
             return read()
         first[0] = False
-        deadline, delay = time.monotonic() + first_for_s, 0.5
+        deadline, delays = time.monotonic() + first_for_s, doubling_delays(0.5, 5.0)
         while True:
             try:
                 return read()
             except TokenSourceError as exc:
+                delay = next(delays)
                 if time.monotonic() + delay > deadline:
                     raise
                 log.info("token not readable yet (%s); retrying in %.1f s", exc, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     return call

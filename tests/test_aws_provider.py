@@ -1,6 +1,6 @@
 """The AWS provider and ``python -m fleet run``'s service against moto.
 
-moto plays EC2, ELBv2 and S3; the infrastructure is made by ``scripts/bootstrap_aws.up``
+moto plays EC2, ELBv2 and S3; the infrastructure is made by ``fleet.aws.operator.up``
 itself. What moto cannot show is injected at the provider's boundary (a proxy around
 the boto3 client), and each such test says so:
 
@@ -38,6 +38,7 @@ from helpers_aws import (
 )
 from moto import mock_aws
 
+from fleet.aws import operator as aws_operator
 from fleet.aws import stack as aws_stack
 from fleet.aws.config import FLEET_TAG_KEY, AwsFleetConfig, ConfigError, config_from_dict
 from fleet.aws.main import build_service, spec_from_config
@@ -47,7 +48,6 @@ from fleet.aws.ssh_bootstrap import BootstrapFailed, HostKeyMismatch
 from fleet.manager import AdminError, FleetManager
 from fleet.model import Health, InstanceState
 from fleet.providers.base import PermanentProviderError, TransientProviderError
-from scripts import bootstrap_aws
 
 REGION = "eu-west-1"
 NAME = "prov"
@@ -76,9 +76,9 @@ def infra(fake_aws: None, monkeypatch: pytest.MonkeyPatch,
           tmp_path: Path) -> Iterator[AwsFleetConfig]:
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     with mock_aws():
-        clients = bootstrap_aws.make_clients(REGION, None, None)
+        clients = aws_operator.make_clients(REGION, None, None)
         ami = "ami-12c6146b"  # any id: moto does not check it
-        config = bootstrap_aws.up(clients, bootstrap_aws.UpOptions(
+        config = aws_operator.up(clients, aws_operator.UpOptions(
             name=NAME, ami=ami,
             config_out=tmp_path / "fleet.json"), report=lambda line: None)
         yield dataclasses.replace(config, desired=2, min=1, max=4, grace_period_s=120.0,

@@ -27,6 +27,7 @@ from helpers_aws import moto_server
 from moto import mock_aws
 from waiting import wait_until
 
+from fleet.aws import operator as aws_operator
 from fleet.aws import ssh_bootstrap as bootstrap
 from fleet.aws.config import FLEET_TAG_KEY, config_from_dict, load_config
 from fleet.aws.provider import AwsProvider
@@ -505,10 +506,10 @@ def moto_endpoint(fake_aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
 
 def test_rotation_keeps_the_old_token_for_the_overlap_then_not(
         moto_endpoint: str, server_process: Any, tmp_path: Path) -> None:
-    clients = bootstrap_aws.make_clients(REGION, None, moto_endpoint)
-    names = bootstrap_aws.fleet_names(clients, NAME)
-    bootstrap_aws.ensure_token(clients, names, rotate=False, overlap_s=0, report=print)
-    old = bootstrap_aws.read_token_set(clients, names).current
+    clients = aws_operator.make_clients(REGION, None, moto_endpoint)
+    names = aws_operator.fleet_names(clients, NAME)
+    aws_operator.ensure_token(clients, names, rotate=False, overlap_s=0, report=print)
+    old = aws_operator.read_token_set(clients, names).current
     server = server_process(env={
         "IMAGEFLEET_TOKEN_SSM_PARAMETER": names.token_parameter,
         "IMAGEFLEET_TOKEN_REFRESH": "0.2",
@@ -521,9 +522,9 @@ def test_rotation_keeps_the_old_token_for_the_overlap_then_not(
 
     assert (status(old), status(None), status("not-the-token")) == (200, 401, 401)
     overlap = 3.0
-    bootstrap_aws.ensure_token(clients, names, rotate=True, overlap_s=overlap, report=print)
+    aws_operator.ensure_token(clients, names, rotate=True, overlap_s=overlap, report=print)
     rotated_at = time.time()
-    new = bootstrap_aws.read_token_set(clients, names).current
+    new = aws_operator.read_token_set(clients, names).current
     assert new != old
     wait_until(lambda: status(new) == 200, 10, what="the server to pick up the new token")
     if time.time() < rotated_at + overlap - 0.5:  # a busy machine may take longer
@@ -590,23 +591,23 @@ def test_status_shows_the_manager_from_the_lease(aws: None, tmp_path: Path) -> N
 
     assert _up(tmp_path) == 0
     config = load_config(tmp_path / "fleet.json")
-    clients = bootstrap_aws.make_clients(REGION, None, None)
-    assert bootstrap_aws.status(clients, NAME)["manager"] is None
-    assert "manager           - (none has run" in bootstrap_aws.format_status(
-        bootstrap_aws.status(clients, NAME))
+    clients = aws_operator.make_clients(REGION, None, None)
+    assert aws_operator.status(clients, NAME)["manager"] is None
+    assert "manager           - (none has run" in aws_operator.format_status(
+        aws_operator.status(clients, NAME))
     lease = S3Lease(boto3.client("s3", region_name=REGION), config.bucket, config.lease_key,
                     "admin-laptop:4242:abcd", ttl_s=30.0)
     assert lease.refresh().held
-    manager = bootstrap_aws.status(clients, NAME)["manager"]
+    manager = aws_operator.status(clients, NAME)["manager"]
     assert manager["holder"] == "admin-laptop:4242:abcd" and manager["active"]
     # The last cycle: when the lease was last renewed (expiry minus the manager's TTL).
     last = dt.datetime.fromisoformat(manager["last_cycle"]).timestamp()
     assert abs(last - time.time()) < 10
-    assert "; last cycle " in bootstrap_aws.format_status(bootstrap_aws.status(clients, NAME))
-    assert "admin-laptop:4242:abcd (active, lease until" in bootstrap_aws.format_status(
-        bootstrap_aws.status(clients, NAME))
+    assert "; last cycle " in aws_operator.format_status(aws_operator.status(clients, NAME))
+    assert "admin-laptop:4242:abcd (active, lease until" in aws_operator.format_status(
+        aws_operator.status(clients, NAME))
     # A lease nobody renewed any more reads as a manager that is not running.
-    later = bootstrap_aws.manager_status(clients, config.bucket, now=time.time() + 60)
+    later = aws_operator.manager_status(clients, config.bucket, now=time.time() + 60)
     assert later is not None and not later["active"]
 
 

@@ -89,7 +89,8 @@ def test_manager_bundle_holds_the_manager_and_what_it_bootstraps_workers_with() 
         requirements = tar.extractfile("manager-requirements.txt").read().decode()
         setup_mode = tar.getmember("scripts/manager_setup.sh").mode
     assert {"fleet/__main__.py", "fleet/aws/main.py", "server/__main__.py",
-            "scripts/manager_setup.sh", "scripts/remote_setup.sh", "requirements.txt"} <= names
+            "scripts/manager_setup.sh", "scripts/remote_setup.sh", "scripts/setup_common.sh",
+            "requirements.txt"} <= names
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     assert setup_mode & 0o111
     packages = {line.split(">")[0].split("=")[0].split("<")[0].strip()

@@ -169,15 +169,15 @@ def test_bootstrap_brings_up_a_real_server(target: SshTarget, sshd: Sshd, tmp_pa
 @pytest.mark.slow
 def test_a_worker_set_up_with_the_token_parameter_refuses_requests_without_it(
         fake_aws: None, tmp_path: Path, cleanup: list[Path]) -> None:
-    from scripts import bootstrap_aws
+    from fleet.aws import operator as aws_operator
 
     region = "eu-west-1"
     with moto_server() as moto:
-        clients = bootstrap_aws.make_clients(region, None, moto)
-        names = bootstrap_aws.fleet_names(clients, "demo")
-        parameter = bootstrap_aws.ensure_token(clients, names, rotate=False, overlap_s=0,
+        clients = aws_operator.make_clients(region, None, moto)
+        names = aws_operator.fleet_names(clients, "demo")
+        parameter = aws_operator.ensure_token(clients, names, rotate=False, overlap_s=0,
                                                report=lambda line: None)
-        token = bootstrap_aws.read_token_set(clients, names).current
+        token = aws_operator.read_token_set(clients, names).current
         sshd = Sshd.start(tmp_path / "sshd", set_env={
             "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
@@ -353,6 +353,7 @@ def test_bundle_is_reproducible_and_holds_what_the_setup_needs() -> None:
         requirements = tar.extractfile("requirements.txt").read().decode()
         setup_mode = tar.getmember("scripts/remote_setup.sh").mode
     assert "server/__main__.py" in names and "scripts/remote_setup.sh" in names
+    assert "scripts/setup_common.sh" in names  # remote_setup.sh sources it
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     assert setup_mode & 0o111
     packages = {line.split(">")[0].split("=")[0].split("<")[0].strip()

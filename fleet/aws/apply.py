@@ -30,6 +30,7 @@ from fleet.aws.config import FLEET_TAG_KEY, ROLE_TAG_KEY
 from fleet.aws.errors import error_code
 from fleet.aws.stack import Names, Resource, resolve, substitute, tags
 from fleet.tls import certificate_info, needs_new_certificate, self_signed_certificate
+from server.backoff import doubling_delays
 from server.tokens import TokenSet, TokenSourceError, parse_token_document
 
 log = logging.getLogger(__name__)
@@ -119,12 +120,12 @@ def poll(what: str, attempt: Callable[[], bool], timeout: float, first_delay: fl
          max_delay: float = 15.0) -> None:
     """Call ``attempt`` until it returns True, backing off, or raise after ``timeout``."""
     deadline = time.monotonic() + timeout
-    delay = first_delay
+    delays = doubling_delays(first_delay, max_delay)
     while not attempt():
+        delay = next(delays)
         if time.monotonic() + delay > deadline:
             raise InfraError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(delay)
-        delay = min(delay * 2, max_delay)
 
 
 def retry_in_use(what: str, call: Callable[[], Any], codes: tuple[str, ...],

@@ -35,13 +35,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from fleet.aws.config import AwsFleetConfig, ConfigError, load_config
 from fleet.aws.lease import S3Lease
+from fleet.loop import run_every
 from fleet.manager import AdminError, FleetManager
 from fleet.model import Event, FleetSpec
 from fleet.providers.base import Provider, ProviderError
 
 log = logging.getLogger(__name__)
 
-# Matches the target group `scripts/bootstrap_aws.py` creates.
+# Matches the target group `up` creates (fleet.aws.operator, described in fleet.aws.stack).
 HEALTH_CHECK_INTERVAL_S = 5.0
 HEALTH_CHECK_TIMEOUT_S = 3.0
 HEALTH_THRESHOLD = 2
@@ -118,16 +119,8 @@ class AwsFleetService:
             log.warning("standby observe failed: %s", exc)
 
     async def run(self, stop: asyncio.Event, interval_s: float) -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                await self.step()
-            except Exception as exc:
-                log.exception("fleet step failed")
-                self.manager.record(Event(self._clock(), "tick_failed", None, repr(exc)))
-            wait = max(0.0, interval_s - (time.monotonic() - started))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=wait)
+        await run_every(self.step, stop, interval_s, what="fleet step",
+                        on_failure=self.manager.record_cycle_failure)
 
     async def aclose(self) -> None:
         with contextlib.suppress(Exception):

@@ -8,8 +8,8 @@ API. :func:`parse_console_host_keys` turns it into the only keys paramiko will a
 
 1. connect, retrying connection and banner errors with backoff until a deadline
    (sshd is not up yet while the instance boots);
-2. upload a bundle (``server/``, the server's requirements, ``scripts/remote_setup.sh``)
-   over SFTP;
+2. upload a bundle (``server/``, the server's requirements, ``scripts/remote_setup.sh`` and
+   the ``setup_common.sh`` it sources) over SFTP;
 3. run ``remote_setup.sh``, reading stdout and stderr to the end before asking for the
    exit status (paramiko blocks forever if a full stderr window stalls the remote side
    while we wait on stdout), and check the exit code.
@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
+
+from server.backoff import doubling_delays
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +214,7 @@ def connect(target: SshTarget, *, deadline: float, clock: Callable[[], float] = 
     if not target.host_keys:
         raise HostKeyParseError("no host keys given; refusing to connect without them")
     pkey = paramiko.PKey.from_path(str(target.key_file))
-    delay = 0.25
+    delays = doubling_delays(0.25, 5.0)
     attempt = 0
     auth_failures = 0
     while True:
@@ -254,10 +256,9 @@ def connect(target: SshTarget, *, deadline: float, clock: Callable[[], float] = 
             client.close()
             log.debug("ssh %s:%s not ready (%s: %s)", target.host, target.port,
                       type(exc).__name__, exc)
-        wait = min(delay, max(0.0, deadline - clock()))
+        wait = min(next(delays), max(0.0, deadline - clock()))
         if wait > 0:
             sleep(wait)
-        delay = min(delay * 2, 5.0)
 
 
 # ------------------------------------------------------------------------- commands
@@ -386,16 +387,18 @@ def _script(root: Path, name: str) -> tuple[str, bytes, int]:
 
 
 def build_bundle(root: Path = PROJECT_ROOT) -> bytes:
-    """A reproducible tar.gz of ``server/``, its requirements and ``remote_setup.sh``."""
+    """A reproducible tar.gz of ``server/``, its requirements, ``remote_setup.sh`` and the
+    ``setup_common.sh`` it sources."""
     return _tarball([*_package_files(root, "server"),
                      ("requirements.txt", server_requirements(root).encode(), 0o644),
-                     _script(root, "remote_setup.sh")])
+                     _script(root, "remote_setup.sh"), _script(root, "setup_common.sh")])
 
 
 def build_manager_bundle(root: Path = PROJECT_ROOT) -> bytes:
     """The manager host's bundle: ``fleet/`` and the manager's requirements
     (``manager-requirements.txt``) with ``scripts/manager_setup.sh``, plus everything
-    :func:`build_bundle` reads (``server/``, ``requirements.txt``, ``remote_setup.sh``),
+    :func:`build_bundle` reads (``server/``, ``requirements.txt``, ``remote_setup.sh``,
+    ``setup_common.sh``),
     because the manager builds the workers' bundle itself when it bootstraps them."""
     requirements = (root / "requirements.txt").read_bytes()
     return _tarball([
@@ -405,6 +408,7 @@ def build_manager_bundle(root: Path = PROJECT_ROOT) -> bytes:
         ("requirements.txt", requirements, 0o644),
         _script(root, "manager_setup.sh"),
         _script(root, "remote_setup.sh"),
+        _script(root, "setup_common.sh"),
     ])
 
 
@@ -527,7 +531,7 @@ def wait_for_host_keys(fetch_console: Callable[[], str], *, deadline: float,
                        clock: Callable[[], float] = time.monotonic,
                        sleep: Callable[[float], None] = time.sleep) -> tuple[HostKey, ...]:
     """Poll ``fetch_console`` (e.g. EC2 GetConsoleOutput) until the key block appears."""
-    delay = 1.0
+    delays = doubling_delays(1.0, 10.0)
     while True:
         try:
             return parse_console_host_keys(fetch_console())
@@ -536,5 +540,4 @@ def wait_for_host_keys(fetch_console: Callable[[], str], *, deadline: float,
             if remaining <= 0:
                 raise BootstrapTimeout("the instance did not publish its SSH host keys on "
                                        "the console before the deadline") from None
-        sleep(min(delay, remaining))
-        delay = min(delay * 2, 10.0)
+        sleep(min(next(delays), remaining))

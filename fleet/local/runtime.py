@@ -3,7 +3,8 @@
 Two ways to run the same pieces:
 
 - :class:`LocalFleetRuntime` — async, in the caller's loop (``python -m fleet local``).
-- :class:`LocalFleet` — owns an asyncio loop in a background thread, so a synchronous
+- :class:`LocalFleet` — owns an asyncio loop in a background thread
+  (:class:`server.background.BackgroundLoop`), so a synchronous
   program (the desktop app) can embed a fleet: ``with LocalFleet(...) as fleet:``
   ``fleet.endpoint``.
 
@@ -21,12 +22,11 @@ import contextlib
 import logging
 import os
 import secrets
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fleet.local.gateway import Gateway, GatewayLimits, HealthCheckConfig
 from fleet.local.options import DEFAULT_STORAGE
@@ -34,8 +34,10 @@ from fleet.local.provider import LocalProvider, WorkerCommand, server_command
 from fleet.manager import FleetManager
 from fleet.model import Event, FleetSpec, Health, spec_from_mapping
 from fleet.storage_cleanup import Caps, sweep
+from server.background import BackgroundLoop
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ADMIN_TOKEN_FILE = "admin-token"
 CLEANUP_INTERVAL_S = 300.0  # how often the storage caps are applied (and once at start)
@@ -203,21 +205,17 @@ class LocalFleet:
                          "command": command, "run_dir": run_dir,
                          "stop_timeout_s": stop_timeout_s, "limits": gateway_limits,
                          "sample_interval_s": sample_interval_s}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._background: BackgroundLoop | None = None
         self._runtime: LocalFleetRuntime | None = None
 
     # --- life-cycle ------------------------------------------------------------------------
 
     def start(self, timeout: float = 60.0) -> LocalFleet:
         """Return once the gateway listens and at least one worker is healthy."""
-        if self._thread is not None:
+        if self._background is not None:
             raise RuntimeError("LocalFleet already started")
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="imagefleet-local",
-                                        daemon=True)
-        self._thread.start()
+        self._background = BackgroundLoop("imagefleet-local")
+        self._background.start()
         try:
             self._runtime = self._call(LocalFleetRuntime.start(self.spec, **self._options),
                                        timeout)
@@ -230,8 +228,8 @@ class LocalFleet:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop everything started; no worker process or thread is left."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
+        background = self._background
+        if background is None:
             return
         try:
             if self._runtime is not None:
@@ -241,10 +239,8 @@ class LocalFleet:
             if self._runtime is not None:
                 self._runtime.provider.stop_all_sync(timeout_s=1.0)
             self._runtime = None
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout)
-            loop.close()
-            self._loop = self._thread = None
+            background.stop(timeout=timeout)
+            self._background = None
 
     def __enter__(self) -> LocalFleet:
         # ``with LocalFleet(...).start(timeout) as fleet`` is fine too.
@@ -287,10 +283,10 @@ class LocalFleet:
             raise RuntimeError("LocalFleet is not running; call start() first")
         return self._runtime
 
-    def _call(self, coroutine, timeout: float):
-        assert self._loop is not None
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        return future.result(timeout)
+    def _call(self, coroutine: Awaitable[T], timeout: float) -> T:
+        if self._background is None:
+            raise RuntimeError("LocalFleet is not running; call start() first")
+        return self._background.call(coroutine, timeout)
 
     def _emergency_stop(self) -> None:
         # At interpreter exit without stop(): the loop thread still runs, so stop in

@@ -24,6 +24,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from server import codecs
 from server.admission import RETRY_AFTER_S, Admission, Control, client_disconnected
+from server.api import Load, Operations, ProcessResult, ServerHealth
 from server.config import ServerConfig
 from server.cost import check_cost
 from server.errors import ApiError, bad_request
@@ -92,8 +93,9 @@ class ServerState:
                                    self.config.tile_mp * 1e6, self.config.tile_size)
         from server.metrics import WorkerMetrics  # prometheus_client: not on import
         self.metrics = WorkerMetrics(self.admission.snapshot, lambda: self.inflight)
-        self.operations_json = json.dumps(
-            {"operations": [op.to_json() for op in self.registry.values()]}).encode()
+        self.operations_json = json.dumps(Operations(
+            operations=tuple(op.spec() for op in self.registry.values())
+        ).model_dump(mode="json")).encode()
 
     def tile_credentials(self) -> TileCredentials:
         """Derived from the link keys or, without them, from the current API token."""
@@ -118,26 +120,26 @@ class ServerState:
         with self.lock:
             return self.lock.wait_for(lambda: self.inflight == 0, timeout)
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> ServerHealth:
         with self.lock:
             inflight, processed = self.inflight, self.processed
         problem = self.storage.health_problem()
         status = "draining" if self.draining.is_set() else "degraded" if problem else "ok"
-        return {
-            "status": status,
+        return ServerHealth(
+            status=status,
             # What keeps this instance from doing its work although it runs (a full
             # disk): still 200, since every instance shares it and killing helps no one.
-            "problems": [problem] if problem else [],
-            "instance_id": self.config.instance_id,
-            "inflight": inflight,
-            "processed": processed,
+            problems=(problem,) if problem else (),
+            instance_id=self.config.instance_id,
+            inflight=inflight,
+            processed=processed,
             # Busy is not dead: how loaded this process is, answered without waiting
             # for any slot (the manager and the gateway read it).
-            "load": self.admission.snapshot(),
-            "uptime_s": round(time.monotonic() - self.started, 3),
-            "version": __version__,
-            "pid": os.getpid(),  # tells apart the workers of one `--workers N` server
-        }
+            load=Load.model_validate(self.admission.snapshot()),
+            uptime_s=round(time.monotonic() - self.started, 3),
+            version=__version__,
+            pid=os.getpid(),  # tells apart the workers of one `--workers N` server
+        )
 
 
 class InMemoryUploadRequest(Request):
@@ -283,10 +285,6 @@ def _store(state: ServerState, info: codecs.ImageInfo, data: bytes, input_digest
                        "pipeline": pipeline.canonical()[:1500]})
 
 
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
-
-
 def _register_routes(app: Flask, state: ServerState) -> None:
     config = state.config
 
@@ -315,7 +313,7 @@ def _register_routes(app: Flask, state: ServerState) -> None:
 
     @app.get("/health")
     def health():
-        body = state.health()
+        body = state.health().model_dump(mode="json")
         return jsonify(body), (503 if state.draining.is_set() else 200)
 
     @app.get("/metrics")
@@ -420,19 +418,19 @@ def _register_routes(app: Flask, state: ServerState) -> None:
                 "X-Timings": json.dumps({k: round(v, 2) for k, v in timings.items()}),
             })
         link = state.storage.link(storage_key, expires_in, config.public_url or request.host_url)
-        return jsonify({
-            "key": key,
-            "url": link.url,
-            "expires_at": _iso(link.expires_at),
-            "instance_id": config.instance_id,
-            "width": width,
-            "height": height,
-            "format": out_format,
-            "bytes": size,
-            "cached": cached,
-            "tiles": tiles,
-            "timings_ms": {k: round(v, 2) for k, v in timings.items()},
-        })
+        return jsonify(ProcessResult(
+            key=key,
+            url=link.url,
+            expires_at=datetime.fromtimestamp(link.expires_at, UTC),
+            instance_id=config.instance_id,
+            width=width,
+            height=height,
+            format=out_format,
+            bytes=size,
+            cached=cached,
+            tiles=tiles,
+            timings_ms={k: round(v, 2) for k, v in timings.items()},
+        ).model_dump(mode="json"))
 
     @app.get("/results/<path:name>")
     def results(name: str):

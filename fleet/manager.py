@@ -44,6 +44,7 @@ from fleet.model import (
 )
 from fleet.providers.base import PermanentProviderError, Provider, TransientProviderError
 from fleet.reconcile import decide, record_launch_failure, request_replacement
+from server import api
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +105,15 @@ class FleetManager:
 
     def snapshot(self) -> dict[str, Any]:
         """``GET /fleet``, newest event last."""
-        return {
-            "name": self._spec.name,
-            "provider": self.provider.name,
-            "desired": self._spec.desired,
-            "min": self._spec.min,
-            "max": self._spec.max,
-            "instances": [i.to_json() for i in self._instances],
-            "events": [e.to_json() for e in self._events],
-        }
+        return api.FleetState(
+            name=self._spec.name,
+            provider=self.provider.name,
+            desired=self._spec.desired,
+            min=self._spec.min,
+            max=self._spec.max,
+            instances=tuple(i.wire() for i in self._instances),
+            events=tuple(e.wire() for e in self._events),
+        ).model_dump(mode="json")
 
     def window(self, seconds: float) -> dict[str, Any]:
         """``GET /fleet/metrics``: the rolling window's series and the events behind them

@@ -153,7 +153,7 @@ class FleetManager:
             self.record(Event(self._clock(), "scale", None,
                               f"desired {spec.desired} -> {desired} (admin request)"))
             self._spec = replace(spec, desired=desired)
-        return {"desired": desired, "min": spec.min, "max": spec.max}
+        return api.ScaleAnswer(desired=desired, min=spec.min, max=spec.max).model_dump(mode="json")
 
     def terminate(self, instance_id: str) -> dict[str, Any]:
         """``POST /fleet/instances/<id>/terminate``: replace the instance — a replacement
@@ -163,11 +163,14 @@ class FleetManager:
             raise AdminError(404, "unknown_instance",
                              f"no instance {instance_id!r}; known: {sorted(known) or 'none'}")
         if not known[instance_id].live:
-            return {"instance_id": instance_id, "status": known[instance_id].state.value}
+            return api.TerminateAnswer(instance_id=instance_id,
+                                       status=known[instance_id].state.value
+                                       ).model_dump(mode="json")
         self._memory = request_replacement(self._memory, instance_id)
         self.record(Event(self._clock(), "terminate_requested", instance_id,
                           "admin request: replacing, then draining"))
-        return {"instance_id": instance_id, "status": "replacing"}
+        return api.TerminateAnswer(instance_id=instance_id,
+                                   status="replacing").model_dump(mode="json")
 
     def record(self, event: Event) -> None:
         log.info("fleet event %s %s: %s", event.kind, event.instance_id or "-", event.message)

@@ -42,7 +42,9 @@ __all__ = [
     "ParamError",
     "ParamSpec",
     "ProcessResult",
+    "ScaleAnswer",
     "ServerHealth",
+    "TerminateAnswer",
     "check_param",
     "describe_error",
     "format_number",
@@ -319,6 +321,22 @@ class FleetState(WireModel):
     max: Int
     instances: tuple[FleetInstance, ...]
     events: tuple[FleetEvent, ...]
+
+
+class ScaleAnswer(WireModel):
+    """The answer to ``POST /fleet/scale``: the desired count the fleet took, its range."""
+
+    desired: Int
+    min: Int
+    max: Int
+
+
+class TerminateAnswer(WireModel):
+    """The answer to ``POST /fleet/instances/<id>/terminate`` (``status`` is
+    ``"replacing"`` or the instance's state when it is already on its way out)."""
+
+    instance_id: Str
+    status: Str
 
 
 # --- validation errors in words -------------------------------------------------------------

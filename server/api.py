@@ -379,6 +379,7 @@ def describe_error(exc: ValidationError, where: str) -> str:
 
 # --- parameter values: one set of rules for the server, the command line and the app --------
 
+KNOWN_TYPES = frozenset({"int", "float", "bool", "choice"})
 TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
 FALSE_WORDS = frozenset({"false", "no", "off", "0"})
 # Numbers sent as text (form fields, command lines): plain decimal notation only.
@@ -422,7 +423,7 @@ def check_param(spec: ParamSpec, value: Any) -> Any:
             if value == choice and type(value) is type(choice):
                 return choice
         raise ParamError(spec.allowed())
-    if spec.type not in ("int", "float"):
+    if spec.type not in KNOWN_TYPES:
         return value
     # Numbers: JSON numbers and numeric text (form fields, command line k=v).
     number: float

@@ -32,11 +32,10 @@ def parse_process_result(
     body: Mapping[str, Any], *, base_url: str, elapsed_s: float, attempts: int
 ) -> ProcessResult:
     """Validate a ``POST /process`` JSON answer. A relative ``url`` is joined to ``base_url``."""
-    if not isinstance(body, Mapping):
-        return validate(ProcessResult, body, "POST /process answer")  # raises
     # This client's own facts win over any same-named field a newer server might send.
-    result = validate(ProcessResult, {**body, "elapsed_s": elapsed_s, "attempts": attempts},
-                      "POST /process answer")
+    merged = ({**body, "elapsed_s": elapsed_s, "attempts": attempts}
+              if isinstance(body, Mapping) else body)
+    result = validate(ProcessResult, merged, "POST /process answer")
     if result.url.startswith("/"):
         result = result.model_copy(update={"url": base_url + result.url})
     return result

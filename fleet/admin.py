@@ -39,6 +39,7 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
 from fleet.manager import AdminError
+from server.api import ErrorBody
 from server.tokens import bearer_accepts
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,8 @@ class FleetAdmin(Protocol):
 
 def error_response(status: int, code: str, message: str,
                    headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status,
-                             headers=headers)
+    return web.json_response(ErrorBody.of(code, message).model_dump(mode="json"),
+                             status=status, headers=headers)
 
 
 # --- answering before the body is read -------------------------------------------------

@@ -44,6 +44,7 @@ from fleet.model import (
 )
 from fleet.providers.base import PermanentProviderError, Provider, TransientProviderError
 from fleet.reconcile import decide, record_launch_failure, request_replacement
+from server import api
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +105,15 @@ class FleetManager:
 
     def snapshot(self) -> dict[str, Any]:
         """``GET /fleet``, newest event last."""
-        return {
-            "name": self._spec.name,
-            "provider": self.provider.name,
-            "desired": self._spec.desired,
-            "min": self._spec.min,
-            "max": self._spec.max,
-            "instances": [i.to_json() for i in self._instances],
-            "events": [e.to_json() for e in self._events],
-        }
+        return api.FleetState(
+            name=self._spec.name,
+            provider=self.provider.name,
+            desired=self._spec.desired,
+            min=self._spec.min,
+            max=self._spec.max,
+            instances=tuple(i.wire() for i in self._instances),
+            events=tuple(e.wire() for e in self._events),
+        ).model_dump(mode="json")
 
     def window(self, seconds: float) -> dict[str, Any]:
         """``GET /fleet/metrics``: the rolling window's series and the events behind them
@@ -152,7 +153,7 @@ class FleetManager:
             self.record(Event(self._clock(), "scale", None,
                               f"desired {spec.desired} -> {desired} (admin request)"))
             self._spec = replace(spec, desired=desired)
-        return {"desired": desired, "min": spec.min, "max": spec.max}
+        return api.ScaleAnswer(desired=desired, min=spec.min, max=spec.max).model_dump(mode="json")
 
     def terminate(self, instance_id: str) -> dict[str, Any]:
         """``POST /fleet/instances/<id>/terminate``: replace the instance — a replacement
@@ -162,11 +163,14 @@ class FleetManager:
             raise AdminError(404, "unknown_instance",
                              f"no instance {instance_id!r}; known: {sorted(known) or 'none'}")
         if not known[instance_id].live:
-            return {"instance_id": instance_id, "status": known[instance_id].state.value}
+            return api.TerminateAnswer(instance_id=instance_id,
+                                       status=known[instance_id].state.value
+                                       ).model_dump(mode="json")
         self._memory = request_replacement(self._memory, instance_id)
         self.record(Event(self._clock(), "terminate_requested", instance_id,
                           "admin request: replacing, then draining"))
-        return {"instance_id": instance_id, "status": "replacing"}
+        return api.TerminateAnswer(instance_id=instance_id,
+                                   status="replacing").model_dump(mode="json")
 
     def record(self, event: Event) -> None:
         log.info("fleet event %s %s: %s", event.kind, event.instance_id or "-", event.message)

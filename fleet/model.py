@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
+from server import api
 from server.backoff import doubling_delay
 from server.settings import one_line
 
@@ -79,14 +80,12 @@ class Instance:
 
     def to_json(self) -> dict[str, Any]:
         """The shape of one entry of ``GET /fleet`` ``instances``."""
-        return {
-            "id": self.id,
-            "state": self.state.value,
-            "health": self.health.value,
-            "address": self.address,
-            "inflight": self.inflight,
-            "launched_at": iso_time(self.launched_at),
-        }
+        return self.wire().model_dump(mode="json")
+
+    def wire(self) -> api.FleetInstance:
+        return api.FleetInstance(id=self.id, state=self.state.value, health=self.health.value,
+                                 address=self.address, inflight=self.inflight,
+                                 launched_at=self.launched_at)
 
 
 @dataclass(frozen=True)
@@ -266,8 +265,11 @@ class Event:
     message: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"at": iso_time(self.at), "kind": self.kind,
-                "instance_id": self.instance_id, "message": self.message}
+        return self.wire().model_dump(mode="json")
+
+    def wire(self) -> api.FleetEvent:
+        return api.FleetEvent(at=self.at, kind=self.kind, instance_id=self.instance_id,
+                              message=self.message)
 
 
 # --- reconcile memory and plan -----------------------------------------------------------

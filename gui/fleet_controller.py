@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from gui.host import FleetHost
 from gui.viewmodel.errors import describe_fleet_error
 from gui.viewmodel.fleet import parse_desired
+from server.api import FleetState
 
 if TYPE_CHECKING:
     from gui.views.fleet import FleetView
@@ -20,7 +21,7 @@ FLEET_POLL_MS = 2000
 class FleetController:
     def __init__(self, app: FleetHost) -> None:
         self.app = app
-        self.last_state: Any = None  # the latest gui.client.FleetState
+        self.last_state: FleetState | None = None
         self._pending = False
         self._metrics_pending = False
         self.metrics_seconds = 900
@@ -42,7 +43,7 @@ class FleetController:
             return
         self._pending = True
 
-        def done(state: Any) -> None:
+        def done(state: FleetState) -> None:
             self._pending = False
             self.last_state = state
             self.view.show_state(state, datetime.now(UTC))

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from gui.client.models import ProcessResult
 from gui.host import JournalHost
 from gui.journal import (
     BatchState,
@@ -35,7 +36,7 @@ from gui.journal import (
     journal_path,
     plan_resume,
 )
-from gui.viewmodel.batch import ImageJob, JobStatus, ResultInfo
+from gui.viewmodel.batch import ImageJob, JobStatus
 from gui.viewmodel.requests import (
     OutputSettings,
     ProcessRequest,
@@ -125,21 +126,25 @@ def spec_request(spec: Mapping[str, Any]) -> ProcessRequest:
                           OutputSettings(**(spec.get("output") or {})))
 
 
-def _info(out: Any) -> ResultInfo | None:
+def _info(out: Any) -> ProcessResult | None:
     if out is None or out.url is None:
         return None
-    return ResultInfo(url=out.url, expires_at=out.expires_at,
-                      instance_id=out.instance_id or "", elapsed_s=0.0, width=0, height=0,
-                      format=out.format or "png", bytes=0, cached=True, key=out.key or "")
+    # Built without validation: the app's own journal, which keeps only the link, its
+    # expiry (None when an entry does not say) and where it came from; the other facts
+    # were not journaled and are 0.
+    return ProcessResult.model_construct(
+        key=out.key or "", url=out.url, expires_at=out.expires_at,
+        instance_id=out.instance_id or "", width=0, height=0, format=out.format or "png",
+        bytes=0, cached=True, tiles=1, timings_ms={}, elapsed_s=0.0, attempts=1)
 
 
-def result_of(record: InputRecord) -> ResultInfo | None:
+def result_of(record: InputRecord) -> ProcessResult | None:
     """A done input's (first) result as the Process view keeps it (facts not journaled
     are 0)."""
     return _info(record.outputs[0] if record.outputs else None)
 
 
-def outputs_of(record: InputRecord) -> tuple[tuple[str, ResultInfo], ...]:
+def outputs_of(record: InputRecord) -> tuple[tuple[str, ProcessResult], ...]:
     """A done input's results by output name (a recipe's several outputs)."""
     found = [(out.output, _info(out)) for out in record.outputs if out.output]
     return tuple((name, info) for name, info in found if info is not None)

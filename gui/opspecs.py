@@ -8,14 +8,11 @@ words. Pure functions over :class:`gui.client.OperationSpec`; no Tk, no I/O.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gui.client import OperationSpec, ParamSpec
-
-_TRUE = frozenset({"true", "yes", "on", "1"})
-_FALSE = frozenset({"false", "no", "off", "0"})
+from server.api import KNOWN_TYPES, ParamError, check_param, format_number
 
 
 class SpecError(Exception):
@@ -30,55 +27,26 @@ def describe_param(spec: ParamSpec) -> str:
     elif spec.type == "bool":
         allowed = "bool"
     else:
-        low = "" if spec.min is None else _number(spec.min)
-        high = "" if spec.max is None else _number(spec.max)
+        low = "" if spec.min is None else format_number(spec.min)
+        high = "" if spec.max is None else format_number(spec.max)
         allowed = f"{spec.type} {low}..{high}" if low or high else spec.type
     return f"{spec.name} ({allowed}, default {spec.default!r})"
 
 
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
 def coerce_value(spec: ParamSpec, value: Any) -> Any:
-    """Type ``value`` (text from the command line, or a JSON value) by ``spec``.
+    """Type ``value`` (text from the command line, or a JSON value) by ``spec``, with the
+    server's own rules (:func:`server.api.check_param`).
 
     Raises SpecError naming the parameter and what it allows.
     """
-    what = f"parameter {spec.name}={value!r} is invalid: expected {describe_param(spec)}"
-    if spec.type == "bool":
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in _TRUE | _FALSE:
-            return text in _TRUE
-        raise SpecError(what)
-    if spec.type == "choice":
-        choices = spec.choices or ()
-        for choice in choices:
-            if value == choice or str(value) == str(choice):
-                return choice
-        raise SpecError(what)
-    if spec.type in ("int", "float"):
-        number: float
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            if spec.type == "int":
-                number = value if isinstance(value, int) else int(str(value).strip())
-            else:
-                number = float(value)
-        except (TypeError, ValueError):
-            raise SpecError(what) from None
-        if math.isnan(number) or math.isinf(number):
-            raise SpecError(what)
-        if (spec.min is not None and number < spec.min) or (
-            spec.max is not None and number > spec.max
-        ):
-            raise SpecError(what)
-        return number
-    # A type this client does not know yet: pass JSON-looking text through typed.
-    return guess_value(value) if isinstance(value, str) else value
+    if spec.type not in KNOWN_TYPES:
+        # A type this client does not know yet: pass JSON-looking text through typed.
+        return guess_value(value) if isinstance(value, str) else value
+    try:
+        return check_param(spec, value.strip() if isinstance(value, str) else value)
+    except ParamError:
+        raise SpecError(f"parameter {spec.name}={value!r} is invalid: expected "
+                        f"{describe_param(spec)}") from None
 
 
 def guess_value(text: str) -> Any:

@@ -52,7 +52,6 @@ from gui.viewmodel.batch import (
     ImageJob,
     JobStatus,
     Overall,
-    ResultInfo,
     StaleChoice,
     not_images_text,
     order_depends_on_state,
@@ -137,17 +136,10 @@ class JobOutput:
     """The selected image's result, decoded for the before/after view (only the selected
     image has one: results of the others are their link and facts in the batch)."""
 
-    result: ResultInfo
+    result: ProcessResult
     data: bytes
     before: Image.Image
     after: Image.Image
-
-
-def result_info(result: ProcessResult) -> ResultInfo:
-    return ResultInfo(url=result.url, expires_at=result.expires_at,
-                      instance_id=result.instance_id, elapsed_s=result.elapsed_s,
-                      width=result.width, height=result.height, format=result.format,
-                      bytes=result.bytes, cached=result.cached, key=result.key)
 
 
 def _decode_pair(path: Path, data: bytes) -> tuple[Image.Image, Image.Image]:
@@ -750,15 +742,14 @@ class ProcessController:
                     self._report(progress=Progress(job_id, ticket, event.phase,
                                                    event.fraction, event.message))
 
-                results: list[tuple[str, ResultInfo]] = []
+                results: list[tuple[str, ProcessResult]] = []
                 async with self._slots:
                     self.in_flight += 1
                     try:
                         for output, kwargs in requests:
                             result = await client.process(path, **kwargs, progress=progress,
                                                           name=path.name)
-                            results.append((output.name if output else "",
-                                            result_info(result)))
+                            results.append((output.name if output else "", result))
                     except (ClientError, OSError, ValueError) as exc:  # that image's alone
                         failed = requests[len(results)][0]
                         prefix = f"output {failed.name}: " if failed is not None else ""

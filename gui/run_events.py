@@ -26,11 +26,11 @@ class Progress:
 class Outcome:
     job_id: int
     ticket: int
-    result: Any = None  # a ResultInfo when it worked
+    result: Any = None  # a gui.client.ProcessResult when it worked
     error: str = ""  # what went wrong, for the user, when it did not
     label: str = ""
     request: Any = None  # the ProcessRequest it was made with (stale marks compare it)
-    outputs: tuple[tuple[str, Any], ...] = ()  # a recipe's (output name, ResultInfo)s
+    outputs: tuple[tuple[str, Any], ...] = ()  # a recipe's (output name, ProcessResult)s
 
 
 class RunEvents:

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Flask, Request, Response, g, jsonify, request
+from flask import Blueprint, Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from server import codecs
 from server.admission import RETRY_AFTER_S, Admission, Control, client_disconnected
+from server.api import Load, Operations, ProcessResult, ServerHealth
 from server.config import ServerConfig
 from server.cost import check_cost
 from server.errors import ApiError, bad_request
@@ -92,8 +93,9 @@ class ServerState:
                                    self.config.tile_mp * 1e6, self.config.tile_size)
         from server.metrics import WorkerMetrics  # prometheus_client: not on import
         self.metrics = WorkerMetrics(self.admission.snapshot, lambda: self.inflight)
-        self.operations_json = json.dumps(
-            {"operations": [op.to_json() for op in self.registry.values()]}).encode()
+        self.operations_json = json.dumps(Operations(
+            operations=tuple(op.spec() for op in self.registry.values())
+        ).model_dump(mode="json")).encode()
 
     def tile_credentials(self) -> TileCredentials:
         """Derived from the link keys or, without them, from the current API token."""
@@ -118,26 +120,26 @@ class ServerState:
         with self.lock:
             return self.lock.wait_for(lambda: self.inflight == 0, timeout)
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> ServerHealth:
         with self.lock:
             inflight, processed = self.inflight, self.processed
         problem = self.storage.health_problem()
         status = "draining" if self.draining.is_set() else "degraded" if problem else "ok"
-        return {
-            "status": status,
+        return ServerHealth(
+            status=status,
             # What keeps this instance from doing its work although it runs (a full
             # disk): still 200, since every instance shares it and killing helps no one.
-            "problems": [problem] if problem else [],
-            "instance_id": self.config.instance_id,
-            "inflight": inflight,
-            "processed": processed,
+            problems=(problem,) if problem else (),
+            instance_id=self.config.instance_id,
+            inflight=inflight,
+            processed=processed,
             # Busy is not dead: how loaded this process is, answered without waiting
             # for any slot (the manager and the gateway read it).
-            "load": self.admission.snapshot(),
-            "uptime_s": round(time.monotonic() - self.started, 3),
-            "version": __version__,
-            "pid": os.getpid(),  # tells apart the workers of one `--workers N` server
-        }
+            load=Load.model_validate(self.admission.snapshot()),
+            uptime_s=round(time.monotonic() - self.started, 3),
+            version=__version__,
+            pid=os.getpid(),  # tells apart the workers of one `--workers N` server
+        )
 
 
 class InMemoryUploadRequest(Request):
@@ -283,12 +285,8 @@ def _store(state: ServerState, info: codecs.ImageInfo, data: bytes, input_digest
                        "pipeline": pipeline.canonical()[:1500]})
 
 
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
-
-
 def _register_routes(app: Flask, state: ServerState) -> None:
-    config = state.config
+    """Request bookkeeping on the app; the routes in one blueprint per subject."""
 
     @app.before_request
     def start_request():
@@ -313,12 +311,20 @@ def _register_routes(app: Flask, state: ServerState) -> None:
                                   request.content_length or 0, g.get("bytes_out", 0))
         return response
 
-    @app.get("/health")
+    for blueprint in (_status_routes(state), _process_routes(state), _result_routes(state)):
+        app.register_blueprint(blueprint)
+
+
+def _status_routes(state: ServerState) -> Blueprint:
+    """``GET /health``, ``GET /metrics`` and ``GET /operations``: what this instance is."""
+    routes = Blueprint("status", __name__)
+
+    @routes.get("/health")
     def health():
-        body = state.health()
+        body = state.health().model_dump(mode="json")
         return jsonify(body), (503 if state.draining.is_set() else 200)
 
-    @app.get("/metrics")
+    @routes.get("/metrics")
     def metrics():
         # Read-only like the manager's GET /fleet: free to a loopback peer (Prometheus
         # on the same host), else the API token. The socket's own peer, not ProxyFix's
@@ -330,12 +336,45 @@ def _register_routes(app: Flask, state: ServerState) -> None:
         return Response(state.metrics.render(), mimetype=None,
                         content_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/operations")
+    @routes.get("/operations")
     def operations():
         _check_token(state)
         return Response(state.operations_json, mimetype="application/json")
 
-    @app.post("/process")
+    return routes
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """A ``POST /process`` request, decoded and checked, before its image is looked at."""
+
+    data: bytes
+    pipeline: Pipeline
+    fmt: str | None
+    options: OutputOptions
+    expires_in: int
+
+
+@dataclass(frozen=True)
+class _Made:
+    """The result of a request: made now, or found in storage (``data`` None then)."""
+
+    key: str
+    out_format: str
+    width: int
+    height: int
+    size: int
+    tiles: int
+    cached: bool
+    data: bytes | None
+
+
+def _process_routes(state: ServerState) -> Blueprint:
+    """``POST /process``: decode → check → make (or find) → store → answer."""
+    routes = Blueprint("process", __name__)
+    config = state.config
+
+    @routes.post("/process")
     def process():
         _check_token(state)
         if state.draining.is_set():
@@ -350,91 +389,117 @@ def _register_routes(app: Flask, state: ServerState) -> None:
         control = Control(time.monotonic() + config.request_timeout,
                           config.request_timeout, client_disconnected(request.environ))
         t0 = time.perf_counter()
-        if not (request.mimetype or "").startswith("multipart/form-data"):
-            raise ApiError(415, "unsupported_media_type",
-                           "send multipart/form-data with an 'image' file field")
-        g.log["operation"] = (request.form.get("operation") or "steps")[:40]
-        upload = request.files.get("image")
-        if upload is None:
-            raise bad_request("missing_field", "the 'image' file field is required")
-        pipeline = parse_pipeline(state.registry, request.form.get("operation"),
-                                  request.form.get("params"), request.form.get("steps"))
-        fmt = parse_format(request.form.get("format"))
-        options = parse_options(request.form.get, _int_field("quality", 1, 100))
-        expires_in = _int_field("expires_in", 1, MAX_LINK_SECONDS) or config.link_ttl
-        data = upload.read()
-        g.log.update(operation="+".join(pipeline.names), bytes=len(data))
-        t_read = time.perf_counter()
-
-        info = codecs.probe(data, config.max_pixels)
-        check_output_pixels(pipeline, info.width, info.height, config.max_pixels)
-        cost = pipeline.cost(info.width, info.height)
-        check_cost(cost, config.max_cost)
-        g.log["cost_s"] = round(cost.seconds, 3)
-        out_format = fmt or codecs.output_format_for(info)
-        input_digest = hashlib.sha256(data).hexdigest()
-        key = result_key(input_digest, pipeline, out_format, options)
-        storage_key = f"results/{key}"
-        timings = {"read": (t_read - t0) * 1000}
-
-        # Only a peer of this fleet holds the credential (signing.py); any other value
-        # is an ordinary request, stored and encoded as asked.
-        is_tile = state.tile_credentials().accepts(
-            request.headers.get(TILE_HEADER))
-        stored = None if is_tile else state.storage.head(storage_key)
-        cached = stored is not None and all(
-            DIGITS.fullmatch(str(stored.metadata.get(k, ""))) for k in ("width", "height"))
-        result_bytes: bytes | None = None
-        tiles = 1
-        if cached:
-            width, height = int(stored.metadata["width"]), int(stored.metadata["height"])
-            size = stored.size
-        else:
-            result = state.processor.run(
-                ProcessingJob(data, info, pipeline, out_format, options, is_tile=is_tile,
-                    control=control))
-            timings.update(result.timings)
-            g.log.update(result.log)
-            result_bytes, width, height, tiles = (result.data, result.width, result.height,
-                                                  result.tiles)
-            size = len(result_bytes)
-            if not is_tile:  # tiles are intermediate: nothing to keep
-                t5 = time.perf_counter()
-                _store(state, info, data, input_digest, storage_key, result_bytes, out_format,
-                       width, height, pipeline)
-                timings["store"] = (time.perf_counter() - t5) * 1000
+        asked = _decode_request(state)
+        timings = {"read": (time.perf_counter() - t0) * 1000}
+        made = _make_result(state, asked, control, timings)
         request.environ[PROCESSED_KEY] = True
-        g.timings, g.bytes_out = timings, size
+        g.timings, g.bytes_out = timings, made.size
         timings["total"] = (time.perf_counter() - t0) * 1000
-        g.log.update(cached=cached, key=key[:16])
-
+        g.log.update(cached=made.cached, key=made.key[:16])
         if request.args.get("response") == "image":
-            if result_bytes is None:
-                result_bytes = state.storage.get(storage_key)
-                if result_bytes is None:
-                    raise StorageError(f"{key} vanished from storage")
-            return Response(result_bytes, mimetype=codecs.CONTENT_TYPES[out_format], headers={
-                "X-Instance-Id": config.instance_id,
-                "X-Result-Key": key,
-                "X-Cached": "true" if cached else "false",
-                "X-Timings": json.dumps({k: round(v, 2) for k, v in timings.items()}),
-            })
-        link = state.storage.link(storage_key, expires_in, config.public_url or request.host_url)
-        return jsonify({
-            "key": key,
-            "url": link.url,
-            "expires_at": _iso(link.expires_at),
-            "instance_id": config.instance_id,
-            "width": width,
-            "height": height,
-            "format": out_format,
-            "bytes": size,
-            "cached": cached,
-            "tiles": tiles,
-            "timings_ms": {k: round(v, 2) for k, v in timings.items()},
-        })
+            return _image_answer(state, made, timings)
+        return _link_answer(state, asked, made, timings)
 
-    @app.get("/results/<path:name>")
+    return routes
+
+
+def _decode_request(state: ServerState) -> _Asked:
+    """The form's fields checked and the upload read; a 4xx ApiError otherwise."""
+    if not (request.mimetype or "").startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type",
+                       "send multipart/form-data with an 'image' file field")
+    g.log["operation"] = (request.form.get("operation") or "steps")[:40]
+    upload = request.files.get("image")
+    if upload is None:
+        raise bad_request("missing_field", "the 'image' file field is required")
+    pipeline = parse_pipeline(state.registry, request.form.get("operation"),
+                              request.form.get("params"), request.form.get("steps"))
+    fmt = parse_format(request.form.get("format"))
+    options = parse_options(request.form.get, _int_field("quality", 1, 100))
+    expires_in = (_int_field("expires_in", 1, MAX_LINK_SECONDS) or state.config.link_ttl)
+    data = upload.read()
+    g.log.update(operation="+".join(pipeline.names), bytes=len(data))
+    return _Asked(data, pipeline, fmt, options, expires_in)
+
+
+def _make_result(state: ServerState, asked: _Asked, control: Control,
+                 timings: dict[str, float]) -> _Made:
+    """Probe and price the image, then find its result in storage or make and store it
+    (a tile for a peer is made, never stored). Adds the steps' times to ``timings``."""
+    config = state.config
+    info = codecs.probe(asked.data, config.max_pixels)
+    check_output_pixels(asked.pipeline, info.width, info.height, config.max_pixels)
+    cost = asked.pipeline.cost(info.width, info.height)
+    check_cost(cost, config.max_cost)
+    g.log["cost_s"] = round(cost.seconds, 3)
+    out_format = asked.fmt or codecs.output_format_for(info)
+    input_digest = hashlib.sha256(asked.data).hexdigest()
+    key = result_key(input_digest, asked.pipeline, out_format, asked.options)
+    storage_key = f"results/{key}"
+
+    # Only a peer of this fleet holds the credential (signing.py); any other value
+    # is an ordinary request, stored and encoded as asked.
+    is_tile = state.tile_credentials().accepts(request.headers.get(TILE_HEADER))
+    stored = None if is_tile else state.storage.head(storage_key)
+    if stored is not None and all(
+            DIGITS.fullmatch(str(stored.metadata.get(k, ""))) for k in ("width", "height")):
+        return _Made(key, out_format, int(stored.metadata["width"]),
+                     int(stored.metadata["height"]), stored.size, 1, True, None)
+    result = state.processor.run(
+        ProcessingJob(asked.data, info, asked.pipeline, out_format, asked.options,
+                      is_tile=is_tile, control=control))
+    timings.update(result.timings)
+    g.log.update(result.log)
+    if not is_tile:  # tiles are intermediate: nothing to keep
+        t5 = time.perf_counter()
+        _store(state, info, asked.data, input_digest, storage_key, result.data, out_format,
+               result.width, result.height, asked.pipeline)
+        timings["store"] = (time.perf_counter() - t5) * 1000
+    return _Made(key, out_format, result.width, result.height, len(result.data),
+                 result.tiles, False, result.data)
+
+
+def _image_answer(state: ServerState, made: _Made, timings: dict[str, float]) -> Response:
+    """``?response=image``: the result's bytes, its facts in headers."""
+    data = made.data
+    if data is None:
+        data = state.storage.get(f"results/{made.key}")
+        if data is None:
+            raise StorageError(f"{made.key} vanished from storage")
+    return Response(data, mimetype=codecs.CONTENT_TYPES[made.out_format], headers={
+        "X-Instance-Id": state.config.instance_id,
+        "X-Result-Key": made.key,
+        "X-Cached": "true" if made.cached else "false",
+        "X-Timings": json.dumps({k: round(v, 2) for k, v in timings.items()}),
+    })
+
+
+def _link_answer(state: ServerState, asked: _Asked, made: _Made,
+                 timings: dict[str, float]) -> Response:
+    """The JSON answer: an expiring link to the stored result and its facts."""
+    config = state.config
+    link = state.storage.link(f"results/{made.key}", asked.expires_in,
+                              config.public_url or request.host_url)
+    return jsonify(ProcessResult(
+        key=made.key,
+        url=link.url,
+        expires_at=datetime.fromtimestamp(link.expires_at, UTC),
+        instance_id=config.instance_id,
+        width=made.width,
+        height=made.height,
+        format=made.out_format,
+        bytes=made.size,
+        cached=made.cached,
+        tiles=made.tiles,
+        timings_ms={k: round(v, 2) for k, v in timings.items()},
+    ).model_dump(mode="json"))
+
+
+def _result_routes(state: ServerState) -> Blueprint:
+    """``GET /results/<name>``: a stored result behind a signed link (folder storage)."""
+    routes = Blueprint("results", __name__)
+
+    @routes.get("/results/<path:name>")
     def results(name: str):
         if not RESULT_NAME.fullmatch(name):
             raise ApiError(404, "not_found", "no such result")
@@ -452,3 +517,5 @@ def _register_routes(app: Flask, state: ServerState) -> None:
         return Response(data, mimetype=stored.content_type, headers={
             "Cache-Control": "private, max-age=300",
         })
+
+    return routes

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from server.api import ErrorBody
 
 
 @dataclass
@@ -22,8 +25,8 @@ class ApiError(Exception):
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
 
-    def to_json(self) -> dict[str, dict[str, str]]:
-        return {"error": {"code": self.code, "message": self.message}}
+    def to_json(self) -> dict[str, Any]:
+        return ErrorBody.of(self.code, self.message).model_dump(mode="json")
 
 
 def bad_request(code: str, message: str) -> ApiError:

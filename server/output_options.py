@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from server.api import parse_bool
 from server.errors import bad_request
 
 OutputFormat = Literal["png", "jpeg", "webp", "avif"]
@@ -24,7 +25,6 @@ DEFAULT_QUALITY = {"jpeg": 90, "webp": 90, "avif": 75}
 # Chroma subsampling applies where the encoder takes it (libjpeg, libavif); both default
 # to 4:2:0, as OpenCV and Pillow do.
 SUBSAMPLED_FORMATS = frozenset({"jpeg", "avif"})
-_TRUE, _FALSE = frozenset({"true", "1"}), frozenset({"false", "0"})
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,11 @@ def _choice(name: str, choices: tuple[str, ...]) -> Callable[[str], str]:
 
 def _bool(name: str) -> Callable[[str], bool]:
     def parse(raw: str) -> bool:
-        if raw.lower() not in _TRUE | _FALSE:
+        flag = parse_bool(raw)  # the words every parameter takes for true and false
+        if flag is None:
             raise bad_request("invalid_parameter",
                               f"'{name}' got {raw[:20]!r}; allowed: true or false")
-        return raw.lower() in _TRUE
+        return flag
 
     return parse
 

@@ -14,7 +14,7 @@ from typing import Any
 from server.cost import CostEstimate, estimate
 from server.errors import ApiError, bad_request
 from server.operations import Image, Operation, OperationInputError, Registry
-from server.params import ParamSet
+from server.params import ParamSet, parse_param
 
 MAX_STEPS = 20
 MAX_JSON_CHARS = 16_384
@@ -102,7 +102,8 @@ def parse_step(registry: Registry, name: Any, raw: Mapping[str, Any], where: str
             f"{where}{name}: unknown parameter {unknown[0][:40]!r}; valid parameters: {valid}",
         )
     values = tuple(
-        (spec.name, spec.parse(name, raw[spec.name]) if spec.name in raw else spec.default)
+        (spec.name, parse_param(name, spec, raw[spec.name]) if spec.name in raw
+         else spec.default)
         for spec in op.params
     )
     params = ParamSet(values)

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable
 from waitress.channel import HTTPChannel
 from waitress.task import ErrorTask
 
+from server.api import ErrorBody
+
 ERROR_CODES = {400: "bad_request", 413: "too_many_bytes", 431: "headers_too_large",
                500: "internal_error"}
 
@@ -24,7 +26,7 @@ class JsonErrorTask(ErrorTask):
         if error.code == 413:
             limit = self.channel.server.adj.max_request_body_size
             message = f"the request body is larger than {limit} bytes, the limit"
-        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        body = json.dumps(ErrorBody.of(code, message).model_dump(mode="json")).encode()
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
         self.set_close_on_finish()

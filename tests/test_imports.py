@@ -124,7 +124,7 @@ def test_no_cycle_among_module_level_imports():
 
 
 LIGHT_MODULES = ("server", "server.version", "server.tokens", "server.config", "server.errors",
-                 "server.signing", "fleet", "fleet.model", "gui")
+                 "server.signing", "server.api", "fleet", "fleet.model", "gui")
 
 
 def test_light_modules_import_neither_flask_nor_opencv():
@@ -150,3 +150,17 @@ def test_no_controller_imports_the_window_class():
                 assert not (node.module == "gui" and any(a.name == "app" for a in node.names))
             elif isinstance(node, ast.Import):
                 assert all(a.name != "gui.app" for a in node.names), path.name
+
+
+def test_the_wire_contract_imports_nothing_heavy():
+    """server.api is shared by the server, the fleet manager, the client and the command
+    line: no Flask, OpenCV, numpy or Tk behind it."""
+    import subprocess
+    import sys
+
+    code = ("import server.api, sys; heavy = [m for m in ('flask', 'werkzeug', 'cv2', 'numpy', "
+            "'tkinter', 'customtkinter', 'aiohttp') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"import server.api: {out.stderr}"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gui.client import ProcessResult
 from gui.imagecheck import check_headers, not_an_image
 from gui.naming import (
     OnConflict,
@@ -26,7 +27,6 @@ from gui.naming import (
 from gui.viewmodel.batch import (
     Batch,
     JobStatus,
-    ResultInfo,
     StaleChoice,
     can_retry,
     short_message,
@@ -138,9 +138,10 @@ def test_saved_files_get_the_usual_permissions(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- staleness
 
 
-def result() -> ResultInfo:
-    return ResultInfo("http://x/r", NOW + timedelta(hours=1), "w1", 0.25, 10, 10, "png",
-                      100, False)
+def result() -> ProcessResult:
+    return ProcessResult(key="", url="http://x/r", expires_at=NOW + timedelta(hours=1),
+                         instance_id="w1", width=10, height=10, format="png", bytes=100,
+                         cached=False, tiles=1, timings_ms={}, elapsed_s=0.25)
 
 
 def request(low: float = 100.0, *, fmt: str = "png", ttl: int = 3600) -> ProcessRequest:

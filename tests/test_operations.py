@@ -13,6 +13,7 @@ from conftest import IMAGES_DIR
 
 from server.errors import ApiError
 from server.operations import default_registry
+from server.params import parse_param
 from server.pipeline import parse_pipeline, parse_step
 
 IMAGES = IMAGES_DIR
@@ -323,4 +324,4 @@ def test_operations_schema_is_complete():
         for param in doc["params"]:
             assert param["type"] in ("int", "float", "bool", "choice")
             spec = next(p for p in op.params if p.name == param["name"])
-            assert spec.parse(op.name, param["default"]) == param["default"]
+            assert parse_param(op.name, spec, param["default"]) == param["default"]

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from gui import client as api
+from gui.client import ProcessResult
 from gui.connection import (
     choose_admin_endpoint,
     choose_admin_token,
@@ -45,7 +46,6 @@ from gui.settings import (
 from gui.viewmodel.batch import (
     Batch,
     JobStatus,
-    ResultInfo,
     order_depends_on_state,
     order_ids,
     phase_fraction,
@@ -361,8 +361,10 @@ def test_result_filenames() -> None:
 # --------------------------------------------------------------------------- batch
 
 
-def result(url: str = "http://x/r") -> ResultInfo:
-    return ResultInfo(url, NOW + timedelta(hours=1), "w1", 0.25, 10, 10, "png", 100, False)
+def result(url: str = "http://x/r") -> ProcessResult:
+    return ProcessResult(key="", url=url, expires_at=NOW + timedelta(hours=1),
+                         instance_id="w1", width=10, height=10, format="png", bytes=100,
+                         cached=False, tiles=1, timings_ms={}, elapsed_s=0.25)
 
 
 def batch_of(*names: str) -> Batch:
@@ -560,10 +562,10 @@ def test_fleet_rows_totals_and_events_from_the_client_types() -> None:
     assert "replaced" in lines[0] and "launched" in lines[1]
 
 
-def test_fleet_rows_accept_the_json_shape_too() -> None:
-    rows = fleet_rows([{"id": "i-1", "state": "running", "health": "draining",
-                        "address": "10.0.0.1:8080", "inflight": 1,
-                        "launched_at": "2026-11-23T11:00:00Z"}], NOW)
+def test_fleet_rows_from_the_json_shape_as_the_client_validates_it() -> None:
+    rows = fleet_rows([api.FleetInstance.model_validate({
+        "id": "i-1", "state": "running", "health": "draining", "address": "10.0.0.1:8080",
+        "inflight": 1, "launched_at": "2026-11-23T11:00:00Z"})], NOW)
     assert rows[0].uptime == "1h 00m"
 
 

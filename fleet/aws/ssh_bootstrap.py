@@ -61,7 +61,8 @@ HOST_KEY_TYPES = frozenset({
 # What the server imports; versions come from requirements.txt (one source of truth).
 SERVER_PACKAGES = ("numpy", "opencv-python-headless", "pillow", "flask", "waitress", "boto3")
 # What ``python -m fleet run`` imports (the manager host's venv; no GUI, no OpenCV).
-MANAGER_PACKAGES = ("aiohttp", "boto3", "paramiko", "cryptography")
+# pydantic: the wire contract (server/api.py) the manager answers GET /fleet with
+MANAGER_PACKAGES = ("aiohttp", "boto3", "paramiko", "cryptography", "pydantic")
 OUTPUT_TAIL_BYTES = 64 * 1024
 
 

@@ -41,8 +41,9 @@ Behaviour:
   507 insufficient storage, ...). Retrying ``POST /process`` is harmless: the
   server's result key is derived from the input, pipeline and format, so a repeat
   is a cache hit.
-* **Validated answers**: every JSON answer is parsed into frozen dataclasses; a
-  missing or mistyped field raises :class:`InvalidResponse` naming the field.
+* **Validated answers**: every JSON answer is validated into the frozen wire models of
+  :mod:`server.api`; a missing or mistyped field raises :class:`InvalidResponse`
+  naming the field.
 * **Checked downloads**: the byte count must match ``Content-Length`` (and the
   result's ``bytes`` when known) and the bytes must decode as an image (Pillow).
 * **Progress**: an optional callback receives :class:`ProgressEvent` values
@@ -98,7 +99,6 @@ from gui.client.models import (
     FleetEvent,
     FleetInstance,
     FleetState,
-    Health,
     Job,
     JobOutcome,
     Load,
@@ -108,6 +108,7 @@ from gui.client.models import (
     ProcessResult,
     ProgressCallback,
     ProgressEvent,
+    ServerHealth,
 )
 from gui.client.parsing import parse_fleet, parse_health, parse_operations, parse_process_result
 from gui.client.retry import (
@@ -131,7 +132,6 @@ __all__ = [
     "FleetEvent",
     "FleetInstance",
     "FleetState",
-    "Health",
     "ImageFleetClient",
     "InvalidRequest",
     "InvalidResponse",
@@ -149,6 +149,7 @@ __all__ = [
     "RetryPolicy",
     "RetryStep",
     "ServerError",
+    "ServerHealth",
     "Timeout",
     "TransportError",
     "backoff_delay",

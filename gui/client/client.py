@@ -34,20 +34,20 @@ from gui.client.errors import (
 )
 from gui.client.models import (
     FleetState,
-    Health,
     Job,
     JobOutcome,
     OperationSpec,
     ProcessResult,
     ProgressCallback,
+    ServerHealth,
     _Reporter,
 )
 from gui.client.parsing import (
-    _Fields,
     parse_fleet,
     parse_health,
     parse_operations,
     parse_process_result,
+    validate,
 )
 from gui.client.retry import (
     AdaptiveConcurrency,
@@ -57,7 +57,13 @@ from gui.client.retry import (
     is_backpressure,
     next_retry,
 )
-from gui.client.transport import _mapped_transport_errors, _read_json, _server_error, pinned_context
+from gui.client.transport import (
+    _json_answer,
+    _mapped_transport_errors,
+    _server_error,
+    pinned_context,
+)
+from server.api import ScaleAnswer, TerminateAnswer
 
 log = logging.getLogger(__name__)
 
@@ -221,37 +227,23 @@ class ImageFleetClient:
             await asyncio.sleep(step.delay)
             attempt += 1
 
-    async def _get_json(self, path: str) -> dict[str, Any]:
+    async def _call_json(self, method: str, path: str, payload: Any = None) -> dict[str, Any]:
+        """One API call with retries: send (``payload`` as a JSON body, if any), raise
+        ServerError on an error status, return the JSON object answered."""
         url = self._url(path)
-        what = f"GET {url}"
+        what = f"{method} {url}"
 
         async def once(_attempt: int) -> dict[str, Any]:
-            async with self._http.get(url, headers=self._headers(url),
-                                      ssl=self._tls(url)) as resp:
-                if resp.status >= 400:
-                    raise await _server_error(resp)
-                return await _read_json(resp, what)
-
-        body, _ = await self._with_retries(what, once)
-        return body
-
-    async def _post_json(self, path: str, payload: Any) -> dict[str, Any]:
-        url = self._url(path)
-        what = f"POST {url}"
-
-        async def once(_attempt: int) -> dict[str, Any]:
-            async with self._http.post(url, json=payload, headers=self._headers(url),
-                                       ssl=self._tls(url)) as resp:
-                if resp.status >= 400:
-                    raise await _server_error(resp)
-                return await _read_json(resp, what)
+            async with self._http.request(method, url, json=payload, headers=self._headers(url),
+                                          ssl=self._tls(url)) as resp:
+                return await _json_answer(resp, what)
 
         body, _ = await self._with_retries(what, once)
         return body
 
     # -- API
 
-    async def health(self, *, retry: bool = False) -> Health:
+    async def health(self, *, retry: bool = False) -> ServerHealth:
         """``GET /health``. A draining server (503 with a health body) is returned, not raised.
 
         One attempt by default, since health is usually polled; ``retry=True`` applies
@@ -274,16 +266,14 @@ class ImageFleetClient:
                         if isinstance(body, dict) and "status" in body:
                             return body
                     raise await _server_error(resp)
-                if resp.status >= 400:
-                    raise await _server_error(resp)
-                return await _read_json(resp, what)
+                return await _json_answer(resp, what)
 
         body, _ = await self._with_retries(what, once, policy=policy)
         return parse_health(body)
 
     async def operations(self) -> list[OperationSpec]:
         """``GET /operations``: what the servers can do and each parameter's type and range."""
-        return parse_operations(await self._get_json("/operations"))
+        return parse_operations(await self._call_json("GET", "/operations"))
 
     async def process(
         self,
@@ -357,9 +347,7 @@ class ImageFleetClient:
             body = _multipart(fields, data, filename, on_sent, self.timeout.read)
             async with self._http.post(url, data=body, headers=self._headers(url),
                                        ssl=self._tls(url)) as resp:
-                if resp.status >= 400:
-                    raise await _server_error(resp)
-                return await _read_json(resp, what)
+                return await _json_answer(resp, what)
 
         body, attempts = await self._with_retries(what, once, on_retry=report.retrying)
         return parse_process_result(
@@ -512,12 +500,12 @@ class ImageFleetClient:
 
     async def fleet(self) -> FleetState:
         """``GET /fleet`` on the fleet's admin address (the local gateway)."""
-        return parse_fleet(await self._get_json("/fleet"))
+        return parse_fleet(await self._call_json("GET", "/fleet"))
 
     async def fleet_metrics(self, seconds: int = 900) -> dict[str, Any]:
         """``GET /fleet/metrics?seconds=N``: the manager's rolling window (samples,
         alerts, the events behind them) as the JSON the fleet sent."""
-        body = await self._get_json(f"/fleet/metrics?seconds={int(seconds)}")
+        body = await self._call_json("GET", f"/fleet/metrics?seconds={int(seconds)}")
         if not isinstance(body, dict) or not isinstance(body.get("samples"), list):
             raise InvalidResponse("GET /fleet/metrics answer is not a metrics window")
         return body
@@ -531,8 +519,8 @@ class ImageFleetClient:
         """
         if isinstance(desired, bool) or not isinstance(desired, int) or desired < 0:
             raise InvalidRequest(f"desired must be a whole number >= 0, got {desired!r}")
-        body = await self._post_json("/fleet/scale", {"desired": desired})
-        return _Fields(body, "POST /fleet/scale answer").int("desired")
+        body = await self._call_json("POST", "/fleet/scale", {"desired": desired})
+        return validate(ScaleAnswer, body, "POST /fleet/scale answer").desired
 
     async def terminate(self, instance_id: str) -> str:
         """``POST /fleet/instances/<id>/terminate``; returns the fleet's status for it.
@@ -543,8 +531,9 @@ class ImageFleetClient:
         if not instance_id:
             raise InvalidRequest("instance_id must not be empty")
         path = f"/fleet/instances/{quote(instance_id, safe='')}/terminate"
-        body = await self._post_json(path, {})
-        return _Fields(body, "POST /fleet/instances/<id>/terminate answer").str("status")
+        body = await self._call_json("POST", path, {})
+        return validate(TerminateAnswer, body,
+                        "POST /fleet/instances/<id>/terminate answer").status
 
 
 def _raise_worker_bug(workers: Iterable[asyncio.Task[None]]) -> None:

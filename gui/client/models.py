@@ -1,146 +1,53 @@
-"""What the client returns: operations, results, health, the fleet, jobs and progress."""
+"""What the client returns: the wire models of :mod:`server.api` (operations, results,
+health, the fleet), re-exported, and what is the client's own: jobs, outcomes, progress."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from gui.client.errors import ClientError
+from server import api
+from server.api import (
+    FleetEvent,
+    FleetInstance,
+    FleetState,
+    Load,
+    OperationSpec,
+    ParamSpec,
+    ServerHealth,
+)
+
+__all__ = [
+    "FleetEvent",
+    "FleetInstance",
+    "FleetState",
+    "Job",
+    "JobOutcome",
+    "Load",
+    "OperationSpec",
+    "ParamSpec",
+    "Phase",
+    "ProcessResult",
+    "ProgressCallback",
+    "ProgressEvent",
+    "ServerHealth",
+]
 
 log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """One parameter of an operation, as ``GET /operations`` describes it.
 
-    ``type`` is ``"int"``, ``"float"``, ``"bool"`` or ``"choice"``; ``min``/``max``
-    bound numbers; ``choices`` lists the allowed values of a ``choice``; ``odd`` marks
-    integers that must be odd (kernel sizes); ``description`` is help text.
-    """
+class ProcessResult(api.ProcessResult):
+    """The answer to ``POST /process`` (:class:`server.api.ProcessResult`) plus what
+    this client measured: ``elapsed_s`` is the wall time it spent (all attempts),
+    ``attempts`` the number of HTTP attempts made. A relative ``url`` has been joined
+    to the endpoint."""
 
-    name: str
-    type: str
-    default: Any
-    min: float | None = None
-    max: float | None = None
-    choices: tuple[Any, ...] | None = None
-    odd: bool = False
-    description: str = ""
-
-
-@dataclass(frozen=True)
-class OperationSpec:
-    """One operation the servers offer."""
-
-    name: str
-    title: str
-    description: str
-    params: tuple[ParamSpec, ...]
-    tileable: bool
-
-    def param(self, name: str) -> ParamSpec | None:
-        """The parameter called ``name``, or None."""
-        return next((p for p in self.params if p.name == name), None)
-
-
-@dataclass(frozen=True)
-class ProcessResult:
-    """The answer to ``POST /process``.
-
-    ``url`` is the (expiring) link to the result, ``expires_at`` is timezone-aware.
-    ``bytes`` is the result's size, ``tiles`` is 1 unless the server tiled the image,
-    ``timings_ms`` are the server's own timings. ``elapsed_s`` is the wall time this
-    client spent (all attempts), ``attempts`` the number of HTTP attempts made.
-    """
-
-    key: str
-    url: str
-    expires_at: datetime
-    instance_id: str
-    width: int
-    height: int
-    format: str
-    bytes: int
-    cached: bool
-    tiles: int
-    timings_ms: Mapping[str, float] = field(hash=False)
-    elapsed_s: float
+    elapsed_s: float = 0.0
     attempts: int = 1
-
-
-@dataclass(frozen=True)
-class Load:
-    """How loaded an instance is, from ``GET /health``'s ``load`` object.
-
-    ``busy`` of ``slots`` processing slots are working, ``queued`` requests wait
-    (at most ``queue_limit``; beyond that the instance answers 503 ``overloaded``),
-    ``completed`` counts finished requests since start.
-    """
-
-    busy: int
-    slots: int
-    queued: int
-    queue_limit: int
-    completed: int
-
-
-@dataclass(frozen=True)
-class Health:
-    """The answer to ``GET /health`` (``status`` is ``"ok"`` or ``"draining"``).
-
-    ``load`` is None from a server that does not report it.
-    """
-
-    status: str
-    instance_id: str
-    inflight: int
-    processed: int
-    uptime_s: float
-    version: str
-    load: Load | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-
-@dataclass(frozen=True)
-class FleetInstance:
-    """One instance in ``GET /fleet`` (``health`` is an ALB target state)."""
-
-    id: str
-    state: str
-    health: str
-    address: str | None
-    inflight: int
-    launched_at: datetime | None
-
-
-@dataclass(frozen=True)
-class FleetEvent:
-    """One entry of the fleet's event log."""
-
-    at: datetime | None
-    kind: str
-    instance_id: str | None
-    message: str
-
-
-@dataclass(frozen=True)
-class FleetState:
-    """The answer to ``GET /fleet``."""
-
-    name: str
-    provider: str
-    desired: int
-    min: int
-    max: int
-    instances: tuple[FleetInstance, ...]
-    events: tuple[FleetEvent, ...]
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,13 @@ async def _server_error(resp: aiohttp.ClientResponse) -> ServerError:
     return ServerError(resp.status, code, message, retry_after=retry_after)
 
 
+async def _json_answer(resp: aiohttp.ClientResponse, what: str) -> dict[str, Any]:
+    """The JSON object of a success answer; ServerError for an error status."""
+    if resp.status >= 400:
+        raise await _server_error(resp)
+    return await _read_json(resp, what)
+
+
 async def _read_json(resp: aiohttp.ClientResponse, what: str) -> dict[str, Any]:
     raw = await resp.read()
     try:

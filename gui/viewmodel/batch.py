@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 
+from gui.client.models import ProcessResult
 from gui.viewmodel.formatting import format_elapsed
 from gui.viewmodel.requests import ProcessRequest
 from server.limits import IMAGE_SUFFIXES
@@ -54,20 +54,6 @@ def phase_fraction(phase: str, fraction: float) -> float:
 
 
 @dataclass(frozen=True)
-class ResultInfo:
-    url: str
-    expires_at: datetime | None
-    instance_id: str
-    elapsed_s: float
-    width: int
-    height: int
-    format: str
-    bytes: int
-    cached: bool
-    key: str = ""
-
-
-@dataclass(frozen=True)
 class ImageJob:
     id: int
     path: Path
@@ -75,9 +61,9 @@ class ImageJob:
     progress: float = 0.0
     message: str = ""
     ticket: int = 0  # bumped on every (re)start so late events of an older run are ignored
-    result: ResultInfo | None = None
+    result: ProcessResult | None = None
     folder: str = ""  # the sub-folder it was found in below a folder added with its sub-folders
-    outputs: tuple[tuple[str, ResultInfo], ...] = ()  # a recipe's results, by output name
+    outputs: tuple[tuple[str, ProcessResult], ...] = ()  # a recipe's results, by output name
     label: str = ""  # the request's label when the result was made
     made_with: ProcessRequest | None = None  # the request the result was made with
     stale: bool = False  # done, but the current settings would make another result
@@ -300,9 +286,9 @@ class Batch:
                           progress=max(job.progress, phase_fraction(phase, fraction)))
         return self._set(job)
 
-    def finish(self, job_id: int, ticket: int, result: ResultInfo,
+    def finish(self, job_id: int, ticket: int, result: ProcessResult,
                label: str = "", made_with: ProcessRequest | None = None,
-               outputs: tuple[tuple[str, ResultInfo], ...] = ()) -> ImageJob | None:
+               outputs: tuple[tuple[str, ProcessResult], ...] = ()) -> ImageJob | None:
         job = self._current(job_id, ticket)
         if job is None:
             return None
@@ -312,9 +298,9 @@ class Batch:
                                  stale=made_with is not None
                                  and not made_with.same_output(self.current)))
 
-    def restore(self, job_id: int, result: ResultInfo, label: str,
+    def restore(self, job_id: int, result: ProcessResult, label: str,
                 made_with: ProcessRequest,
-                outputs: tuple[tuple[str, ResultInfo], ...] = ()) -> ImageJob | None:
+                outputs: tuple[tuple[str, ProcessResult], ...] = ()) -> ImageJob | None:
         """A result made before (a resumed batch's done image), outside any run."""
         job = self._jobs.get(job_id)
         if job is None or job.status in IN_RUN:

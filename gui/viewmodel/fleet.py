@@ -1,4 +1,5 @@
-"""The Fleet view's rows, totals and event lines, from the fleet admin's state."""
+"""The Fleet view's rows, totals and event lines, from the fleet admin's state
+(``GET /fleet`` as the client validated it)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any
+
+from server.api import FleetEvent, FleetInstance, FleetState
 
 HEALTH_COLOURS: Mapping[str, tuple[str, str]] = MappingProxyType({
     # (light mode, dark mode)
@@ -41,27 +43,6 @@ class FleetTotals:
                 f"min {self.minimum} · max {self.maximum}")
 
 
-def _field(obj: Any, name: str, default: Any = None) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
-def as_datetime(value: Any) -> datetime | None:
-    """A timestamp from the API (datetime, ISO 8601 text or epoch seconds), as aware UTC."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    if isinstance(value, int | float):
-        return datetime.fromtimestamp(value, UTC)
-    try:
-        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     if seconds < 60:
@@ -76,41 +57,36 @@ def format_duration(seconds: float) -> str:
     return f"{days}d {hours:02d}h"
 
 
-def fleet_rows(instances: Iterable[Any], now: datetime) -> list[FleetRow]:
-    rows = []
-    for inst in instances:
-        launched = as_datetime(_field(inst, "launched_at"))
-        rows.append(FleetRow(
-            id=str(_field(inst, "id", "?")),
-            state=str(_field(inst, "state", "?")),
-            health=str(_field(inst, "health", "?")),
-            address=str(_field(inst, "address", "") or "—"),
-            inflight=int(_field(inst, "inflight", 0) or 0),
-            uptime=format_duration((now - launched).total_seconds()) if launched else "—",
-        ))
+def fleet_rows(instances: Iterable[FleetInstance], now: datetime) -> list[FleetRow]:
+    rows = [FleetRow(
+        id=inst.id,
+        state=inst.state,
+        health=inst.health,
+        address=inst.address or "—",
+        inflight=inst.inflight or 0,
+        uptime=(format_duration((now - inst.launched_at).total_seconds())
+                if inst.launched_at else "—"),
+    ) for inst in instances]
     return sorted(rows, key=lambda r: r.id)
 
 
-def fleet_totals(state: Any) -> FleetTotals:
-    instances = list(_field(state, "instances", []) or [])
+def fleet_totals(state: FleetState) -> FleetTotals:
     return FleetTotals(
-        healthy=sum(1 for i in instances if _field(i, "health") == "healthy"),
-        desired=int(_field(state, "desired", 0) or 0),
-        minimum=int(_field(state, "min", _field(state, "minimum", 0)) or 0),
-        maximum=int(_field(state, "max", _field(state, "maximum", 0)) or 0),
+        healthy=sum(1 for i in state.instances if i.health == "healthy"),
+        desired=state.desired,
+        minimum=state.min,
+        maximum=state.max,
     )
 
 
-def event_lines(events: Iterable[Any], limit: int = 200) -> list[str]:
+def event_lines(events: Iterable[FleetEvent], limit: int = 200) -> list[str]:
     """Newest first, one line each: time, kind, instance, message."""
     lines = []
     for event in events:
-        at = as_datetime(_field(event, "at"))
-        when = at.astimezone().strftime("%H:%M:%S") if at else "--:--:--"
-        instance = _field(event, "instance_id") or "-"
-        lines.append((at or datetime.min.replace(tzinfo=UTC),
-                      f"{when}  {_field(event, 'kind', ''):<18} {instance:<14} "
-                      f"{_field(event, 'message', '')}"))
+        when = event.at.astimezone().strftime("%H:%M:%S") if event.at else "--:--:--"
+        instance = event.instance_id or "-"
+        lines.append((event.at or datetime.min.replace(tzinfo=UTC),
+                      f"{when}  {event.kind:<18} {instance:<14} {event.message}"))
     lines.sort(key=lambda pair: pair[0], reverse=True)
     return [text for _, text in lines[:limit]]
 

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from server.api import format_number, parse_bool
+
 SLIDER_MAX_INT_STEPS = 1000  # wider integer ranges get a spinbox: a slider would be too coarse
 FLOAT_SLIDER_POSITIONS = 200  # at least this many positions on a float slider
 MAX_SLIDER_STEPS = 100_000
@@ -131,7 +133,7 @@ def coerce_value(spec: ControlSpec, raw: Any) -> Any:
     what is allowed. Slider floats are rounded to the slider's resolution."""
     if spec.value_type == "bool":
         if isinstance(raw, str):
-            return raw.strip().lower() in ("1", "true", "yes", "on")
+            return parse_bool(raw) is True  # the server's words for true
         return bool(raw)
     if spec.value_type == "choice":
         value = str(raw)
@@ -167,16 +169,12 @@ def coerce_value(spec: ControlSpec, raw: Any) -> Any:
 def _range_text(spec: ControlSpec) -> str:
     low, high = spec.minimum, spec.maximum
     if low is not None and high is not None:
-        return f" from {_num(low)} to {_num(high)}"
+        return f" from {format_number(low)} to {format_number(high)}"
     if low is not None:
-        return f" of at least {_num(low)}"
+        return f" of at least {format_number(low)}"
     if high is not None:
-        return f" of at most {_num(high)}"
+        return f" of at most {format_number(high)}"
     return ""
-
-
-def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def format_value(spec: ControlSpec, value: Any) -> str:

@@ -10,6 +10,7 @@ import customtkinter as ctk
 
 from gui.viewmodel.fleet import HEALTH_COLOURS, event_lines, fleet_rows, fleet_totals
 from gui.views.widgets import CARD, ERROR, MUTED, heading
+from server.api import FleetState
 
 COLUMNS = (("id", "Instance", 220), ("state", "State", 120), ("health", "Health", 120),
            ("address", "Address", 220), ("inflight", "In flight", 100), ("uptime", "Uptime", 120))
@@ -106,10 +107,9 @@ class FleetView(ctk.CTkFrame):
             self.charts.redraw()
 
     # -- state
-    def show_state(self, state: Any, now: datetime) -> None:
+    def show_state(self, state: FleetState, now: datetime) -> None:
         totals = fleet_totals(state)
-        provider = getattr(state, "provider", "")
-        name = getattr(state, "name", "")
+        provider, name = state.provider, state.name
         self.title.configure(text=f"Fleet · {name} ({provider})" if name else "Fleet")
         self.totals.configure(text=totals.text, text_color=("gray10", "gray90"))
         if not self._editing_desired():

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
+from server.api import OperationSpec
 from server.params import ParamSpec
 
 Params = Mapping[str, Any]
@@ -62,14 +63,13 @@ class Operation:
             return width, height
         return self.output_size(width, height, params)
 
+    def spec(self) -> OperationSpec:
+        """What ``GET /operations`` says about this operation."""
+        return OperationSpec(name=self.name, title=self.title, description=self.description,
+                             params=self.params, tileable=self.tileable)
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "title": self.title,
-            "description": self.description,
-            "params": [p.to_json() for p in self.params],
-            "tileable": self.tileable,
-        }
+        return self.spec().model_dump(mode="json")
 
     def apply(self, image: Image, params: Params) -> Image:
         """Run the operation, handling the alpha channel per the operation's policy."""

@@ -164,3 +164,99 @@ def test_the_wire_contract_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"import server.api: {out.stderr}"
+
+
+# --------------------------------------------------------------------------- what a host installs
+
+def _third_party(modules: dict[str, Path], start: set[str], *, lazy: bool) -> dict[str, str]:
+    """Top-level names of the non-project, non-stdlib modules imported by ``start`` and
+    every project module they import (function-level imports too when ``lazy``), each
+    with one project module that imports it."""
+    import sys
+
+    top, inner = _imports(modules)
+    seen, todo, found = set(), list(start), {}
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        todo.extend(top[module] | (inner[module] if lazy else set()))
+        tree = ast.parse(modules[module].read_text(encoding="utf-8"))
+        for node in ast.walk(tree) if lazy else _module_level(tree.body):
+            if isinstance(node, ast.Import | ast.ImportFrom) and not getattr(node, "level", 0):
+                for name in ([a.name for a in node.names] if isinstance(node, ast.Import)
+                             else [node.module or ""]):
+                    head = name.split(".")[0]
+                    if head and _resolve(name, modules) is None \
+                            and head not in sys.stdlib_module_names:
+                        found.setdefault(head, module)
+    return found
+
+
+def _module_level(nodes) -> list[ast.AST]:
+    out = []
+    for node in nodes:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            continue
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            continue
+        out.extend(ast.walk(node))
+    return out
+
+
+def _installed_with(packages: tuple[str, ...]) -> set[str]:
+    """The distributions installing ``packages`` brings (their requirements, transitively,
+    extras left out), names normalised."""
+    import re
+    from importlib.metadata import PackageNotFoundError, requires
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    result, todo = set(), [norm(p) for p in packages]
+    while todo:
+        name = todo.pop()
+        if name in result:
+            continue
+        result.add(name)
+        try:
+            needs = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        todo.extend(norm(re.split(r"[\s\[<>=!~;(]", r, maxsplit=1)[0])
+                    for r in needs if "extra ==" not in r)
+    return result
+
+
+def _missing(imported: dict[str, str], packages: tuple[str, ...]) -> list[str]:
+    import re
+    from importlib.metadata import packages_distributions
+
+    dists = packages_distributions()
+    have = _installed_with(packages)
+    return sorted(f"{name} (imported by {module}; distribution {', '.join(dists.get(name, ['?']))})"
+                  for name, module in imported.items()
+                  if not {re.sub(r"[-_.]+", "-", d).lower() for d in dists.get(name, [name])}
+                  & have)
+
+
+def test_a_workers_requirements_cover_everything_the_server_imports():
+    """An EC2 worker installs SERVER_PACKAGES only (not the app's requirements): every
+    module ``python -m server`` may import, lazily too, must come with them."""
+    from fleet.aws.ssh_bootstrap import SERVER_PACKAGES
+
+    modules = _modules()
+    imported = _third_party(modules, {"server.__main__"}, lazy=True)
+    assert "flask" in imported and "cv2" in imported  # the walk sees the lazy imports
+    assert not _missing(imported, SERVER_PACKAGES), _missing(imported, SERVER_PACKAGES)
+
+
+def test_the_managers_requirements_cover_what_python_m_fleet_run_imports():
+    """The manager host installs MANAGER_PACKAGES: what ``python -m fleet run`` imports
+    when it loads (the AWS entry point and the modules it loads at start)."""
+    from fleet.aws.ssh_bootstrap import MANAGER_PACKAGES
+
+    modules = _modules()
+    imported = _third_party(modules, {"fleet.__main__", "fleet.aws.main"}, lazy=False)
+    assert not _missing(imported, MANAGER_PACKAGES), _missing(imported, MANAGER_PACKAGES)

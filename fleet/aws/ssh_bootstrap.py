@@ -59,10 +59,16 @@ HOST_KEY_TYPES = frozenset({
     "ssh-rsa",
 })
 # What the server imports; versions come from requirements.txt (one source of truth).
-SERVER_PACKAGES = ("numpy", "opencv-python-headless", "pillow", "flask", "waitress", "boto3")
+# What ``python -m server`` imports, lazily too (tests/test_imports.py walks it): an EC2
+# worker installs these lines of requirements.txt and nothing else.
+SERVER_PACKAGES = ("numpy", "opencv-python-headless", "pillow", "pillow-heif", "simplejpeg",
+                   "flask", "waitress", "gunicorn", "boto3", "prometheus-client",
+                   "pydantic", "pydantic-settings")
 # What ``python -m fleet run`` imports (the manager host's venv; no GUI, no OpenCV).
 # pydantic: the wire contract (server/api.py) the manager answers GET /fleet with
-MANAGER_PACKAGES = ("aiohttp", "boto3", "paramiko", "cryptography", "pydantic")
+# pydantic-settings: the fleet spec's and the server config's validation (server/settings.py)
+MANAGER_PACKAGES = ("aiohttp", "boto3", "paramiko", "cryptography", "pydantic",
+                    "pydantic-settings")
 OUTPUT_TAIL_BYTES = 64 * 1024
 
 

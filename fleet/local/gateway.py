@@ -93,6 +93,7 @@ from fleet.admin import (
     server_name_hook,
 )
 from fleet.model import FleetSpec, Health
+from server.api import ErrorBody
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ def raw_json_response(status: int, code: str, message: str,
                       headers: tuple[tuple[str, str], ...] = ()) -> bytes:
     """A complete ``Connection: close`` HTTP/1.1 answer, for connections that never get
     as far as aiohttp's request handling."""
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = ErrorBody.of(code, message).model_dump_json().encode()
     lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "Content-Type: application/json",
              f"Content-Length: {len(body)}", "Connection: close", f"Server: {SERVER_NAME}",
              *(f"{k}: {v}" for k, v in headers)]

@@ -17,12 +17,14 @@
 # Tests (no root, no systemd):
 #   manager_setup.sh --no-systemd --prefix DIR --source DIR --config FILE
 #       [--venv EXISTING_VENV] [--python PYTHON] [--health-timeout N]
-#   copies the code to PREFIX/app, uses EXISTING_VENV as is (no pip, no network) or
+#   installs the code in PREFIX/app, uses EXISTING_VENV as is (no network) or
 #   creates PREFIX/venv, starts the manager in the background (PREFIX/manager.pid,
 #   PREFIX/manager.log) and waits for /fleet/ping.
 #
-# SOURCE holds fleet/, server/, scripts/ and the requirements files (the bundle built by
-# fleet.aws.ssh_bootstrap.build_manager_bundle). Exit codes: 0 answering; 1 failed (the reason is
+# SOURCE holds the project's wheel (imagefleet-VERSION-py3-none-any.whl), scripts/ and the
+# requirements files (the bundle built by fleet.aws.ssh_bootstrap.build_manager_bundle).
+# The wheel is installed, offline and without dependencies, into PREFIX/app (pip
+# --target) and kept there: the manager puts it into the workers' bundles as is. Exit codes: 0 answering; 1 failed (the reason is
 # on stderr); 2 usage.
 set -euo pipefail
 
@@ -60,8 +62,9 @@ done
 [[ -n "$source_dir" ]] || usage "--source DIR is required"
 [[ -n "$config" ]] || usage "--config FILE is required (the fleet config)"
 [[ -f "$config" ]] || die "no fleet config at $config"
-[[ -f "$source_dir/fleet/__main__.py" && -f "$source_dir/manager-requirements.txt" ]] \
-    || die "$source_dir does not hold the manager bundle (fleet/, manager-requirements.txt)"
+[[ -f "$source_dir/manager-requirements.txt" && -f "$source_dir/requirements.txt" ]] \
+    || die "$source_dir does not hold the manager bundle (wheel, requirements files)"
+wheel=$(find_wheel "$source_dir")
 [[ "$health_timeout" =~ ^[0-9]+$ ]] || usage "--health-timeout must be whole seconds"
 [[ -z "$region" || "$region" =~ ^[a-z]{2}(-[a-z]+)+-[0-9]+$ ]] \
     || usage "--region must be a region name like eu-west-1 (got '$region')"
@@ -82,7 +85,9 @@ fi
 config_field() {
     local python="$python_bin"
     [[ -x "$venv/bin/python" ]] && python="$venv/bin/python"
-    PYTHONPATH="$source_dir" "$python" - "$config" "$1" <<'EOF'
+    # A pure-Python wheel is a zip archive Python imports from directly: the config is
+    # checked with the code about to be installed, before (or without) installing it.
+    PYTHONPATH="$wheel" "$python" - "$config" "$1" <<'EOF'
 import sys
 from fleet.aws.config import ConfigError, load_config
 try:
@@ -95,15 +100,15 @@ EOF
 
 install_code() {
     local app="$prefix/app" item
-    rm -rf "$app.new"
-    mkdir -p "$app.new/scripts"
-    for item in fleet server requirements.txt manager-requirements.txt; do
-        cp -R "$source_dir/$item" "$app.new/$item"
+    # The wheel brings scripts/remote_setup.sh and setup_common.sh (package data), which
+    # the manager bundles for the workers it bootstraps.
+    install_wheel_tree "$app.new" "$wheel"
+    # Kept next to the code: the workers' bundles carry this wheel, so the manager host
+    # needs neither the sources nor setuptools.
+    for item in "$wheel" "$source_dir/requirements.txt" "$source_dir/manager-requirements.txt"
+    do
+        cp "$item" "$app.new/"
     done
-    # The manager bundles remote_setup.sh (and what it sources) for the workers it
-    # bootstraps.
-    cp "$source_dir/scripts/remote_setup.sh" "$source_dir/scripts/manager_setup.sh" \
-        "$source_dir/scripts/setup_common.sh" "$app.new/scripts/"
     swap_in_tree "$app"
 }
 
@@ -188,8 +193,9 @@ EOF
 setup_systemd() {
     ensure_system_user "$service_user"
     mkdir -p "$prefix" /etc/imagefleet
+    # The venv first: its pip installs the wheel.
+    ensure_venv "$source_dir/manager-requirements.txt"
     install_code
-    ensure_venv "$prefix/app/manager-requirements.txt"
     local config_file=/etc/imagefleet/manager.json
     local unit=/etc/systemd/system/imagefleet-manager.service new_unit
     new_unit=$(render_unit "$config_file")
@@ -208,8 +214,8 @@ setup_systemd() {
 }
 
 setup_background() {
+    ensure_venv "$source_dir/manager-requirements.txt"
     install_code
-    ensure_venv "$prefix/app/manager-requirements.txt"
     stop_pid_file "$prefix/manager.pid" 30 manager
     local state_dir
     state_dir=$(config_field state_dir)

@@ -12,7 +12,7 @@
 # Tests (no root, no systemd):
 #   remote_setup.sh --no-systemd --prefix DIR --source DIR [--venv EXISTING_VENV] \
 #       [--python PYTHON] [--port PORT] [--storage LOCATION]
-#   copies the code to PREFIX/app, uses EXISTING_VENV as is (no pip, no network) or
+#   installs the code in PREFIX/app, uses EXISTING_VENV as is (no network) or
 #   creates PREFIX/venv, starts `python -m server` in the background (PREFIX/server.pid,
 #   PREFIX/server.log) and waits for /health.
 #
@@ -20,8 +20,10 @@
 # SecureString and reads it itself at start and every minute (instance role
 # credentials); only the name passes through here, never the value.
 #
-# SOURCE holds server/, requirements.txt and scripts/ (the bundle built by
-# fleet/aws/ssh_bootstrap.py). Exit codes: 0 healthy; 1 failed (the reason is on stderr); 2 usage.
+# SOURCE holds the project's wheel (imagefleet-VERSION-py3-none-any.whl), requirements.txt
+# and scripts/ (the bundle built by fleet/aws/ssh_bootstrap.py). The venv gets the
+# third-party requirements; the wheel is installed, offline and without dependencies,
+# into PREFIX/app (pip --target), which the server runs from. Exit codes: 0 healthy; 1 failed (the reason is on stderr); 2 usage.
 set -euo pipefail
 
 source_dir=""
@@ -62,8 +64,7 @@ while (($#)); do
 done
 
 [[ -n "$source_dir" ]] || usage "--source DIR is required"
-[[ -d "$source_dir/server" && -f "$source_dir/server/__main__.py" ]] \
-    || die "$source_dir does not contain server/__main__.py"
+wheel=$(find_wheel "$source_dir")
 [[ "$port" =~ ^[0-9]+$ ]] && ((port >= 1 && port <= 65535)) \
     || usage "--port must be 1..65535 (got '$port')"
 [[ "$health_timeout" =~ ^[0-9]+$ ]] || usage "--health-timeout must be whole seconds"
@@ -83,9 +84,7 @@ fi
 
 install_code() {
     local app="$prefix/app"
-    rm -rf "$app.new"
-    mkdir -p "$app.new"
-    cp -R "$source_dir/server" "$app.new/server"
+    install_wheel_tree "$app.new" "$wheel"
     cp "$source_dir/requirements.txt" "$app.new/requirements.txt"
     swap_in_tree "$app"
 }
@@ -114,8 +113,9 @@ imds_instance_id() {
 setup_systemd() {
     ensure_system_user "$service_user"
     mkdir -p "$prefix" /etc/imagefleet
+    # The venv first: its pip installs the wheel.
+    ensure_venv "$source_dir/requirements.txt" apt
     install_code
-    ensure_venv "$prefix/app/requirements.txt" apt
     [[ -n "$instance_id" ]] || instance_id=$(imds_instance_id)
     local env_file=/etc/imagefleet/server.env unit=/etc/systemd/system/imagefleet.service
     local new_env new_unit changed=0
@@ -180,8 +180,8 @@ EOF
 }
 
 setup_background() {
+    ensure_venv "$source_dir/requirements.txt" apt
     install_code
-    ensure_venv "$prefix/app/requirements.txt" apt
     stop_pid_file "$prefix/server.pid" 60 server
     cd "$prefix/app"
     local -a env_args=(IMAGEFLEET_STORAGE="$storage" IMAGEFLEET_HOST="$host"

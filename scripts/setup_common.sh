@@ -7,6 +7,28 @@ die() { echo "$setup_name: $*" >&2; exit 1; }
 usage() { echo "$setup_name: $*" >&2; echo "see the header of $0 for usage" >&2; exit 2; }
 log() { echo "$setup_name: $*"; }
 
+# find_wheel DIR: the path of the one project wheel in DIR (the bundle), or die.
+find_wheel() {
+    local -a wheels
+    shopt -s nullglob
+    wheels=("$1"/imagefleet-*-py3-none-any.whl)
+    shopt -u nullglob
+    ((${#wheels[@]} == 1)) \
+        || die "$1 must hold exactly one imagefleet-*-py3-none-any.whl (found ${#wheels[@]})"
+    printf '%s\n' "${wheels[0]}"
+}
+
+# install_wheel_tree DIR WHEEL: a fresh DIR holding WHEEL's packages, installed by the
+# venv's pip without dependencies (the venv has them) and without an index (offline).
+install_wheel_tree() {
+    local dir=$1 wheel=$2
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+        --no-index --target "$dir" "$wheel" \
+        || die "could not install $(basename "$wheel") into $dir"
+}
+
 # swap_in_tree DIR: DIR.new (complete) becomes DIR; renames only, so a running service
 # never sees a half-written tree.
 swap_in_tree() {

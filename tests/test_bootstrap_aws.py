@@ -17,6 +17,7 @@ import json
 import stat
 import tarfile
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -406,6 +407,18 @@ def _as_list(value: Any) -> list[Any]:
     return [value] if isinstance(value, str) else list(value)
 
 
+def _bundle_files(bundle: bytes) -> Iterator[tuple[str, bytes]]:
+    """Every file of a bundle, and every entry of the (compressed) wheel inside it."""
+    with tarfile.open(fileobj=io.BytesIO(bundle)) as tar:
+        for member in tar.getmembers():
+            data = tar.extractfile(member).read() if member.isfile() else b""
+            yield member.name, data
+            if member.name.endswith(".whl"):
+                with zipfile.ZipFile(io.BytesIO(data)) as wheel:
+                    for entry in wheel.namelist():
+                        yield f"{member.name}/{entry}", wheel.read(entry)
+
+
 def test_no_worker_user_data_or_bundle_holds_the_token(aws: None, tmp_path: Path) -> None:
     assert _up(tmp_path) == 0
     token = _token()
@@ -420,10 +433,10 @@ def test_no_worker_user_data_or_bundle_holds_the_token(aws: None, tmp_path: Path
     assert token not in user_data  # ... never the value
     bundle = bootstrap.build_bundle()
     assert token.encode() not in bundle
-    with tarfile.open(fileobj=io.BytesIO(bundle)) as tar:
-        for member in tar.getmembers():
-            data = tar.extractfile(member).read() if member.isfile() else b""
-            assert token.encode() not in data, member.name
+    files = dict(_bundle_files(bundle))
+    assert any(name.endswith(".whl/server/app.py") for name in files)  # looked inside
+    for name, data in files.items():
+        assert token.encode() not in data, name
     ssh_args = bootstrap.remote_setup_args(storage=config.storage_url, region=REGION,
                                            token_parameter=config.token_parameter)
     assert token not in " ".join(ssh_args)
@@ -677,6 +690,8 @@ def test_the_manager_runs_in_a_group_of_one_with_its_own_role(aws: None,
     for secret in (_token(), _token("admin-token")):  # names, never values
         assert secret not in text and secret not in user_data
         assert secret.encode() not in bundle
+        for name, data in _bundle_files(bundle):
+            assert secret.encode() not in data, name
 
 
 def test_admin_paths_reach_the_manager_over_tls(aws: None, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,17 +89,30 @@ def test_manager_bundle_holds_the_manager_and_what_it_bootstraps_workers_with() 
         names = set(tar.getnames())
         requirements = tar.extractfile("manager-requirements.txt").read().decode()
         setup_mode = tar.getmember("scripts/manager_setup.sh").mode
-    assert {"fleet/__main__.py", "fleet/aws/main.py", "server/__main__.py",
-            "scripts/manager_setup.sh", "scripts/remote_setup.sh", "scripts/setup_common.sh",
-            "requirements.txt"} <= names
-    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+        wheels = [n for n in names if n.endswith(".whl")]
+        assert len(wheels) == 1, names  # exactly one wheel
+        wheel_bytes = tar.extractfile(wheels[0]).read()
+    # The project's code travels only inside the wheel.
+    assert names == {*wheels, "manager-requirements.txt", "requirements.txt",
+                     "scripts/manager_setup.sh", "scripts/setup_common.sh"}
+    with zipfile.ZipFile(io.BytesIO(wheel_bytes)) as wheel:
+        entries = wheel.infolist()
+        inside = {e.filename for e in entries}
+    # The manager, the server, and the set-up scripts (package data) it bootstraps
+    # workers with.
+    assert {"fleet/__main__.py", "fleet/aws/main.py", "fleet/aws/wheel.py",
+            "server/__main__.py", "scripts/manager_setup.sh", "scripts/remote_setup.sh",
+            "scripts/setup_common.sh"} <= inside
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in inside)
+    assert {e.date_time for e in entries} == {(1980, 1, 1, 0, 0, 0)}
     assert setup_mode & 0o111
     packages = {line.split(">")[0].split("=")[0].split("<")[0].strip()
                 for line in requirements.splitlines() if line.strip()}
     assert packages == set(bootstrap.MANAGER_PACKAGES)
-    # The worker bundle is unchanged by the refactoring into one tar helper.
+    # The workers get the same wheel, and no fleet/ sources beside it.
     with tarfile.open(fileobj=io.BytesIO(bootstrap.build_bundle())) as tar:
         assert not any(n.startswith("fleet/") for n in tar.getnames())
+        assert tar.extractfile(wheels[0]).read() == wheel_bytes
 
 
 def test_manager_user_data_fetches_with_the_instance_role_and_is_valid_bash(
@@ -176,7 +190,18 @@ def test_manager_setup_fetches_installs_and_serves_ping_over_pinned_tls(
         log = (prefix / "manager.log").read_text() if (prefix / "manager.log").exists() else ""
         assert result.returncode == 0, result.stderr + log
         assert "answering: https://127.0.0.1:" in result.stdout
-        assert (prefix / "app" / "fleet" / "__main__.py").exists()
+        app = prefix / "app"
+        assert (app / "fleet" / "__main__.py").exists()
+        assert (app / "scripts" / "remote_setup.sh").exists()  # from the wheel
+        # The wheel is kept with the code; the workers' bundles, built there as the
+        # manager builds them, carry it as is (no sources, no wheel build on the host).
+        bundle_wheel = next(workdir.glob("imagefleet-*-py3-none-any.whl"))
+        kept = list(app.glob("imagefleet-*-py3-none-any.whl"))
+        assert [w.read_bytes() for w in kept] == [bundle_wheel.read_bytes()]
+        assert not (app / "pyproject.toml").exists()
+        with tarfile.open(fileobj=io.BytesIO(bootstrap.build_bundle(root=app))) as tar:
+            assert tar.extractfile(bundle_wheel.name).read() == bundle_wheel.read_bytes()
+            assert "scripts/remote_setup.sh" in tar.getnames()
 
         pem = (state / "admin-cert.pem").read_text()
         context = pinned_context(pem)

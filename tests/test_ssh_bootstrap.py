@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from helpers_aws import Sshd, console_output_with, free_port, keygen, moto_serve
 from helpers_fleet import pid_alive
 
 from fleet.aws import ssh_bootstrap as bootstrap
+from fleet.aws import wheel as wheel_module
 from fleet.aws.ssh_bootstrap import (
     BootstrapFailed,
     BootstrapTimeout,
@@ -149,8 +152,11 @@ def test_bootstrap_brings_up_a_real_server(target: SshTarget, sshd: Sshd, tmp_pa
         health = json.load(response)
     assert response.status == 200
     assert health["status"] == "ok" and health["instance_id"] == "i-test123"
-    # The bundle carried the server code and only the server's requirements.
+    # The bundle carried the server code, installed from the wheel (pip --target leaves
+    # its dist-info), and only the server's requirements.
     assert (prefix / "app" / "server" / "__main__.py").exists()
+    assert len(list((prefix / "app").glob("imagefleet-*.dist-info"))) == 1
+    assert not (prefix / "app.new").exists() and not (prefix / "app.old").exists()
     requirements = (prefix / "app" / "requirements.txt").read_text()
     assert "opencv-python-headless" in requirements and "customtkinter" not in requirements
 
@@ -344,22 +350,98 @@ def test_connect_waits_for_sshd_to_come_up(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------- bundle, user data
 
-def test_bundle_is_reproducible_and_holds_what_the_setup_needs() -> None:
+def _source_tree_state() -> set[str]:
+    """Build products a wheel build could leave in the checkout."""
+    root = bootstrap.PROJECT_ROOT
+    return {p.relative_to(root).as_posix() for pattern in ("build", "dist", "*.egg-info",
+                                                           "*/*.egg-info")
+            for p in root.glob(pattern)}
 
+
+def test_bundle_is_reproducible_and_holds_what_the_setup_needs() -> None:
+    before = _source_tree_state()
     first, second = bootstrap.build_bundle(), bootstrap.build_bundle()
-    assert first == second  # same code, same bytes (mtime 0, sorted)
+    assert first == second  # same code, same bytes (mtime 0, sorted, SOURCE_DATE_EPOCH)
+    assert _source_tree_state() == before  # built from a copy: no build/ or egg-info here
     with tarfile.open(fileobj=io.BytesIO(first)) as tar:
         names = tar.getnames()
         requirements = tar.extractfile("requirements.txt").read().decode()
         setup_mode = tar.getmember("scripts/remote_setup.sh").mode
-    assert "server/__main__.py" in names and "scripts/remote_setup.sh" in names
-    assert "scripts/setup_common.sh" in names  # remote_setup.sh sources it
-    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+        wheels = [n for n in names if n.endswith(".whl")]
+        assert len(wheels) == 1, names  # exactly one wheel, at the top
+        wheel_bytes = tar.extractfile(wheels[0]).read()
+    # The project's code travels only inside the wheel.
+    assert sorted(names) == sorted([*wheels, "requirements.txt", "scripts/remote_setup.sh",
+                                    "scripts/setup_common.sh"])  # it sources setup_common
+    assert re.fullmatch(r"imagefleet-[0-9][0-9A-Za-z.]*-py3-none-any\.whl", wheels[0])
+    with zipfile.ZipFile(io.BytesIO(wheel_bytes)) as wheel:
+        entries = wheel.infolist()
+        inside = {e.filename for e in entries}
+    assert {"server/__main__.py", "server/app.py", "scripts/remote_setup.sh",
+            "scripts/setup_common.sh"} <= inside  # the .sh files are package data
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in inside)
+    assert not any(n.startswith(("tests/", "build/")) or ".egg-info/" in n for n in inside)
+    # Reproducible zip: every entry carries the fixed SOURCE_DATE_EPOCH, not a build time.
+    assert {e.date_time for e in entries} == {(1980, 1, 1, 0, 0, 0)}
     assert setup_mode & 0o111
     packages = {line.split(">")[0].split("=")[0].split("<")[0].strip()
                 for line in requirements.splitlines() if line.strip()}
     assert set(bootstrap.SERVER_PACKAGES) <= packages
-    assert not packages & {"customtkinter", "pytest", "moto", "ruff"}
+    assert not packages & {"customtkinter", "pytest", "moto", "ruff", "wheel", "setuptools"}
+
+
+def test_a_prebuilt_wheel_in_root_goes_into_the_bundle_as_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manager host: its installed code keeps the wheel it was set up with, and has no
+    sources or setuptools to build one; build_bundle(root=...) must not try."""
+    with tarfile.open(fileobj=io.BytesIO(bootstrap.build_bundle())) as tar:
+        tar.extractall(tmp_path / "bundle", filter="data")
+    wheel = next((tmp_path / "bundle").glob("*.whl"))
+    root = tmp_path / "app"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-index", "--disable-pip-version-check", "--target", str(root),
+                    str(wheel)], check=True, timeout=120, capture_output=True)
+    shutil.copy(wheel, root / wheel.name)
+    shutil.copy(bootstrap.PROJECT_ROOT / "requirements.txt", root / "requirements.txt")
+    assert not (root / "pyproject.toml").exists()
+
+    def no_build(_root: Path) -> tuple[str, bytes]:
+        raise AssertionError("built a wheel although a prebuilt one was there")
+
+    monkeypatch.setattr(wheel_module, "build_wheel", no_build)
+    bundle = bootstrap.build_bundle(root=root)
+    with tarfile.open(fileobj=io.BytesIO(bundle)) as tar:
+        assert tar.extractfile(wheel.name).read() == wheel.read_bytes()
+        assert tar.extractfile("scripts/remote_setup.sh").read() == (
+            bootstrap.PROJECT_ROOT / "scripts" / "remote_setup.sh").read_bytes()
+    (root / "imagefleet-9.9.9-py3-none-any.whl").write_bytes(b"")
+    with pytest.raises(wheel_module.WheelBuildError, match="more than one prebuilt wheel"):
+        bootstrap.build_bundle(root=root)
+
+
+def test_a_failed_wheel_build_says_why(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "imagefleet"\nversion = "not a version"\n'
+        '[tool.setuptools.packages.find]\ninclude = ["server*"]\n')
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server" / "__init__.py").write_text("")
+    with pytest.raises(wheel_module.WheelBuildError, match="pip wheel failed"):
+        wheel_module.build_wheel(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pyproject.toml", "server"]
+
+
+def test_remote_setup_refuses_a_bundle_without_exactly_one_wheel(tmp_path: Path) -> None:
+    source = tmp_path / "bundle"
+    with tarfile.open(fileobj=io.BytesIO(bootstrap.build_bundle())) as tar:
+        tar.extractall(source, filter="data")
+    wheel = next(source.glob("*.whl"))
+    shutil.copy(wheel, source / "imagefleet-0.0.1-py3-none-any.whl")
+    command = ["bash", str(source / "scripts" / "remote_setup.sh"), "--no-systemd",
+               "--source", str(source), "--prefix", str(tmp_path / "prefix"),
+               "--venv", str(VENV)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1 and "exactly one imagefleet-" in result.stderr
+    assert "(found 2)" in result.stderr and not (tmp_path / "prefix" / "app").exists()
 
 
 def test_user_data_runs_the_same_setup_and_is_valid_bash(tmp_path: Path) -> None:

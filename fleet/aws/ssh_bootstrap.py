@@ -8,8 +8,8 @@ API. :func:`parse_console_host_keys` turns it into the only keys paramiko will a
 
 1. connect, retrying connection and banner errors with backoff until a deadline
    (sshd is not up yet while the instance boots);
-2. upload a bundle (``server/``, the server's requirements, ``scripts/remote_setup.sh`` and
-   the ``setup_common.sh`` it sources) over SFTP;
+2. upload a bundle (the project's wheel, the server's requirements,
+   ``scripts/remote_setup.sh`` and the ``setup_common.sh`` it sources) over SFTP;
 3. run ``remote_setup.sh``, reading stdout and stderr to the end before asking for the
    exit status (paramiko blocks forever if a full stderr window stalls the remote side
    while we wait on stdout), and check the exit code.
@@ -47,6 +47,7 @@ from pathlib import Path
 
 import paramiko
 
+from fleet.aws.wheel import project_wheel
 from server.backoff import doubling_delays
 
 log = logging.getLogger(__name__)
@@ -382,41 +383,42 @@ def _tarball(files: Iterable[tuple[str, bytes, int]]) -> bytes:
     return buffer.getvalue()
 
 
-def _package_files(root: Path, package: str) -> list[tuple[str, bytes, int]]:
-    return [(path.relative_to(root).as_posix(), path.read_bytes(), 0o644)
-            for path in sorted((root / package).rglob("*"))
-            if path.is_file() and "__pycache__" not in path.parts
-            and path.suffix not in (".pyc", ".pyo")]
-
-
 def _script(root: Path, name: str) -> tuple[str, bytes, int]:
     return (f"scripts/{name}", (root / "scripts" / name).read_bytes(), 0o755)
 
 
+def _wheel_entry(root: Path) -> tuple[str, bytes, int]:
+    name, data = project_wheel(root)
+    return (name, data, 0o644)
+
+
 def build_bundle(root: Path = PROJECT_ROOT) -> bytes:
-    """A reproducible tar.gz of ``server/``, its requirements, ``remote_setup.sh`` and the
-    ``setup_common.sh`` it sources."""
-    return _tarball([*_package_files(root, "server"),
-                     ("requirements.txt", server_requirements(root).encode(), 0o644),
-                     _script(root, "remote_setup.sh"), _script(root, "setup_common.sh")])
+    """A reproducible tar.gz of the project's wheel (``remote_setup.sh`` installs it), the
+    server's requirements, ``remote_setup.sh`` and the ``setup_common.sh`` it sources.
+
+    On a manager host ``root`` is its installed code, which keeps the wheel it was set up
+    with: that wheel goes into the workers' bundles as is (no sources or setuptools
+    there); elsewhere the wheel is built from the sources under ``root``."""
+    return _tarball(sorted([
+        _wheel_entry(root),
+        ("requirements.txt", server_requirements(root).encode(), 0o644),
+        _script(root, "remote_setup.sh"), _script(root, "setup_common.sh")]))
 
 
 def build_manager_bundle(root: Path = PROJECT_ROOT) -> bytes:
-    """The manager host's bundle: ``fleet/`` and the manager's requirements
-    (``manager-requirements.txt``) with ``scripts/manager_setup.sh``, plus everything
-    :func:`build_bundle` reads (``server/``, ``requirements.txt``, ``remote_setup.sh``,
-    ``setup_common.sh``),
-    because the manager builds the workers' bundle itself when it bootstraps them."""
-    requirements = (root / "requirements.txt").read_bytes()
-    return _tarball([
-        *_package_files(root, "fleet"),
-        *_package_files(root, "server"),
+    """The manager host's bundle: the project's wheel (``fleet/`` and ``server/``, and the
+    ``remote_setup.sh`` it bootstraps workers with), the manager's requirements
+    (``manager-requirements.txt``), ``requirements.txt`` (workers' requirements come from
+    it) and ``scripts/manager_setup.sh`` with the ``setup_common.sh`` it sources.
+    ``manager_setup.sh`` keeps the wheel with the installed code, because the manager
+    builds the workers' bundles (:func:`build_bundle`) from it."""
+    return _tarball(sorted([
+        _wheel_entry(root),
         ("manager-requirements.txt", requirements_for(MANAGER_PACKAGES, root).encode(), 0o644),
-        ("requirements.txt", requirements, 0o644),
+        ("requirements.txt", (root / "requirements.txt").read_bytes(), 0o644),
         _script(root, "manager_setup.sh"),
-        _script(root, "remote_setup.sh"),
         _script(root, "setup_common.sh"),
-    ])
+    ]))
 
 
 # ------------------------------------------------------------------------ bootstrap

@@ -115,6 +115,11 @@ def project_wheel(root: Path) -> tuple[str, bytes]:
     built from the sources there."""
     wheel = prebuilt_wheel(root)
     if wheel is not None:
-        log.info("using the prebuilt %s", wheel)
+        if (root / "pyproject.toml").is_file():
+            # A source checkout with a wheel at its top: likely left there by hand and
+            # possibly older than the sources, yet it wins; say so.
+            log.warning("using the prebuilt %s, not the sources beside it", wheel)
+        else:
+            log.info("using the prebuilt %s", wheel)
         return wheel.name, wheel.read_bytes()
     return build_wheel(root)

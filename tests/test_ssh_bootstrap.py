@@ -430,6 +430,24 @@ def test_a_failed_wheel_build_says_why(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pyproject.toml", "server"]
 
 
+def test_a_wheel_is_built_again_when_its_sources_change(tmp_path: Path) -> None:
+    """Builds are remembered by the sources' digest: the same sources answer at once with
+    the same bytes, a changed file builds a new wheel holding the change."""
+    root = tmp_path / "project"
+    (root / "server").mkdir(parents=True)
+    (root / "pyproject.toml").write_text(
+        '[project]\nname = "imagefleet"\nversion = "0.1.0"\n'
+        '[tool.setuptools.packages.find]\ninclude = ["server*"]\n')
+    (root / "server" / "__init__.py").write_text("VERSION = 1\n")
+    name, first = wheel_module.build_wheel(root)
+    assert wheel_module.build_wheel(root) == (name, first)
+    (root / "server" / "__init__.py").write_text("VERSION = 2\n")
+    _, second = wheel_module.build_wheel(root)
+    with zipfile.ZipFile(io.BytesIO(second)) as wheel:
+        assert wheel.read("server/__init__.py") == b"VERSION = 2\n"
+    assert second != first
+
+
 def test_remote_setup_refuses_a_bundle_without_exactly_one_wheel(tmp_path: Path) -> None:
     source = tmp_path / "bundle"
     with tarfile.open(fileobj=io.BytesIO(bootstrap.build_bundle())) as tar:

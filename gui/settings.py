@@ -30,7 +30,7 @@ from gui.naming import ON_CONFLICT_CHOICES as ON_CONFLICT  # Save all when a nam
 from gui.output_rules import DEFAULT_TEMPLATE, TemplateError, parse_template
 from server.atomic import write_atomic
 from server.limits import MAX_LINK_SECONDS
-from server.settings import layered
+from server.settings import layered, problem_line
 
 log = logging.getLogger(__name__)
 
@@ -294,16 +294,9 @@ def parse_settings(data: Mapping[str, Any], base: Settings | None = None) -> Set
 def settings_problems(exc: ValidationError) -> list[str]:
     """One line per problem; the validators' messages name their field already."""
     known = ", ".join(sorted(f.name for f in fields(Settings)))
-    problems = []
-    for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"])
-        if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-            problems.append(f"unknown setting {key!r} (known: {known})")
-        elif error["type"] == "value_error":
-            problems.append(error["msg"].removeprefix("Value error, "))
-        else:
-            problems.append(f"{key}: {error['msg']} (got {error.get('input')!r})")
-    return problems
+    return [f"unknown setting {'.'.join(str(p) for p in error['loc'])!r} (known: {known})"
+            if error["type"] in ("unexpected_keyword_argument", "extra_forbidden")
+            else problem_line(error) for error in exc.errors()]
 
 
 def load_settings(path: Path) -> LoadedSettings:

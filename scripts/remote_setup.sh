@@ -23,7 +23,8 @@
 # SOURCE holds the project's wheel (imagefleet-VERSION-py3-none-any.whl), requirements.txt
 # and scripts/ (the bundle built by fleet/aws/ssh_bootstrap.py). The venv gets the
 # third-party requirements; the wheel is installed, offline and without dependencies,
-# into PREFIX/app (pip --target), which the server runs from. Exit codes: 0 healthy; 1 failed (the reason is on stderr); 2 usage.
+# into PREFIX/app (pip --target), which the server runs from. Exit codes: 0 healthy;
+# 1 failed (the reason is on stderr); 2 usage.
 set -euo pipefail
 
 source_dir=""

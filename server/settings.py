@@ -42,16 +42,16 @@ def problems_of(exc: ValidationError, where: Callable[[str], str] | None = None)
     pydantic's type errors get ``field: message (got value)``, with ``where(field)`` (the
     variable or file the value came from) in place of the bare field name when given.
     """
-    problems = []
-    for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"])
-        message = error["msg"]
-        if error["type"] == "value_error":
-            problems.append(message.removeprefix("Value error, "))
-            continue
-        name = where(field) if where and field else field or "value"
-        problems.append(f"{name}: {message} (got {error.get('input')!r})")
-    return problems
+    return [problem_line(error, where) for error in exc.errors()]
+
+
+def problem_line(error: Any, where: Callable[[str], str] | None = None) -> str:
+    """One of ``exc.errors()`` as :func:`problems_of` words it."""
+    field = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "value_error":
+        return error["msg"].removeprefix("Value error, ")
+    name = where(field) if where and field else field or "value"
+    return f"{name}: {error['msg']} (got {error.get('input')!r})"
 
 
 def one_line(exc: ValidationError, where: Callable[[str], str] | None = None) -> str:

@@ -71,6 +71,7 @@ import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import IO, Any
@@ -899,7 +900,7 @@ class Gateway:
             if isinstance(protocol, _ClientConnection):
                 protocol.request_finished()
 
-    def _pick(self, tried: frozenset[str] = frozenset()) -> _Target | None:
+    def _pick(self, tried: AbstractSet[str] = frozenset()) -> _Target | None:
         candidates = [t for t in self._candidates() if t.id not in tried]
         if not candidates:
             return None
@@ -984,7 +985,7 @@ class Gateway:
             tried: set[str] = set()
             while True:
                 # Picked only now: buffering took time, health may have changed.
-                target = self._pick(frozenset(tried))
+                target = self._pick(tried)
                 if target is None:
                     return self._no_healthy_targets()
                 tried.add(target.id)

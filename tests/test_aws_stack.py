@@ -50,10 +50,12 @@ def test_insecure_http_and_no_token_say_what_must_not_exist() -> None:
     secure = {r.key: r for r in describe(_params())}
     assert secure["listener_https"].present and secure["certificate"].present
     assert secure["admin_rule"].props["listener"] == Ref("listener_https", "arn")
+    assert secure["metrics_rule"].props["listener"] == Ref("listener_https", "arn")
     assert secure["listener_http"].props["DefaultActions"][0]["Type"] == "redirect"
     plain = {r.key: r for r in describe(_params(https=False, token=False))}
     assert not plain["listener_https"].present and not plain["certificate"].present
     assert plain["admin_rule"].props["listener"] == Ref("listener_http", "arn")
+    assert plain["metrics_rule"].props["listener"] == Ref("listener_http", "arn")
     assert plain["listener_http"].props["DefaultActions"][0]["Type"] == "forward"
     assert not plain["api_token"].present and plain["admin_token"].present
     assert "fleet-token" not in plain["worker_role"].props["policies"]

@@ -156,7 +156,8 @@ def test_up_twice_creates_nothing_new_then_status_then_down_leaves_nothing(
     assert len(first["buckets"]) == 1
     assert len(first["elb"]) == 3  # the ALB, the workers' and the manager's target group
     assert len(first["listeners"]) == 2  # HTTPS :443, and :80 that only redirects
-    assert len(first["listener_rules"]) == 1  # /fleet on :443 -> the manager
+    # /fleet on :443 -> the manager; /metrics answered by the load balancer itself
+    assert len(first["listener_rules"]) == 2
     assert len(first["roles"]) == 2 and len(first["instance_profiles"]) == 2
     assert len(first["parameters"]) == 2 and len(first["certificates"]) == 1
     assert len(first["auto_scaling_groups"]) == 1 and len(first["launch_templates"]) == 1
@@ -702,13 +703,20 @@ def test_admin_paths_reach_the_manager_over_tls(aws: None, tmp_path: Path) -> No
     assert (manager_tg["Protocol"], manager_tg["Port"]) == ("HTTPS", config.admin_port)
     assert (manager_tg["HealthCheckProtocol"], manager_tg["HealthCheckPath"]) == (
         "HTTPS", "/fleet/ping")
-    rules = [r for r in elbv2.describe_rules(ListenerArn=config.listener_arn)["Rules"]
-             if not r["IsDefault"]]
-    assert len(rules) == 1
-    paths = rules[0]["Conditions"][0]["PathPatternConfig"]["Values"]
-    assert sorted(paths) == ["/fleet", "/fleet/*"]
-    assert [(a["Type"], a["TargetGroupArn"]) for a in rules[0]["Actions"]] == [
+    rules = {tuple(sorted(r["Conditions"][0]["PathPatternConfig"]["Values"])): r
+             for r in elbv2.describe_rules(ListenerArn=config.listener_arn)["Rules"]
+             if not r["IsDefault"]}
+    assert set(rules) == {("/fleet", "/fleet/*"), ("/metrics", "/metrics/*")}
+    admin = rules[("/fleet", "/fleet/*")]
+    assert [(a["Type"], a["TargetGroupArn"]) for a in admin["Actions"]] == [
         ("forward", manager_tg["TargetGroupArn"])]
+    # Metrics never reach the internet: the load balancer answers /metrics itself.
+    metrics = rules[("/metrics", "/metrics/*")]
+    assert [a["Type"] for a in metrics["Actions"]] == ["fixed-response"]
+    refused = metrics["Actions"][0]["FixedResponseConfig"]
+    assert refused["StatusCode"] == "404"
+    assert "private address" in json.loads(refused["MessageBody"])["message"]
+    assert int(metrics["Priority"]) < int(admin["Priority"])
     listeners = _listeners(elbv2, config)
     assert listeners[443]["ListenerArn"] == config.listener_arn  # the rule is on HTTPS
     assert elbv2.describe_rules(ListenerArn=listeners[80]["ListenerArn"])["Rules"][0][

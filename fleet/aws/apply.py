@@ -642,8 +642,10 @@ def _normal_actions(actions: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     out = []
     for a in actions:
         redirect = a.get("RedirectConfig") or {}
+        fixed = a.get("FixedResponseConfig") or {}
         out.append((a.get("Type"), a.get("TargetGroupArn"), redirect.get("Protocol"),
-                    str(redirect.get("Port") or ""), redirect.get("StatusCode")))
+                    str(redirect.get("Port") or ""), redirect.get("StatusCode"),
+                    str(fixed.get("StatusCode") or ""), fixed.get("MessageBody")))
     return out
 
 
@@ -693,7 +695,8 @@ class ListenerHandler:
 
 
 class ListenerRuleHandler:
-    """The rule sending the admin paths to the manager, found by its path condition."""
+    """A rule on the forwarding listener, found by its path condition: the admin paths
+    forwarded to the manager, or the metrics paths answered by the load balancer itself."""
 
     what = "listener rule"
 
@@ -710,6 +713,8 @@ class ListenerRuleHandler:
 
     @staticmethod
     def _actions(props: dict[str, Any]) -> list[dict[str, Any]]:
+        if "fixed_response" in props:
+            return [{"Type": "fixed-response", "FixedResponseConfig": props["fixed_response"]}]
         return [{"Type": "forward", "TargetGroupArn": props["target_group"]}]
 
     def create(self, ctx: Context, res: Resource, props: dict[str, Any]) -> Outputs:

@@ -56,6 +56,16 @@ MANAGER_HEALTH_CHECK = {
 }
 ADMIN_PATHS = ("/fleet", "/fleet/*")
 ADMIN_RULE_PRIORITY = 10
+# Prometheus scrapes each worker and the manager on its own address inside the VPC; the
+# load balancer answers these paths itself, so metrics are never served to the internet
+# (a worker would otherwise answer anyone holding the API token).
+METRICS_PATHS = ("/metrics", "/metrics/*")
+METRICS_RULE_PRIORITY = 5
+METRICS_REFUSED = {
+    "StatusCode": "404", "ContentType": "application/json",
+    "MessageBody": '{"error": "not_found", "message": "metrics are not served through the '
+                   'load balancer; scrape each worker and the manager on its private '
+                   'address"}'}
 MANAGER_BUNDLE_KEY = "fleet/manager/bundle.tar.gz"
 MANAGER_CONFIG_KEY = "fleet/manager/config.json"
 # Where the manager puts the workers' bundle for `bootstrap: user-data` (fleet.aws.main).
@@ -396,6 +406,9 @@ def describe(params: StackParams) -> tuple[Resource, ...]:
             "listener": Ref(forwarding_listener, "arn"), "priority": ADMIN_RULE_PRIORITY,
             "paths": list(ADMIN_PATHS),
             "target_group": Ref("manager_target_group", "arn")}),
+        Resource("metrics_rule", "listener_rule", f"{prefix}-metrics", "listener", {
+            "listener": Ref(forwarding_listener, "arn"), "priority": METRICS_RULE_PRIORITY,
+            "paths": list(METRICS_PATHS), "fixed_response": dict(METRICS_REFUSED)}),
         Resource("manager_bundle", "s3_object", MANAGER_BUNDLE_KEY, "manager", {
             "bucket": names.bucket, "body": params.manager_bundle,
             "content_type": "application/gzip"}),

@@ -31,6 +31,10 @@ class InMemoryProvider:
     def fail_next(self, method: str, error: BaseException, times: int = 1) -> None:
         self._failures[method].extend([error] * times)
 
+    def clear_failures(self, method: str) -> None:
+        """The outside world recovers: the failures still queued for ``method`` are dropped."""
+        self._failures[method].clear()
+
     def kill(self, instance_id: str, detail: str = "killed by SIGKILL") -> None:
         self.instances[instance_id] = replace(self.instances[instance_id],
                                               state=InstanceState.STOPPED, detail=detail)

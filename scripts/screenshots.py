@@ -11,6 +11,7 @@ Pillow's ``ImageGrab`` (window capture through the X display).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -79,28 +80,56 @@ def capture(app: Any, display: str, path: Path) -> Path:
     return path
 
 
-def load_run(app: Any, endpoint: str, images: Path, seconds: float) -> None:
-    """Four clients posting photographs for ``seconds`` (a small bench_overload), while
-    the app keeps drawing, so the Fleet view's charts show a load run."""
+LOAD_PHASES = ((2, 30.0), (6, 30.0), (24, 30.0), (3, 30.0))  # (clients, seconds)
+KILL_IN_PHASE = 2  # ten seconds into the third phase
+
+
+def load_run(app: Any, endpoint: str, images: Path) -> None:
+    """A small bench_overload while the app keeps drawing, so the Fleet view's charts show
+    a load run: clients rising from 2 to 24 (more than the fleet admits, so some are shed)
+    and back to 3, each request a distinct bilateral filter (nothing from the cache), and
+    one worker killed with SIGKILL in the middle, so a dip and its replacement show."""
+    import random
     import threading
 
     import requests
 
     photos = [p.read_bytes() for p in sorted(images.glob("*.png"))[:4]] or [b""]
-    stop = time.monotonic() + seconds
 
-    def client(n: int) -> None:
-        i = 0
-        while time.monotonic() < stop:
-            i += 1
-            requests.post(endpoint + "/process", timeout=60,
-                          files={"image": ("p.png", photos[(n + i) % len(photos)])},
-                          data={"operation": "rotate", "params": f'{{"angle": {i % 360}}}'})
+    def client(seed: int, until: float) -> None:
+        rng = random.Random(seed)
+        while time.monotonic() < until:
+            params = f'{{"diameter": 7, "sigma_color": {rng.randint(10, 250)}}}'
+            # a connection cut by the killed worker: the next request goes on
+            with contextlib.suppress(requests.RequestException):
+                requests.post(endpoint + "/process", timeout=60,
+                              files={"image": ("p.png", photos[seed % len(photos)])},
+                              data={"operation": "bilateral", "params": params})
 
-    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(4)]
-    for t in threads:
-        t.start()
-    pump_until(app, lambda: not any(t.is_alive() for t in threads), seconds + 90, "the load")
+    threads: list[threading.Thread] = []
+    for phase, (clients, seconds) in enumerate(LOAD_PHASES):
+        until = time.monotonic() + seconds
+        for n in range(clients):
+            threads.append(threading.Thread(target=client, args=(100 * phase + n, until),
+                                            daemon=True))
+            threads[-1].start()
+        if phase == KILL_IN_PHASE:
+            settle(app, 10.0)
+            kill_one_worker(endpoint)
+        pump_until(app, lambda until=until: time.monotonic() >= until, seconds + 5,
+                   f"load phase {phase + 1}")
+    pump_until(app, lambda: not any(t.is_alive() for t in threads), 90, "the load")
+
+
+def kill_one_worker(endpoint: str) -> None:
+    """SIGKILL one worker of the fleet, by the pid its own /health reports."""
+    import signal
+
+    import requests
+
+    instances = requests.get(endpoint + "/fleet", timeout=5).json()["instances"]
+    address = next(i["address"] for i in instances if i["address"])
+    os.kill(requests.get(f"http://{address}/health", timeout=5).json()["pid"], signal.SIGKILL)
 
 
 def render(display: str, out: Path, images: Path) -> list[Path]:
@@ -154,7 +183,7 @@ def render(display: str, out: Path, images: Path) -> list[Path]:
                 app.fleet_view.health_of(i) == "healthy"
                 for i in app.fleet_view.instance_ids()), 30, "a healthy fleet")
             app.fleet_view.charts._choose("5 min")
-            load_run(app, app.connected.endpoint, images, seconds=40.0)
+            load_run(app, app.connected.endpoint, images)
             settle(app, 1.0)
             shots.append(capture(app, display, out / "fleet.png"))
 

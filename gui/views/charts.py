@@ -17,6 +17,7 @@ import customtkinter as ctk
 WINDOWS = {"5 min": 300, "15 min": 900, "1 h": 3600}
 PALETTE = {  # (light, dark)
     "bg": ("#ffffff", "#232323"), "fg": ("#1a1a1a", "#e6e6e6"), "grid": ("#e0e0e0", "#3a3a3a"),
+    "grid_text": ("#757575", "#9e9e9e"),
     "a": ("#1565c0", "#64b5f6"), "b": ("#ef6c00", "#ffb74d"), "c": ("#c62828", "#ef5350"),
     "d": ("#2e7d32", "#81c784"),
 }
@@ -85,7 +86,7 @@ class FleetCharts(ctk.CTkFrame):
                                                command=self._choose)
         self.selector.set("15 min")
         self.selector.grid(row=0, column=2, sticky="e")
-        self.canvas = tk.Canvas(self, height=190, highlightthickness=0, borderwidth=0)
+        self.canvas = tk.Canvas(self, height=205, highlightthickness=0, borderwidth=0)
         self.canvas.grid(row=1, column=0, sticky="ew", padx=8, pady=6)
         self.canvas.bind("<Configure>", lambda _e: self.redraw())
         self.alerts = ctk.CTkLabel(self, text="", anchor="w", justify="left", wraplength=900)
@@ -135,10 +136,14 @@ class FleetCharts(ctk.CTkFrame):
         panels = chart_series(samples)
         pw = width / len(panels)
         font = (ctk.CTkFont().cget("family"), -11)
+        span = next(label for label, secs in WINDOWS.items() if secs == self.seconds)
         for i, (title, lines) in enumerate(panels):
-            box = (i * pw + 34, 22, (i + 1) * pw - 8, height - 30)
+            box = (i * pw + 34, 22, (i + 1) * pw - 8, height - 44)
             values = [v for _l, _k, pts in lines for _t, v in pts if v is not None]
-            vmax = nice_max(max(values, default=0.0) or 1.0)
+            top = max(values, default=0.0)
+            if title == "Instances":
+                top += 1  # counts sit below the frame's edge, where they can be seen
+            vmax = nice_max(top or 1.0)
             c.create_text(i * pw + 8, 8, text=title, anchor="nw", fill=self._colour("fg"),
                           font=(font[0], -12, "bold"))
             c.create_rectangle(*box, outline=self._colour("grid"))
@@ -146,15 +151,24 @@ class FleetCharts(ctk.CTkFrame):
                           fill=self._colour("fg"), font=font)
             c.create_text(box[0] - 4, box[3], text="0", anchor="se", fill=self._colour("fg"),
                           font=font)
+            middle = (box[1] + box[3]) / 2
+            c.create_line(box[0], middle, box[2], middle, fill=self._colour("grid"), dash=(2, 3))
+            # the time axis: the window's start and now
+            c.create_text(box[0], box[3] + 2, text=f"-{span}", anchor="nw",
+                          fill=self._colour("grid_text"), font=font)
+            c.create_text(box[2], box[3] + 2, text="now", anchor="ne",
+                          fill=self._colour("grid_text"), font=font)
             legend_x = box[0]
-            for label, key, pts in lines:
+            for n, (label, key, pts) in enumerate(lines):
+                # a second line of a panel is dashed, so two equal series both show
+                dash = (5, 3) if n == 1 and title == "Instances" else ()
                 for run in scale_points(pts, t0, now, vmax, box):
                     if len(run) >= 4:
-                        c.create_line(*run, fill=self._colour(key), width=2)
+                        c.create_line(*run, fill=self._colour(key), width=2, dash=dash)
                     else:
                         c.create_oval(run[0] - 2, run[1] - 2, run[0] + 2, run[1] + 2,
                                       fill=self._colour(key), outline="")
-                c.create_text(legend_x, box[3] + 6, text=label, anchor="nw",
+                c.create_text(legend_x, box[3] + 18, text=label, anchor="nw",
                               fill=self._colour(key), font=font)
                 legend_x += 8 + 7 * len(label)
         self.drawn_items = len(c.find_all())

@@ -10,20 +10,13 @@ import boto3
 import pytest
 from helpers_aws import ClientProxy, client_error
 from moto import mock_aws
+from waiting import FakeClock
 
 from fleet.aws.lease import SAFETY_MARGIN_S, S3Lease
 
 BUCKET = "imgf-lease-test"
 KEY = "fleet/lease.json"
 TTL = 30.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -34,12 +27,12 @@ def s3(fake_aws: None) -> Iterator[Any]:
         yield client
 
 
-def _lease(s3: Any, holder: str, clock: Clock) -> S3Lease:
+def _lease(s3: Any, holder: str, clock: FakeClock) -> S3Lease:
     return S3Lease(s3, BUCKET, KEY, holder, ttl_s=TTL, clock=clock)
 
 
 def test_first_manager_takes_the_lease_second_only_observes(s3: Any) -> None:
-    clock = Clock()
+    clock = FakeClock(1_000_000.0)
     a, b = _lease(s3, "a", clock), _lease(s3, "b", clock)
     first = a.refresh()
     assert first.held and first.changed and a.held
@@ -53,7 +46,7 @@ def test_first_manager_takes_the_lease_second_only_observes(s3: Any) -> None:
 
 
 def test_expired_lease_is_taken_over_and_old_holder_stops_acting(s3: Any) -> None:
-    clock = Clock()
+    clock = FakeClock(1_000_000.0)
     a, b = _lease(s3, "a", clock), _lease(s3, "b", clock)
     assert a.refresh().held
     clock.now += TTL - SAFETY_MARGIN_S  # a cannot renew (say, it hung): it stops itself
@@ -66,7 +59,7 @@ def test_expired_lease_is_taken_over_and_old_holder_stops_acting(s3: Any) -> Non
 
 
 def test_release_hands_over_at_once(s3: Any) -> None:
-    clock = Clock()
+    clock = FakeClock(1_000_000.0)
     a, b = _lease(s3, "a", clock), _lease(s3, "b", clock)
     assert a.refresh().held
     a.release()
@@ -77,7 +70,7 @@ def test_release_hands_over_at_once(s3: Any) -> None:
 def test_conditional_write_decides_a_race(s3: Any) -> None:
     """Both read "no lease", then both write: If-None-Match lets exactly one win. The
     interleaving is forced by running A's whole refresh between B's read and B's write."""
-    clock = Clock()
+    clock = FakeClock(1_000_000.0)
     a = _lease(s3, "a", clock)
     proxy = ClientProxy(s3)
     b = _lease(proxy, "b", clock)  # type: ignore[arg-type]
@@ -102,7 +95,7 @@ def test_conditional_write_decides_a_race(s3: Any) -> None:
 
 
 def test_renew_failure_stops_acting_before_expiry(s3: Any) -> None:
-    clock = Clock()
+    clock = FakeClock(1_000_000.0)
     proxy = ClientProxy(s3)
     a = _lease(proxy, "a", clock)  # type: ignore[arg-type]
     assert a.refresh().held
@@ -122,7 +115,7 @@ def test_renew_failure_stops_acting_before_expiry(s3: Any) -> None:
 
 def test_garbage_lease_object_is_replaced(s3: Any) -> None:
     s3.put_object(Bucket=BUCKET, Key=KEY, Body=b"not json")
-    assert _lease(s3, "a", Clock()).refresh().held
+    assert _lease(s3, "a", FakeClock(1_000_000.0)).refresh().held
 
 
 def test_ttl_must_leave_room_for_the_margin(s3: Any) -> None:

@@ -7,6 +7,7 @@ import itertools
 from dataclasses import replace
 
 import pytest
+from waiting import FakeClock
 
 from fleet.manager import ACTION_BACKOFF_BASE_S, AdminError, FleetManager
 from fleet.model import FleetSpec, Health, Instance, InstanceState
@@ -17,29 +18,18 @@ SPEC = FleetSpec(name="test", desired=2, min=1, max=4, grace_period_s=30,
                  launch_backoff_base_s=1, launch_backoff_max_s=60, scale_in_window_s=1000)
 
 
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def provider(clock: Clock) -> InMemoryProvider:
+def provider(clock: FakeClock) -> InMemoryProvider:
     return InMemoryProvider(clock)
 
 
 @pytest.fixture
-def manager(provider: InMemoryProvider, clock: Clock) -> FleetManager:
+def manager(provider: InMemoryProvider, clock: FakeClock) -> FleetManager:
     return FleetManager(provider, SPEC, clock=clock)
 
 
@@ -55,7 +45,7 @@ def kinds(manager: FleetManager) -> list[str]:
     return [e.kind for e in manager.events]
 
 
-async def settle(manager: FleetManager, provider: InMemoryProvider, clock: Clock) -> None:
+async def settle(manager: FleetManager, provider: InMemoryProvider, clock: FakeClock) -> None:
     """Launch and register the desired instances, then report them healthy."""
     for _ in range(3):
         await manager.tick()

@@ -15,7 +15,7 @@ import aiohttp
 import cv2
 import pytest
 import requests
-from waiting import wait_until
+from waiting import FakeClock, wait_until
 
 from fleet.manager import FleetManager
 from fleet.model import FleetSpec, Health
@@ -27,18 +27,7 @@ SPEC = FleetSpec(name="alerts", desired=2, min=1, max=4, grace_period_s=30,
                  scale_in_window_s=10_000)
 
 
-class Clock:
-    def __init__(self, now: float = 10_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-async def ticks(manager: FleetManager, clock: Clock, seconds: float, step: float = 0.5) -> None:
+async def ticks(manager: FleetManager, clock: FakeClock, seconds: float, step: float = 0.5) -> None:
     for _ in range(int(seconds / step)):
         await manager.tick()
         clock.advance(step)
@@ -55,7 +44,7 @@ def alerts(manager: FleetManager, seconds: float = 3600) -> list[dict[str, Any]]
 
 
 def test_instances_failing_their_checks_again_and_again_raise_a_flapping_alert() -> None:
-    clock = Clock()
+    clock = FakeClock(10_000.0)
     provider = InMemoryProvider(clock)
     manager = FleetManager(provider, SPEC, clock=clock)
 
@@ -91,7 +80,7 @@ def test_instances_failing_their_checks_again_and_again_raise_a_flapping_alert()
 
 
 def test_launches_failing_for_lack_of_capacity_raise_an_alert_with_the_reason() -> None:
-    clock = Clock()
+    clock = FakeClock(10_000.0)
     provider = InMemoryProvider(clock)
     manager = FleetManager(provider, SPEC, clock=clock)
     reason = "InsufficientInstanceCapacity: no t3.small capacity in eu-west-1a"
@@ -126,7 +115,7 @@ def test_a_worker_shedding_real_requests_raises_a_shedding_alert(server_process,
                                                                  photo: bytes) -> None:
     # One slot and no queue: while a request runs, every other one is refused at once.
     server = server_process("--process-slots", "1", "--queue-limit", "0")
-    clock = Clock()
+    clock = FakeClock(10_000.0)
     provider = InMemoryProvider(clock, start_healthy=True)
     spec = replace(SPEC, desired=1, min=1, max=1)
     manager = FleetManager(provider, spec, clock=clock)

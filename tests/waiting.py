@@ -35,3 +35,16 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: floa
             name = what or getattr(predicate, "__name__", "condition")
             raise WaitTimeout(f"timed out after {timeout}s waiting for {name}") from last_error
         time.sleep(interval)
+
+
+class FakeClock:
+    """A clock that moves only when told: ``clock()`` is the time, ``advance(s)`` moves it."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

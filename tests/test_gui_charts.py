@@ -3,10 +3,12 @@ and the pure geometry behind them."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from gui.viewmodel.fleet import marked_lines
 from gui.views.charts import WINDOWS, chart_series, nice_max, scale_points
 
 pytestmark = pytest.mark.gui
@@ -33,11 +35,19 @@ def test_scale_points_split_at_gaps_and_clip() -> None:
     assert len(titles) == 5 and "Load per instance (in flight)" in titles
 
 
+def test_marked_lines_match_each_wanted_line_once() -> None:
+    log = ["a", "b", "a", "c"]
+    assert marked_lines(log, ["a", "c"]) == [1, 4]
+    assert marked_lines(log, ["a", "a", "a"]) == [1, 3]
+    assert marked_lines(log, ["z"]) == []
+
+
 @pytest.mark.parametrize("mode", ["Light", "Dark"])
 def test_charts_render_with_data(x_display: str, mode: str) -> None:
     import customtkinter as ctk
 
     from gui.views.fleet import FleetView
+    from server.api import FleetState
 
     class Controller:
         def __init__(self) -> None:
@@ -75,6 +85,23 @@ def test_charts_render_with_data(x_display: str, mode: str) -> None:
             root.update()
             assert charts.seconds == seconds and charts.drawn_items > 30
         assert controller.windows == [300, 900, 3600]
+        # The alert's button marks its events in the Events log (the line, not a copy).
+        state = FleetState.model_validate({
+            "name": "t", "provider": "local", "desired": 3, "min": 1, "max": 4,
+            "instances": [], "events": [
+                {"at": "2026-12-03T07:59:00Z", "kind": "launched", "instance_id": "w1",
+                 "message": "1 of 3"},
+                {"at": "2026-12-03T08:00:00Z", "kind": "scale_out", "instance_id": None,
+                 "message": "x"}]})
+        view.show_state(state, datetime(2026, 12, 3, 8, 1, tzinfo=UTC))
+        (button,) = charts.link_buttons()
+        assert button.cget("text") == "Show the 1 event behind: shedding"
+        button.invoke()
+        root.update()
+        (marked,) = view.marked_event_lines()
+        assert "scale_out" in marked and "launched" not in marked
+        view.show_metrics(window())  # a refresh with the same alerts keeps the button
+        assert charts.link_buttons() == [button]
     finally:
         root.destroy()
         ctk.set_appearance_mode("System")

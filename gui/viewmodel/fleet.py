@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -89,6 +90,18 @@ def event_lines(events: Iterable[FleetEvent], limit: int = 200) -> list[str]:
                       f"{when}  {event.kind:<18} {instance:<14} {event.message}"))
     lines.sort(key=lambda pair: pair[0], reverse=True)
     return [text for _, text in lines[:limit]]
+
+
+def marked_lines(log: Sequence[str], wanted: Iterable[str]) -> list[int]:
+    """The 1-based numbers of the log's lines that are among ``wanted`` (an alert's events,
+    formatted as :func:`event_lines` does), each wanted line matched once."""
+    left = Counter(wanted)
+    found = []
+    for number, line in enumerate(log, start=1):
+        if left[line] > 0:
+            left[line] -= 1
+            found.append(number)
+    return found
 
 
 def parse_desired(text: str, minimum: int, maximum: int) -> int:

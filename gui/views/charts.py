@@ -71,9 +71,13 @@ def nice_max(value: float) -> float:
 
 
 class FleetCharts(ctk.CTkFrame):
-    def __init__(self, master: Any, on_window: Callable[[int], None]) -> None:
+    def __init__(self, master: Any, on_window: Callable[[int], None],
+                 on_show_events: Callable[[Sequence[dict[str, Any]]], None] = lambda _e: None,
+                 ) -> None:
         super().__init__(master)
         self._on_window = on_window
+        self._on_show_events = on_show_events
+        self._alert_keys: tuple[tuple[str, str, int], ...] = ()
         self.seconds = 900
         self._body: dict[str, Any] | None = None
         self.columnconfigure(0, weight=1)
@@ -90,7 +94,10 @@ class FleetCharts(ctk.CTkFrame):
         self.canvas.grid(row=1, column=0, sticky="ew", padx=8, pady=6)
         self.canvas.bind("<Configure>", lambda _e: self.redraw())
         self.alerts = ctk.CTkLabel(self, text="", anchor="w", justify="left", wraplength=900)
-        self.alerts.grid(row=2, column=0, sticky="ew", padx=12, pady=(0, 8))
+        self.alerts.grid(row=2, column=0, sticky="ew", padx=12, pady=(0, 4))
+        # One button per alert that has events: it marks them in the Events log.
+        self.alert_links = ctk.CTkFrame(self, fg_color="transparent")
+        self.alert_links.grid(row=3, column=0, sticky="w", padx=8, pady=(0, 6))
         self.drawn_items = 0
 
     def _choose(self, label: str) -> None:
@@ -118,6 +125,27 @@ class FleetCharts(ctk.CTkFrame):
             self.alerts.configure(text="\n".join(lines), text_color=self._colour("c"))
         else:
             self.alerts.configure(text="No alerts.", text_color=self._colour("fg"))
+        self._show_links(alerts)
+
+    def _show_links(self, alerts: Sequence[dict[str, Any]]) -> None:
+        """Rebuilt only when the alerts change, not on every refresh."""
+        keys = tuple((a["kind"], a["message"], len(a.get("events", []))) for a in alerts)
+        if keys == self._alert_keys:
+            return
+        self._alert_keys = keys
+        for child in self.alert_links.winfo_children():
+            child.destroy()
+        for n, alert in enumerate(a for a in alerts if a.get("events")):
+            count = len(alert["events"])
+            ctk.CTkButton(
+                self.alert_links, height=24, width=10,
+                text=f"Show the {count} event{'s' if count != 1 else ''} behind: "
+                     f"{alert['kind'].replace('_', ' ')}",
+                command=lambda events=alert["events"]: self._on_show_events(events),
+            ).grid(row=0, column=n, padx=4)
+
+    def link_buttons(self) -> list[Any]:
+        return list(self.alert_links.winfo_children())
 
     def redraw(self) -> None:
         c = self.canvas

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from tkinter import ttk
 from typing import Any, Protocol
 
 import customtkinter as ctk
 
-from gui.viewmodel.fleet import HEALTH_COLOURS, event_lines, fleet_rows, fleet_totals
+from gui.viewmodel.fleet import (
+    HEALTH_COLOURS,
+    event_lines,
+    fleet_rows,
+    fleet_totals,
+    marked_lines,
+)
 from gui.views.widgets import CARD, ERROR, MUTED, heading
-from server.api import FleetState
+from server.api import FleetEvent, FleetState
 
+ALERT_TAG = "alert_event"
+ALERT_BACKGROUND = ("#fff3c4", "#5c4a00")  # (light, dark)
 COLUMNS = (("id", "Instance", 220), ("state", "State", 120), ("health", "Health", 120),
            ("address", "Address", 220), ("inflight", "In flight", 100), ("uptime", "Uptime", 120))
 
@@ -57,7 +66,8 @@ class FleetView(ctk.CTkFrame):
         self.message.grid(row=1, column=1, sticky="ew", padx=12, pady=(0, 12))
 
         from gui.views.charts import FleetCharts
-        self.charts = FleetCharts(self, getattr(controller, "metrics_window", lambda _s: None))
+        self.charts = FleetCharts(self, getattr(controller, "metrics_window", lambda _s: None),
+                                  self.show_alert_events)
         self.charts.grid(row=1, column=0, sticky="ew", pady=(0, 8))
 
         table_card = ctk.CTkFrame(self)
@@ -148,6 +158,26 @@ class FleetView(ctk.CTkFrame):
         self.events.delete("1.0", "end")
         self.events.insert("1.0", text)
         self.events.configure(state="disabled")
+
+    def show_alert_events(self, events: Sequence[dict[str, Any]]) -> None:
+        """Mark an alert's events in the Events log and scroll to the newest of them."""
+        wanted = event_lines(FleetEvent.model_validate(e) for e in events)
+        box = self.events
+        box.tag_remove(ALERT_TAG, "1.0", "end")
+        box.tag_config(ALERT_TAG, background=ALERT_BACKGROUND[ctk.get_appearance_mode() == "Dark"])
+        found = marked_lines(box.get("1.0", "end-1c").split("\n"), wanted)
+        for line in found:
+            box.tag_add(ALERT_TAG, f"{line}.0", f"{line}.end")
+        if found:
+            box.see(f"{found[0]}.0")
+        missing = len(wanted) - len(found)
+        self.show_message(f"{len(found)} event(s) marked in the log" + (
+            f"; {missing} no longer in it" if missing else ""))
+
+    def marked_event_lines(self) -> list[str]:
+        ranges = self.events.tag_ranges(ALERT_TAG)
+        return [self.events.get(start, end) for start, end in zip(ranges[::2], ranges[1::2],
+                                                                   strict=True)]
 
     def show_metrics(self, body: dict[str, Any]) -> None:
         self.charts.show(body)

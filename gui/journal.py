@@ -8,7 +8,8 @@ Where: ``journal.sqlite3`` in the user's data folder (platformdirs'
 What a batch holds: its id, when it was made, the endpoint, the job spec (JSON, opaque
 here: operation or steps, output settings), its inputs (path, size, mtime, and a content
 hash once an image is done) and, per input and per output, the state (pending, done,
-failed + error), the result key, link, its expiry, the instance and the saved path.
+failed + error), the result key, link, its expiry, the instance, the saved path and the
+result's format, width, height and size in bytes.
 
 Writing: one ``JournalWriter`` thread per process owns the only writing connection.
 Callers (the Tk thread, the asyncio loop) only put a record on its queue, which costs a
@@ -92,10 +93,21 @@ CREATE TABLE IF NOT EXISTS outputs (
     format TEXT,                     -- the result's format (png, jpeg, webp)
     saved_path TEXT,
     updated_at REAL NOT NULL,
+    width INTEGER,                   -- the result's facts (schema 1); NULL: not recorded
+    height INTEGER,
+    bytes INTEGER,
     PRIMARY KEY (batch_id, idx, output)
 );
 CREATE INDEX IF NOT EXISTS outputs_by_state ON outputs (batch_id, state);
 """
+
+# Schema versions (``PRAGMA user_version``): 0 is the first schema, 1 adds the result's
+# width, height and bytes to ``outputs``. A journal of an older version is migrated when
+# it is opened; the columns are nullable, so rows written before stay valid and older
+# programs (which name their columns) can still write to a migrated file.
+SCHEMA_VERSION = 1
+_ADDED_COLUMNS = (("outputs", "width", "INTEGER"), ("outputs", "height", "INTEGER"),
+                  ("outputs", "bytes", "INTEGER"))
 
 
 class JournalError(Exception):
@@ -204,6 +216,10 @@ class OutputRecord:
     instance_id: str | None = None
     saved_path: str | None = None
     format: str | None = None
+    # The result's facts; None when not recorded (an output journaled before schema 1)
+    width: int | None = None
+    height: int | None = None
+    bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -370,11 +386,36 @@ def _init(conn: sqlite3.Connection, path: Path) -> None:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
+        _migrate(conn)
     except sqlite3.DatabaseError as exc:
         raise JournalError(f"the batch journal {path} is not usable ({exc}); move it away "
                            "to start a new one") from exc
     with contextlib.suppress(OSError):
         os.chmod(path, 0o600)  # paths and links of the user's photographs
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a journal of an older schema up to ``SCHEMA_VERSION``.
+
+    Under the write lock (``BEGIN IMMEDIATE``), so the app and a command line opening an
+    old file at once do not both add a column. The columns are read with ``PRAGMA
+    table_info`` rather than trusted from ``user_version`` alone: a file made by this
+    code's ``CREATE TABLE`` has them already, whatever its version says."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for table, column, kind in _ADDED_COLUMNS:
+            present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                log.info("batch journal: added %s.%s", table, column)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
 
 
 @dataclass(frozen=True)
@@ -427,12 +468,17 @@ class Journal:
     def record_done(self, batch_id: str, index: int, *, key: str | None, url: str | None,
                     expires_at: datetime | str | None, instance_id: str | None = None,
                     saved_path: Path | str | None = None, output: str = "",
-                    hash_path: Path | None = None, format: str | None = None) -> None:
+                    hash_path: Path | None = None, format: str | None = None,
+                    width: int | None = None, height: int | None = None,
+                    bytes: int | None = None) -> None:
         """An output is done. ``hash_path``: the input file, hashed by the writer (its
-        bytes were just read, so they come from the page cache)."""
+        bytes were just read, so they come from the page cache). ``format``, ``width``,
+        ``height`` and ``bytes`` are the result's, shown again when the batch is resumed
+        or looked at later."""
         self._put("done", batch_id, index, output, key, url, _iso(expires_at), instance_id,
                   None if saved_path is None else str(saved_path),
-                  None if hash_path is None else str(hash_path), format)
+                  None if hash_path is None else str(hash_path), format, width, height,
+                  bytes)
 
     def record_failed(self, batch_id: str, index: int, error: str, output: str = "") -> None:
         self._put("failed", batch_id, index, output, error)
@@ -550,13 +596,15 @@ class Journal:
     def _do_done(self, conn: sqlite3.Connection, batch_id: str, index: int, output: str,
                  key: str | None, url: str | None, expires_at: str | None,
                  instance_id: str | None, saved_path: str | None,
-                 hash_path: str | None, fmt: str | None) -> None:
+                 hash_path: str | None, fmt: str | None, width: int | None = None,
+                 height: int | None = None, size: int | None = None) -> None:
         conn.execute(
             "UPDATE outputs SET state = 'done', error = NULL, key = ?, url = ?, "
             "expires_at = ?, instance_id = ?, saved_path = COALESCE(?, saved_path), "
-            "format = ?, updated_at = ? WHERE batch_id = ? AND idx = ? AND output = ?",
-            (key, url, expires_at, instance_id, saved_path, fmt, time.time(), batch_id,
-             index, output))
+            "format = ?, width = ?, height = ?, bytes = ?, updated_at = ? "
+            "WHERE batch_id = ? AND idx = ? AND output = ?",
+            (key, url, expires_at, instance_id, saved_path, fmt, width, height, size,
+             time.time(), batch_id, index, output))
         if hash_path is not None:
             digest = content_hash(Path(hash_path))
             self.stats.hashed += 1
@@ -655,7 +703,8 @@ class Journal:
                     "ORDER BY idx, output", (batch_id, low, high)):
                 outs.setdefault(o["idx"], []).append(OutputRecord(
                     o["output"], ItemState(o["state"]), o["error"], o["key"], o["url"],
-                    _when(o["expires_at"]), o["instance_id"], o["saved_path"], o["format"]))
+                    _when(o["expires_at"]), o["instance_id"], o["saved_path"], o["format"],
+                    o["width"], o["height"], o["bytes"]))
         return [InputRecord(r["idx"], Path(r["path"]), Identity(r["size"], r["mtime_ns"]),
                             r["hash"], tuple(outs.get(r["idx"], ()))) for r in rows]
 

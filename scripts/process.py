@@ -782,7 +782,8 @@ def _journal_outcome(journal: Journal | None, batch_id: str | None, image: int, 
         saved = line.rsplit("\t", 1)[1] if with_out else None  # the line's last field
         journal.record_done(batch_id, image, key=result.key, url=result.url, output=output,
                             expires_at=result.expires_at, instance_id=result.instance_id,
-                            format=result.format,
+                            format=result.format, width=result.width,
+                            height=result.height, bytes=result.bytes,
                             saved_path=saved if saved and not saved.startswith("skipped:")
                             else None, hash_path=Path(outcome.job.image)
                             if isinstance(outcome.job.image, Path) else None)

@@ -23,6 +23,12 @@ off its UI thread and the command line reads before it starts.
 
 Deciding what a resume sends is a pure function (``resume_plan``) of the stored inputs
 and what the files look like now.
+
+Retention: ``prune(days)`` deletes the batches that are done with (finished, or with no
+image left to do) and whose last activity is older than ``days`` (0: none), with their
+inputs and outputs; which ones is a pure function (``batches_to_prune``). A batch that can
+still be resumed is never pruned. SQLite reuses the freed pages for later records, so the
+file stops growing; it is not rewritten (no VACUUM).
 """
 
 from __future__ import annotations
@@ -53,6 +59,14 @@ DATA_DIR_ENV = "IMAGEFLEET_DATA_DIR"
 BUSY_TIMEOUT_MS = 10_000  # the app and a command line may write the same journal at once
 MAX_OPS_PER_COMMIT = 2000
 HASH_CHUNK = 1 << 20
+DEFAULT_HISTORY_DAYS = 90  # how long a finished batch stays; 0: for ever
+HISTORY_DAYS_RANGE = (0, 3650)
+HISTORY_DAYS_ENV = "IMAGEFLEET_HISTORY_DAYS"  # the command line's retention
+# Pruning deletes at most this many images' rows per transaction, so a first prune of a
+# year of 10,000-image batches does not hold the write lock for longer than the other
+# process's busy timeout.
+PRUNE_IMAGES_PER_COMMIT = 20_000
+DAY_S = 86_400
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -365,6 +379,38 @@ def plan_resume(inputs: Sequence[InputRecord]) -> ResumePlan:
     return plan
 
 
+# --------------------------------------------------------------------------- retention
+
+
+@dataclass(frozen=True)
+class RetentionRow:
+    """What the pruning decision needs of a batch."""
+
+    id: str
+    state: BatchState
+    last_activity: float  # epoch seconds: the batch's updated_at
+    not_done: int  # its outputs not done (pending or failed)
+
+    @property
+    def resumable(self) -> bool:
+        # what --resume and the History view can still continue
+        return self.state is not BatchState.FINISHED and self.not_done > 0
+
+
+def prune_cutoff(now: float, days: int) -> float | None:
+    """Batches last active before this are old; None: keep every batch (``days`` 0)."""
+    return None if days <= 0 else now - days * DAY_S
+
+
+def batches_to_prune(rows: Iterable[RetentionRow], now: float, days: int) -> list[str]:
+    """The ids of the batches to delete: not resumable, and last active more than
+    ``days`` before ``now``. ``days`` 0 keeps everything."""
+    cutoff = prune_cutoff(now, days)
+    if cutoff is None:
+        return []
+    return [row.id for row in rows if row.last_activity < cutoff and not row.resumable]
+
+
 # --------------------------------------------------------------------------- database
 
 
@@ -430,6 +476,7 @@ class WriterStats:
     ops: int = 0
     commits: int = 0
     hashed: int = 0
+    pruned: int = 0  # batches deleted by prune()
     failures: list[str] = field(default_factory=list)
 
 
@@ -448,6 +495,7 @@ class Journal:
         finally:
             conn.close()
         self.stats = WriterStats()
+        self._more_prune: tuple[int, float] | None = None  # the writer thread's alone
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self._closed = False
@@ -503,6 +551,12 @@ class Journal:
     def clear(self, *, keep_unfinished: bool = True) -> None:
         self._put("clear", keep_unfinished)
 
+    def prune(self, days: int, now: float | None = None) -> None:
+        """Delete the batches done with and last active more than ``days`` ago (0: none);
+        queued, so the caller does not wait (``flush()`` to wait for it)."""
+        if days > 0:
+            self._put("prune", days, time.time() if now is None else now)
+
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued so far is committed; False on timeout."""
         if self._closed:
@@ -551,21 +605,30 @@ class Journal:
         waiting = [op.done for op in ops if op.done is not None]
         work = [op for op in ops if op.done is None]
         if work:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                for op in work:
-                    getattr(self, "_do_" + op.kind)(conn, *op.args)
-                conn.execute("COMMIT")
-                self.stats.commits += 1
-                self.stats.ops += len(work)
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                # the batch goes on without its journal; the app and the CLI say so
-                log.error("batch journal %s: cannot write (%s)", self.path, exc)
-                self.stats.failures.append(str(exc))
+            self._transaction(conn, work)
+        # A long prune goes on in transactions of its own, each releasing the lock for
+        # the other process; a flush queued behind it waits for all of it.
+        while self._more_prune is not None:
+            more, self._more_prune = self._more_prune, None
+            self._transaction(conn, [_Op("prune", more)])
         for event in waiting:
             event.set()
+
+    def _transaction(self, conn: sqlite3.Connection, work: list[_Op]) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in work:
+                getattr(self, "_do_" + op.kind)(conn, *op.args)
+            conn.execute("COMMIT")
+            self.stats.commits += 1
+            self.stats.ops += len(work)
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._more_prune = None  # what was not pruned is pruned at the next start
+            # the batch goes on without its journal; the app and the CLI say so
+            log.error("batch journal %s: cannot write (%s)", self.path, exc)
+            self.stats.failures.append(str(exc))
 
     # ------------------------------------------------------------------ the writer's ops
     def _do_begin(self, conn: sqlite3.Connection, batch_id: str, created: float, source: str,
@@ -638,6 +701,39 @@ class Journal:
 
     def _do_delete(self, conn: sqlite3.Connection, batch_ids: tuple[str, ...]) -> None:
         conn.executemany("DELETE FROM batches WHERE id = ?", ((b,) for b in batch_ids))
+
+    def _do_prune(self, conn: sqlite3.Connection, days: int, now: float) -> None:
+        cutoff = prune_cutoff(now, days)
+        if cutoff is None:
+            return
+        # only the old batches are read; their not-done count (one index range each)
+        # only for those not finished
+        old = conn.execute("SELECT id, state, updated_at, total FROM batches "
+                           "WHERE updated_at < ? ORDER BY updated_at", (cutoff,)).fetchall()
+        rows = []
+        for row in old:
+            state = BatchState(row["state"])
+            not_done = 0 if state is BatchState.FINISHED else conn.execute(
+                "SELECT COUNT(*) FROM outputs WHERE batch_id = ? AND state != 'done'",
+                (row["id"],)).fetchone()[0]
+            rows.append(RetentionRow(row["id"], state, row["updated_at"], not_done))
+        doomed = batches_to_prune(rows, now, days)
+        if not doomed:
+            return
+        sizes = {row["id"]: row["total"] for row in old}
+        chunk, images = [], 0
+        for batch_id in doomed:
+            if chunk and images + sizes[batch_id] > PRUNE_IMAGES_PER_COMMIT:
+                break
+            chunk.append(batch_id)
+            images += sizes[batch_id]
+        # their inputs and outputs go with them (ON DELETE CASCADE)
+        conn.executemany("DELETE FROM batches WHERE id = ?", ((b,) for b in chunk))
+        self.stats.pruned += len(chunk)
+        log.info("batch journal: pruned %d batches last active over %d days ago",
+                 len(chunk), days)
+        if len(chunk) < len(doomed):
+            self._more_prune = (days, now)  # the rest after this transaction commits
 
     def _do_clear(self, conn: sqlite3.Connection, keep_unfinished: bool) -> None:
         if keep_unfinished:

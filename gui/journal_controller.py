@@ -207,8 +207,11 @@ class JournalController:
         return journal_path(self.app.environ)
 
     def start(self) -> None:
-        """Open the journal on the worker thread, then offer the newest unfinished batch."""
+        """Open the journal on the worker thread, prune the batches older than the
+        ``history_days`` setting (on the journal's writer thread), then offer the newest
+        unfinished batch."""
         path = self.path
+        days = self.app.settings.history_days  # read here: settings belong to this thread
 
         def opened(result: tuple[Journal, list[BatchSummary]]) -> None:
             journal, unfinished = result
@@ -226,6 +229,7 @@ class JournalController:
         def open_journal() -> tuple[Journal, list[BatchSummary]]:
             journal = Journal(path)
             self._opened = journal  # close() finds it even if the app closes meanwhile
+            journal.prune(days)  # queued: the writer deletes while the app starts
             try:
                 batches = journal.list_batches(0, 20, unfinished_only=True)
             except JournalError:

@@ -6,6 +6,8 @@ them). A fake host runs the worker-thread parts at once."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -15,7 +17,7 @@ from typing import Any
 import pytest
 
 from gui.client.models import ProcessResult
-from gui.journal import Identity, InputRecord, ItemState, OutputRecord
+from gui.journal import Identity, InputRecord, ItemState, Journal, OutputRecord
 from gui.journal_controller import JournalController, Resumable, result_of
 from gui.settings import Settings
 from gui.viewmodel.batch import ImageJob, JobStatus
@@ -128,3 +130,27 @@ def test_an_output_journaled_without_facts_shows_them_as_unknown() -> None:
     assert result_of(InputRecord(1, Path("b.png"), Identity(1, 1), None,
                                  (OutputRecord("", ItemState.PENDING),))) is None
 
+
+
+def test_the_app_prunes_its_journal_at_start(host: FakeHost, tmp_path: Path) -> None:
+    source = tmp_path / "a.png"
+    source.write_bytes(b"image")
+    path = Path(host.environ["IMAGEFLEET_DATA_DIR"]) / "journal.sqlite3"
+    journal = Journal(path)
+    old = journal.begin({"kind": "app-request"}, [source], endpoint="e", source="app")
+    recent = journal.begin({"kind": "app-request"}, [source], endpoint="e", source="app")
+    for batch in (old, recent):
+        journal.record_done(batch, 0, key="k", url="u", expires_at=None)
+        journal.finish(batch)
+    journal.close()
+    with sqlite3.connect(path) as conn:  # its last activity 31 days ago
+        conn.execute("UPDATE batches SET updated_at = ? WHERE id = ?",
+                     (time.time() - 31 * 86_400, old))
+    host.settings = Settings(history_days=30)
+    controller = JournalController(host)  # type: ignore[arg-type]
+    controller.start()
+    try:
+        assert controller.journal is not None and controller.journal.flush()
+        assert [b.id for b in controller.journal.list_batches()] == [recent]
+    finally:
+        controller.close()

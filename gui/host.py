@@ -92,6 +92,7 @@ class FleetHost(Host, Protocol):
 @runtime_checkable
 class JournalHost(Host, Protocol):
     environ: MutableMapping[str, str]
+    settings: Settings
     closed: bool
     process: ProcessController
 

@@ -8,7 +8,8 @@ Where: ``journal.sqlite3`` in the user's data folder (platformdirs'
 What a batch holds: its id, when it was made, the endpoint, the job spec (JSON, opaque
 here: operation or steps, output settings), its inputs (path, size, mtime, and a content
 hash once an image is done) and, per input and per output, the state (pending, done,
-failed + error), the result key, link, its expiry, the instance and the saved path.
+failed + error), the result key, link, its expiry, the instance, the saved path and the
+result's format, width, height and size in bytes.
 
 Writing: one ``JournalWriter`` thread per process owns the only writing connection.
 Callers (the Tk thread, the asyncio loop) only put a record on its queue, which costs a
@@ -22,6 +23,12 @@ off its UI thread and the command line reads before it starts.
 
 Deciding what a resume sends is a pure function (``resume_plan``) of the stored inputs
 and what the files look like now.
+
+Retention: ``prune(days)`` deletes the batches that are done with (finished, or with no
+image left to do) and whose last activity is older than ``days`` (0: none), with their
+inputs and outputs; which ones is a pure function (``batches_to_prune``). A batch that can
+still be resumed is never pruned. SQLite reuses the freed pages for later records, so the
+file stops growing; it is not rewritten (no VACUUM).
 """
 
 from __future__ import annotations
@@ -52,6 +59,14 @@ DATA_DIR_ENV = "IMAGEFLEET_DATA_DIR"
 BUSY_TIMEOUT_MS = 10_000  # the app and a command line may write the same journal at once
 MAX_OPS_PER_COMMIT = 2000
 HASH_CHUNK = 1 << 20
+DEFAULT_HISTORY_DAYS = 90  # how long a finished batch stays; 0: for ever
+HISTORY_DAYS_RANGE = (0, 3650)
+HISTORY_DAYS_ENV = "IMAGEFLEET_HISTORY_DAYS"  # the command line's retention
+# Pruning deletes at most this many images' rows per transaction, so a first prune of a
+# year of 10,000-image batches does not hold the write lock for longer than the other
+# process's busy timeout.
+PRUNE_IMAGES_PER_COMMIT = 20_000
+DAY_S = 86_400
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -92,10 +107,21 @@ CREATE TABLE IF NOT EXISTS outputs (
     format TEXT,                     -- the result's format (png, jpeg, webp)
     saved_path TEXT,
     updated_at REAL NOT NULL,
+    width INTEGER,                   -- the result's facts (schema 1); NULL: not recorded
+    height INTEGER,
+    bytes INTEGER,
     PRIMARY KEY (batch_id, idx, output)
 );
 CREATE INDEX IF NOT EXISTS outputs_by_state ON outputs (batch_id, state);
 """
+
+# Schema versions (``PRAGMA user_version``): 0 is the first schema, 1 adds the result's
+# width, height and bytes to ``outputs``. A journal of an older version is migrated when
+# it is opened; the columns are nullable, so rows written before stay valid and older
+# programs (which name their columns) can still write to a migrated file.
+SCHEMA_VERSION = 1
+_ADDED_COLUMNS = (("outputs", "width", "INTEGER"), ("outputs", "height", "INTEGER"),
+                  ("outputs", "bytes", "INTEGER"))
 
 
 class JournalError(Exception):
@@ -204,6 +230,10 @@ class OutputRecord:
     instance_id: str | None = None
     saved_path: str | None = None
     format: str | None = None
+    # The result's facts; None when not recorded (an output journaled before schema 1)
+    width: int | None = None
+    height: int | None = None
+    bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -349,6 +379,38 @@ def plan_resume(inputs: Sequence[InputRecord]) -> ResumePlan:
     return plan
 
 
+# --------------------------------------------------------------------------- retention
+
+
+@dataclass(frozen=True)
+class RetentionRow:
+    """What the pruning decision needs of a batch."""
+
+    id: str
+    state: BatchState
+    last_activity: float  # epoch seconds: the batch's updated_at
+    not_done: int  # its outputs not done (pending or failed)
+
+    @property
+    def resumable(self) -> bool:
+        # what --resume and the History view can still continue
+        return self.state is not BatchState.FINISHED and self.not_done > 0
+
+
+def prune_cutoff(now: float, days: int) -> float | None:
+    """Batches last active before this are old; None: keep every batch (``days`` 0)."""
+    return None if days <= 0 else now - days * DAY_S
+
+
+def batches_to_prune(rows: Iterable[RetentionRow], now: float, days: int) -> list[str]:
+    """The ids of the batches to delete: not resumable, and last active more than
+    ``days`` before ``now``. ``days`` 0 keeps everything."""
+    cutoff = prune_cutoff(now, days)
+    if cutoff is None:
+        return []
+    return [row.id for row in rows if row.last_activity < cutoff and not row.resumable]
+
+
 # --------------------------------------------------------------------------- database
 
 
@@ -370,11 +432,36 @@ def _init(conn: sqlite3.Connection, path: Path) -> None:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
+        _migrate(conn)
     except sqlite3.DatabaseError as exc:
         raise JournalError(f"the batch journal {path} is not usable ({exc}); move it away "
                            "to start a new one") from exc
     with contextlib.suppress(OSError):
         os.chmod(path, 0o600)  # paths and links of the user's photographs
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a journal of an older schema up to ``SCHEMA_VERSION``.
+
+    Under the write lock (``BEGIN IMMEDIATE``), so the app and a command line opening an
+    old file at once do not both add a column. The columns are read with ``PRAGMA
+    table_info`` rather than trusted from ``user_version`` alone: a file made by this
+    code's ``CREATE TABLE`` has them already, whatever its version says."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for table, column, kind in _ADDED_COLUMNS:
+            present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                log.info("batch journal: added %s.%s", table, column)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
 
 
 @dataclass(frozen=True)
@@ -389,6 +476,7 @@ class WriterStats:
     ops: int = 0
     commits: int = 0
     hashed: int = 0
+    pruned: int = 0  # batches deleted by prune()
     failures: list[str] = field(default_factory=list)
 
 
@@ -407,6 +495,7 @@ class Journal:
         finally:
             conn.close()
         self.stats = WriterStats()
+        self._more_prune: tuple[int, float] | None = None  # the writer thread's alone
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self._closed = False
@@ -427,12 +516,17 @@ class Journal:
     def record_done(self, batch_id: str, index: int, *, key: str | None, url: str | None,
                     expires_at: datetime | str | None, instance_id: str | None = None,
                     saved_path: Path | str | None = None, output: str = "",
-                    hash_path: Path | None = None, format: str | None = None) -> None:
+                    hash_path: Path | None = None, format: str | None = None,
+                    width: int | None = None, height: int | None = None,
+                    bytes: int | None = None) -> None:
         """An output is done. ``hash_path``: the input file, hashed by the writer (its
-        bytes were just read, so they come from the page cache)."""
+        bytes were just read, so they come from the page cache). ``format``, ``width``,
+        ``height`` and ``bytes`` are the result's, shown again when the batch is resumed
+        or looked at later."""
         self._put("done", batch_id, index, output, key, url, _iso(expires_at), instance_id,
                   None if saved_path is None else str(saved_path),
-                  None if hash_path is None else str(hash_path), format)
+                  None if hash_path is None else str(hash_path), format, width, height,
+                  bytes)
 
     def record_failed(self, batch_id: str, index: int, error: str, output: str = "") -> None:
         self._put("failed", batch_id, index, output, error)
@@ -456,6 +550,12 @@ class Journal:
 
     def clear(self, *, keep_unfinished: bool = True) -> None:
         self._put("clear", keep_unfinished)
+
+    def prune(self, days: int, now: float | None = None) -> None:
+        """Delete the batches done with and last active more than ``days`` ago (0: none);
+        queued, so the caller does not wait (``flush()`` to wait for it)."""
+        if days > 0:
+            self._put("prune", days, time.time() if now is None else now)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued so far is committed; False on timeout."""
@@ -505,21 +605,30 @@ class Journal:
         waiting = [op.done for op in ops if op.done is not None]
         work = [op for op in ops if op.done is None]
         if work:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                for op in work:
-                    getattr(self, "_do_" + op.kind)(conn, *op.args)
-                conn.execute("COMMIT")
-                self.stats.commits += 1
-                self.stats.ops += len(work)
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                # the batch goes on without its journal; the app and the CLI say so
-                log.error("batch journal %s: cannot write (%s)", self.path, exc)
-                self.stats.failures.append(str(exc))
+            self._transaction(conn, work)
+        # A long prune goes on in transactions of its own, each releasing the lock for
+        # the other process; a flush queued behind it waits for all of it.
+        while self._more_prune is not None:
+            more, self._more_prune = self._more_prune, None
+            self._transaction(conn, [_Op("prune", more)])
         for event in waiting:
             event.set()
+
+    def _transaction(self, conn: sqlite3.Connection, work: list[_Op]) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in work:
+                getattr(self, "_do_" + op.kind)(conn, *op.args)
+            conn.execute("COMMIT")
+            self.stats.commits += 1
+            self.stats.ops += len(work)
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._more_prune = None  # what was not pruned is pruned at the next start
+            # the batch goes on without its journal; the app and the CLI say so
+            log.error("batch journal %s: cannot write (%s)", self.path, exc)
+            self.stats.failures.append(str(exc))
 
     # ------------------------------------------------------------------ the writer's ops
     def _do_begin(self, conn: sqlite3.Connection, batch_id: str, created: float, source: str,
@@ -550,13 +659,15 @@ class Journal:
     def _do_done(self, conn: sqlite3.Connection, batch_id: str, index: int, output: str,
                  key: str | None, url: str | None, expires_at: str | None,
                  instance_id: str | None, saved_path: str | None,
-                 hash_path: str | None, fmt: str | None) -> None:
+                 hash_path: str | None, fmt: str | None, width: int | None = None,
+                 height: int | None = None, size: int | None = None) -> None:
         conn.execute(
             "UPDATE outputs SET state = 'done', error = NULL, key = ?, url = ?, "
             "expires_at = ?, instance_id = ?, saved_path = COALESCE(?, saved_path), "
-            "format = ?, updated_at = ? WHERE batch_id = ? AND idx = ? AND output = ?",
-            (key, url, expires_at, instance_id, saved_path, fmt, time.time(), batch_id,
-             index, output))
+            "format = ?, width = ?, height = ?, bytes = ?, updated_at = ? "
+            "WHERE batch_id = ? AND idx = ? AND output = ?",
+            (key, url, expires_at, instance_id, saved_path, fmt, width, height, size,
+             time.time(), batch_id, index, output))
         if hash_path is not None:
             digest = content_hash(Path(hash_path))
             self.stats.hashed += 1
@@ -590,6 +701,39 @@ class Journal:
 
     def _do_delete(self, conn: sqlite3.Connection, batch_ids: tuple[str, ...]) -> None:
         conn.executemany("DELETE FROM batches WHERE id = ?", ((b,) for b in batch_ids))
+
+    def _do_prune(self, conn: sqlite3.Connection, days: int, now: float) -> None:
+        cutoff = prune_cutoff(now, days)
+        if cutoff is None:
+            return
+        # only the old batches are read; their not-done count (one index range each)
+        # only for those not finished
+        old = conn.execute("SELECT id, state, updated_at, total FROM batches "
+                           "WHERE updated_at < ? ORDER BY updated_at", (cutoff,)).fetchall()
+        rows = []
+        for row in old:
+            state = BatchState(row["state"])
+            not_done = 0 if state is BatchState.FINISHED else conn.execute(
+                "SELECT COUNT(*) FROM outputs WHERE batch_id = ? AND state != 'done'",
+                (row["id"],)).fetchone()[0]
+            rows.append(RetentionRow(row["id"], state, row["updated_at"], not_done))
+        doomed = batches_to_prune(rows, now, days)
+        if not doomed:
+            return
+        sizes = {row["id"]: row["total"] for row in old}
+        chunk, images = [], 0
+        for batch_id in doomed:
+            if chunk and images + sizes[batch_id] > PRUNE_IMAGES_PER_COMMIT:
+                break
+            chunk.append(batch_id)
+            images += sizes[batch_id]
+        # their inputs and outputs go with them (ON DELETE CASCADE)
+        conn.executemany("DELETE FROM batches WHERE id = ?", ((b,) for b in chunk))
+        self.stats.pruned += len(chunk)
+        log.info("batch journal: pruned %d batches last active over %d days ago",
+                 len(chunk), days)
+        if len(chunk) < len(doomed):
+            self._more_prune = (days, now)  # the rest after this transaction commits
 
     def _do_clear(self, conn: sqlite3.Connection, keep_unfinished: bool) -> None:
         if keep_unfinished:
@@ -655,7 +799,8 @@ class Journal:
                     "ORDER BY idx, output", (batch_id, low, high)):
                 outs.setdefault(o["idx"], []).append(OutputRecord(
                     o["output"], ItemState(o["state"]), o["error"], o["key"], o["url"],
-                    _when(o["expires_at"]), o["instance_id"], o["saved_path"], o["format"]))
+                    _when(o["expires_at"]), o["instance_id"], o["saved_path"], o["format"],
+                    o["width"], o["height"], o["bytes"]))
         return [InputRecord(r["idx"], Path(r["path"]), Identity(r["size"], r["mtime_ns"]),
                             r["hash"], tuple(outs.get(r["idx"], ()))) for r in rows]
 

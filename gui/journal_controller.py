@@ -32,6 +32,7 @@ from gui.journal import (
     InputRecord,
     Journal,
     JournalError,
+    OutputRecord,
     ResumePlan,
     journal_path,
     plan_resume,
@@ -126,21 +127,28 @@ def spec_request(spec: Mapping[str, Any]) -> ProcessRequest:
                           OutputSettings(**(spec.get("output") or {})))
 
 
-def _info(out: Any) -> ProcessResult | None:
+def _fact(value: int | None) -> int:
+    # NULL (an output journaled before the journal kept the facts) stays 0: unknown,
+    # shown as it was before
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _info(out: OutputRecord | None) -> ProcessResult | None:
     if out is None or out.url is None:
         return None
-    # Built without validation: the app's own journal, which keeps only the link, its
-    # expiry (None when an entry does not say) and where it came from; the other facts
-    # were not journaled and are 0.
+    # Built without validation: the app's own journal, which keeps the link, its expiry
+    # (None when an entry does not say), where it came from and the result's format,
+    # dimensions and size; the server's timings and tiling were not journaled and are 0.
     return ProcessResult.model_construct(
         key=out.key or "", url=out.url, expires_at=out.expires_at,
-        instance_id=out.instance_id or "", width=0, height=0, format=out.format or "png",
-        bytes=0, cached=True, tiles=1, timings_ms={}, elapsed_s=0.0, attempts=1)
+        instance_id=out.instance_id or "", width=_fact(out.width),
+        height=_fact(out.height), format=out.format or "png", bytes=_fact(out.bytes),
+        cached=True, tiles=1, timings_ms={}, elapsed_s=0.0, attempts=1)
 
 
 def result_of(record: InputRecord) -> ProcessResult | None:
-    """A done input's (first) result as the Process view keeps it (facts not journaled
-    are 0)."""
+    """A done input's (first) result as the Process view keeps it (facts the journal
+    does not have are 0)."""
     return _info(record.outputs[0] if record.outputs else None)
 
 
@@ -199,8 +207,11 @@ class JournalController:
         return journal_path(self.app.environ)
 
     def start(self) -> None:
-        """Open the journal on the worker thread, then offer the newest unfinished batch."""
+        """Open the journal on the worker thread, prune the batches older than the
+        ``history_days`` setting (on the journal's writer thread), then offer the newest
+        unfinished batch."""
         path = self.path
+        days = self.app.settings.history_days  # read here: settings belong to this thread
 
         def opened(result: tuple[Journal, list[BatchSummary]]) -> None:
             journal, unfinished = result
@@ -218,6 +229,7 @@ class JournalController:
         def open_journal() -> tuple[Journal, list[BatchSummary]]:
             journal = Journal(path)
             self._opened = journal  # close() finds it even if the app closes meanwhile
+            journal.prune(days)  # queued: the writer deletes while the app starts
             try:
                 batches = journal.list_batches(0, 20, unfinished_only=True)
             except JournalError:
@@ -284,7 +296,8 @@ class JournalController:
                 self.journal.record_done(where.batch_id, index, key=r.key, url=r.url,
                                          expires_at=r.expires_at, instance_id=r.instance_id,
                                          hash_path=job.path if n == 0 else None,
-                                         format=r.format, output=output)
+                                         format=r.format, width=r.width, height=r.height,
+                                         bytes=r.bytes, output=output)
         elif job.status == JobStatus.FAILED:
             for output in [o.name for o in where.request.outputs] or [""]:
                 self.journal.record_failed(where.batch_id, index, job.message, output)

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 from pydantic import ValidationError, field_validator
 from pydantic.dataclasses import dataclass as validated_dataclass
 
+from gui.journal import DEFAULT_HISTORY_DAYS, HISTORY_DAYS_RANGE
 from gui.naming import ON_CONFLICT_CHOICES as ON_CONFLICT  # Save all when a name is taken
 from gui.output_rules import DEFAULT_TEMPLATE, TemplateError, parse_template
 from server.atomic import write_atomic
@@ -52,6 +53,7 @@ INT_RANGES = {
     "local_port": PORT_RANGE,
     "storage_max_mb": STORAGE_MAX_MB_RANGE,
     "storage_max_age_days": STORAGE_MAX_AGE_DAYS_RANGE,
+    "history_days": HISTORY_DAYS_RANGE,
 }
 APP_DIR = "imagefleet"
 # Where the settings lived before platformdirs chose (macOS and Windows): still used when
@@ -102,6 +104,9 @@ class Settings:
     s3_prefix: str = ""
     storage_max_mb: int = 500
     storage_max_age_days: int = 7
+    # How long the History keeps a finished batch, in days since its last activity (0: for
+    # ever); batches that can still be resumed are kept whatever their age.
+    history_days: int = DEFAULT_HISTORY_DAYS
 
     @property
     def s3_location(self) -> str | None:

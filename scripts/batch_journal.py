@@ -8,12 +8,17 @@ order: images done then, and unchanged since (size and mtime, or the same conten
 are not sent again; their lines are printed from the journal. ``--resume BATCH_ID``
 names the batch instead: its spec and inputs are taken from the journal, so the
 command line needs only the endpoint.
+
+Each run first prunes the journal: finished batches last active more than 90 days ago
+go (``IMAGEFLEET_HISTORY_DAYS`` sets the days, 0 keeps every batch); batches that can
+still be resumed stay.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +26,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from gui.journal import (
+    DEFAULT_HISTORY_DAYS,
+    HISTORY_DAYS_ENV,
+    HISTORY_DAYS_RANGE,
     BatchState,
     InputRecord,
     ItemState,
@@ -68,6 +76,18 @@ def job_spec(*, runs: Sequence[tuple[str, Mapping[str, Any]]], operation: str | 
         # the sub-folder -r mirrors each input into; none when nothing is mirrored
         "folders": list(folders) if any(folders) else None,
     }
+
+
+def history_days(environ: Mapping[str, str] | None = None) -> int:
+    """How many days a finished batch stays in the journal: ``IMAGEFLEET_HISTORY_DAYS``
+    (empty or unset: 90; 0: for ever). Raises ValueError naming the variable and the
+    range allowed."""
+    from gui.settings import int_in_range  # the app's rule for the same setting
+
+    raw = (os.environ if environ is None else environ).get(HISTORY_DAYS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_HISTORY_DAYS
+    return int_in_range(HISTORY_DAYS_ENV, raw, *HISTORY_DAYS_RANGE)
 
 
 def open_journal(stream: TextIO) -> Journal | None:

@@ -54,7 +54,9 @@ Every batch is journaled (``gui/journal.py``, in the user's data folder) as it r
 ``--resume`` continues the newest unfinished batch with the same settings and inputs, and
 ``--resume BATCH_ID`` (the id printed when the batch started) that one batch, taking its
 settings and inputs from the journal; see ``scripts/batch_journal.py``. Images done
-before and unchanged since are not sent again.
+before and unchanged since are not sent again. Each run first prunes the journal of
+finished batches last active more than ``IMAGEFLEET_HISTORY_DAYS`` days ago (default 90;
+0 keeps them all).
 
 A busy fleet (503 ``overloaded``) is waited for, not failed: such answers are retried
 for up to ``--patience`` seconds without using ``--attempts``, and the client keeps
@@ -782,7 +784,8 @@ def _journal_outcome(journal: Journal | None, batch_id: str | None, image: int, 
         saved = line.rsplit("\t", 1)[1] if with_out else None  # the line's last field
         journal.record_done(batch_id, image, key=result.key, url=result.url, output=output,
                             expires_at=result.expires_at, instance_id=result.instance_id,
-                            format=result.format,
+                            format=result.format, width=result.width,
+                            height=result.height, bytes=result.bytes,
                             saved_path=saved if saved and not saved.startswith("skipped:")
                             else None, hash_path=Path(outcome.job.image)
                             if isinstance(outcome.job.image, Path) else None)
@@ -848,6 +851,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(split_resume_id(sys.argv[1:] if argv is None else argv))
     journal: Journal | None = None
     try:
+        try:
+            history_days = batch_journal.history_days()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         if args.resume_batch is not None:
             journal = batch_journal.open_journal(sys.stderr)
             apply_stored_batch(args, journal)
@@ -858,6 +865,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))  # exits with status 2
     if journal is None:
         journal = batch_journal.open_journal(sys.stderr)
+    if journal is not None:
+        journal.prune(history_days)  # queued: the writer prunes while the batch starts
     tally = Tally(total=len(plan.inputs))
     display = ProgressDisplay(sys.stderr, tally, is_tty=sys.stderr.isatty())
     try:

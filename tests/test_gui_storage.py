@@ -49,14 +49,21 @@ def test_space_used_and_clear(app: Any) -> None:
 
 
 def test_the_sharing_settings_are_edited_in_the_form(app: Any) -> None:
-    """Port, S3 location and the storage caps have form rows: they show the settings,
-    a bad value is refused naming the field (nothing saved), a good one is saved."""
+    """Port, S3 location, the storage caps and the history's days have form rows: they
+    show the settings, a bad value is refused naming the field (nothing saved), a good
+    one is saved."""
     import json
 
     view = app.settings_view
     app.show_view("Settings")
     assert view.raw_values()["local_port"] == str(app.settings.local_port)
     assert view.raw_values()["storage_max_mb"] == str(app.settings.storage_max_mb)
+    assert view.raw_values()["history_days"] == "90"
+    view.history_days.set(4000)
+    view.save_button.invoke()
+    assert "history_days must be from 0 to 3650, got 4000" in view.message.cget("text")
+    assert app.settings.history_days == 90
+    view.history_days.set(30)
     view.s3_bucket.insert(0, "Not_A_Bucket")
     view.save_button.invoke()
     assert "s3_bucket" in view.message.cget("text")
@@ -76,6 +83,6 @@ def test_the_sharing_settings_are_edited_in_the_form(app: Any) -> None:
                20, "the settings saved")
     saved = json.loads(app.config_path.read_text())
     assert (saved["s3_region"], saved["s3_prefix"], saved["local_port"],
-            saved["storage_max_mb"], saved["storage_max_age_days"]) == (
-        "eu-west-1", "shared/", 9123, 2000, 30)
+            saved["storage_max_mb"], saved["storage_max_age_days"], saved["history_days"]) == (
+        "eu-west-1", "shared/", 9123, 2000, 30, 30)
     assert app.settings.s3_location == "s3://team-photos/shared"

@@ -3,6 +3,7 @@ two writers on one file, and where the journal lives."""
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gui.journal import (
+    SCHEMA_VERSION,
     BatchState,
     Change,
     Identity,
@@ -255,3 +257,115 @@ def test_records_survive_a_reopen_and_the_mode_is_wal(tmp_path: Path) -> None:
         assert [r.state for r in again.inputs(batch)] == [ItemState.PENDING, ItemState.DONE]
     finally:
         again.close()
+
+
+# The schema as the first version of the journal wrote it (schema 0, before the
+# result's width, height and bytes were kept): copied from gui/journal.py of then.
+SCHEMA_0 = """
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    source TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    spec_key TEXT NOT NULL,
+    inputs_key TEXT NOT NULL,
+    outputs TEXT NOT NULL,
+    out_dir TEXT,
+    state TEXT NOT NULL,
+    total INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batches_by_time ON batches (created_at DESC);
+CREATE INDEX IF NOT EXISTS batches_by_spec ON batches (spec_key, inputs_key, state);
+CREATE TABLE IF NOT EXISTS inputs (
+    batch_id TEXT NOT NULL REFERENCES batches (id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER,
+    mtime_ns INTEGER,
+    hash TEXT,
+    PRIMARY KEY (batch_id, idx)
+);
+CREATE TABLE IF NOT EXISTS outputs (
+    batch_id TEXT NOT NULL REFERENCES batches (id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    output TEXT NOT NULL,
+    state TEXT NOT NULL,
+    error TEXT,
+    key TEXT,
+    url TEXT,
+    expires_at TEXT,
+    instance_id TEXT,
+    format TEXT,
+    saved_path TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (batch_id, idx, output)
+);
+CREATE INDEX IF NOT EXISTS outputs_by_state ON outputs (batch_id, state);
+"""
+
+
+def old_journal(path: Path, inputs: list[Path], batch_id: str = "20260101-000000-0001",
+                state: str = "running", updated_at: float = 1_767_225_600.0) -> None:
+    """A schema-0 journal file with one batch: its first input done, the rest pending."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript(SCHEMA_0)
+        conn.execute("INSERT INTO batches VALUES (?, ?, ?, 'cli', 'e', ?, 'sk', 'ik', "
+                     "'[\"\"]', NULL, ?, ?)", (batch_id, updated_at, updated_at,
+                                              json.dumps(SPEC), state, len(inputs)))
+        for i, source in enumerate(inputs):
+            st = source.stat()
+            conn.execute("INSERT INTO inputs VALUES (?, ?, ?, ?, ?, NULL)",
+                         (batch_id, i, str(source), st.st_size, st.st_mtime_ns))
+            conn.execute("INSERT INTO outputs VALUES (?, ?, '', ?, NULL, ?, ?, NULL, ?, ?, "
+                         "NULL, ?)", (batch_id, i, "done" if i == 0 else "pending",
+                                      f"k{i}" if i == 0 else None,
+                                      "http://x/0" if i == 0 else None,
+                                      "w1" if i == 0 else None, "png" if i == 0 else None,
+                                      updated_at))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_an_old_journal_is_migrated_and_its_rows_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    inputs = make_inputs(tmp_path / "in", 2)
+    old_journal(path, inputs)
+    journal = Journal(path)
+    try:
+        with sqlite3.connect(path) as conn:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(outputs)")}
+            assert {"width", "height", "bytes"} <= columns
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        old, pending = journal.inputs("20260101-000000-0001")
+        done = old.outputs[0]
+        assert (old.state, done.key, done.url, done.format) == (
+            ItemState.DONE, "k0", "http://x/0", "png")
+        assert (done.width, done.height, done.bytes) == (None, None, None)  # unknown
+        assert pending.state is ItemState.PENDING
+        # the migrated file takes the new facts
+        journal.record_done("20260101-000000-0001", 1, key="k1", url="http://x/1",
+                            expires_at=None, format="webp", width=640, height=480,
+                            bytes=12_345)
+        journal.flush()
+        new = journal.inputs("20260101-000000-0001")[1].outputs[0]
+        assert (new.format, new.width, new.height, new.bytes) == ("webp", 640, 480, 12_345)
+    finally:
+        journal.close()
+    Journal(path).close()  # opening a migrated file again changes nothing
+
+
+def test_a_done_output_keeps_the_results_facts(journal: Journal, tmp_path: Path) -> None:
+    inputs = make_inputs(tmp_path / "in", 2)
+    batch = journal.begin(SPEC, inputs, endpoint="e", source="app")
+    journal.record_done(batch, 0, key="k", url="u", expires_at=None, format="jpeg",
+                        width=4032, height=3024, bytes=2_000_000)
+    journal.record_done(batch, 1, key="k", url="u", expires_at=None)  # facts not given
+    journal.flush()
+    first, second = (r.outputs[0] for r in journal.inputs(batch))
+    assert (first.format, first.width, first.height, first.bytes) == (
+        "jpeg", 4032, 3024, 2_000_000)
+    assert (second.width, second.height, second.bytes) == (None, None, None)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,13 @@ import requests
 from conftest import free_port
 from waiting import wait_until
 
-from gui.client import OperationSpec, ParamSpec, ProgressEvent
+from gui.client import Job, JobOutcome, OperationSpec, ParamSpec, ProcessResult, ProgressEvent
+from gui.journal import Journal
 from scripts.process import (
     ProgressDisplay,
     Tally,
     UsageError,
+    _journal_outcome,
     coerce_params,
     coerce_value,
     expand_inputs,
@@ -93,6 +96,23 @@ def test_output_stems_keep_the_first_and_number_the_rest() -> None:
               Path("other.png")]
     assert output_stems(inputs) == ["photo", "photo-3", "Photo-4", "photo-2", "other"]
 
+
+def test_a_done_output_is_journaled_with_its_results_facts(tmp_path: Path) -> None:
+    source = tmp_path / "a.png"
+    source.write_bytes(b"image")
+    result = ProcessResult(key="k", url="http://x/k", expires_at=datetime.now(UTC),
+                           instance_id="w1", width=320, height=200, format="jpeg",
+                           bytes=4321, cached=False, tiles=1, timings_ms={})
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        batch = journal.begin({"kind": "process"}, [source], endpoint="e", source="cli")
+        _journal_outcome(journal, batch, 0, "", JobOutcome(0, Job(source), result, None),
+                         f"{source}\thttp://x/k\tw1", with_out=False)
+        journal.flush()
+        out = journal.inputs(batch)[0].outputs[0]
+        assert (out.format, out.width, out.height, out.bytes) == ("jpeg", 320, 200, 4321)
+    finally:
+        journal.close()
 
 def test_pipeline_label_and_extension() -> None:
     assert pipeline_label("grayscale", None) == "grayscale"

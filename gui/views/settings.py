@@ -1,6 +1,6 @@
 """The Settings view: endpoint, token, link lifetime, concurrency, appearance, the
-embedded fleet (size, port, S3 storage, local storage caps) and the output rules
-(conflict policy, result names). Validation
+embedded fleet (size, port, S3 storage, local storage caps), the output rules
+(conflict policy, result names) and how long the History keeps batches. Validation
 is ``gui.settings.parse_settings``; this view only collects the raw values and shows
 the problems."""
 
@@ -14,6 +14,7 @@ from gui.output_rules import FIELDS
 from gui.settings import (
     CONCURRENCY_RANGE,
     FLEET_SIZE_RANGE,
+    HISTORY_DAYS_RANGE,
     LINK_TTL_MAX_S,
     PORT_RANGE,
     STORAGE_MAX_AGE_DAYS_RANGE,
@@ -147,13 +148,22 @@ class SettingsView(ctk.CTkFrame):
         row(14, "Local storage", storage,
             "The embedded fleet's results here; past the size or age (0: no limit) the "
             "oldest go. Clear removes them all: their links stop working.")
+        history = ctk.CTkFrame(card, fg_color="transparent")
+        self.history_days = Spinbox(history, step=30, value=90,
+                                    minimum=HISTORY_DAYS_RANGE[0],
+                                    maximum=HISTORY_DAYS_RANGE[1], width=130)
+        self.history_days.grid(row=0, column=0)
+        ctk.CTkLabel(history, text="days").grid(row=0, column=1, padx=(8, 0))
+        row(15, "Keep history", history,
+            "Finished batches older than this leave the History at the next start (0: "
+            "kept for ever); unfinished ones stay. Results and links are not touched.")
         buttons = ctk.CTkFrame(card, fg_color="transparent")
-        buttons.grid(row=15, column=0, columnspan=3, sticky="w", padx=16, pady=(14, 4))
+        buttons.grid(row=16, column=0, columnspan=3, sticky="w", padx=16, pady=(14, 4))
         self.save_button = ctk.CTkButton(buttons, text="Save and reconnect", width=160,
                                          command=self._save)
         self.save_button.grid(row=0, column=0)
         self.message = ctk.CTkLabel(card, text="", anchor="w", justify="left", wraplength=760)
-        self.message.grid(row=16, column=0, columnspan=3, sticky="w", padx=16, pady=(4, 8))
+        self.message.grid(row=17, column=0, columnspan=3, sticky="w", padx=16, pady=(4, 8))
 
     def show(self, settings: Settings, path: str, overridden: str = "") -> None:
         self.path_label.configure(text=f"Kept in {path}" + (f" · {overridden}"
@@ -179,6 +189,7 @@ class SettingsView(ctk.CTkFrame):
         self.local_port.set(settings.local_port)
         self.storage_max_mb.set(settings.storage_max_mb)
         self.storage_max_age_days.set(settings.storage_max_age_days)
+        self.history_days.set(settings.history_days)
         self.set_on_conflict(settings.on_conflict)
         self.name_template.delete(0, "end")
         self.name_template.insert(0, settings.name_template)
@@ -213,6 +224,7 @@ class SettingsView(ctk.CTkFrame):
             "s3_prefix": self.s3_prefix.get(),
             "storage_max_mb": self.storage_max_mb.get(),
             "storage_max_age_days": self.storage_max_age_days.get(),
+            "history_days": self.history_days.get(),
             "on_conflict": self._conflict_by_label.get(self.on_conflict.get(), "unique"),
             "name_template": self.name_template.get(),
         }

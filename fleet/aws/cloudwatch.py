@@ -27,10 +27,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleet.window import Sample
 from server.backoff import doubling_delay
+
+if TYPE_CHECKING:
+    from fleet.aws.config import AwsFleetConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ def batches(entries: Iterable[dict[str, Any]],
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def cloudwatch_client(config: Any) -> Any:
+def cloudwatch_client(config: AwsFleetConfig) -> Any:
     """A CloudWatch client for the fleet config's region, profile and endpoint, with
     short timeouts: a slow call only delays the next publication."""
     import boto3

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleet.loop import run_every
 from fleet.model import (
@@ -45,6 +45,9 @@ from fleet.model import (
 from fleet.providers.base import PermanentProviderError, Provider, TransientProviderError
 from fleet.reconcile import decide, record_launch_failure, request_replacement
 from server import api
+
+if TYPE_CHECKING:
+    from fleet.window import Sample, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +128,14 @@ class FleetManager:
         body["events"] = [e.to_json() for e in self._events if e.at >= now - seconds]
         return body
 
-    def sampler(self, token: Callable[[], str | None] = lambda: None):
-        """The task body that fills the window from the live workers' ``/metrics``."""
+    def sampler(self, token: Callable[[], str | None] = lambda: None,
+                on_sample: Callable[[Sample], None] | None = None) -> Sampler:
+        """The task body that fills the window from the live workers' ``/metrics``;
+        ``on_sample`` is told of each new sample (the AWS manager publishes it)."""
         from fleet.window import Sampler
         return Sampler(self.samples, lambda: (self._spec.desired,
                                               [i for i in self._instances if i.live]),
-                       token=token, clock=self._clock)
+                       token=token, clock=self._clock, on_sample=on_sample)
 
     def _metric_state(self) -> dict[str, Any]:
         live = [i for i in self._instances if i.live]

@@ -153,9 +153,13 @@ class Sampler:
 
     def __init__(self, window: Window, state: Callable[[], tuple[int, Iterable[Any]]], *,
                  token: Callable[[], str | None] = lambda: None,
-                 clock: Callable[[], float] = time.time) -> None:
-        """``state`` returns (desired, live instances with id, address, health, inflight)."""
+                 clock: Callable[[], float] = time.time,
+                 on_sample: Callable[[Sample], None] | None = None) -> None:
+        """``state`` returns (desired, live instances with id, address, health, inflight).
+        ``on_sample`` is told of each sample added (the AWS manager's CloudWatch
+        publisher); it must not block: it runs on the event loop."""
         self.window, self._state, self._token, self._clock = window, state, token, clock
+        self._on_sample = on_sample
         self._last: dict[str, Counters] = {}
         self._last_at: float | None = None
 
@@ -188,6 +192,11 @@ class Sampler:
                 healthy=sum(1 for i in live if i.health is Health.HEALTHY),
                 load={i.id: i.inflight or 0 for i in live})
             self.window.add(sample)
+            if self._on_sample is not None:
+                try:
+                    self._on_sample(sample)
+                except Exception:  # a listener's bug must not cost the window its readings
+                    log.exception("fleet sample listener failed")
         # A worker that did not answer keeps its last reading (no false restart).
         self._last = {**{k: v for k, v in self._last.items()
                          if k in {i.id for i in live}}, **now_counters}

@@ -684,6 +684,9 @@ def test_the_manager_runs_in_a_group_of_one_with_its_own_role(aws: None,
     manager = config_from_dict(json.loads(text))
     assert (manager.admin_host, manager.admin_tls, manager.poll_worker_load,
             manager.manage_ssh_key) == ("0.0.0.0", True, True, True)
+    # The manager in the cloud publishes its window; the admin's copy, if run on a
+    # laptop for development, does not.
+    assert (manager.cloudwatch_metrics, config.cloudwatch_metrics) == (True, False)
     assert manager.admin_token_parameter == f"/imagefleet/{NAME}/admin-token"
     assert manager.manager_security_group == config.manager_security_group
     assert manager.target_group_arn == config.target_group_arn
@@ -763,11 +766,20 @@ def test_the_manager_role_is_scoped_to_the_fleet(aws: None, tmp_path: Path) -> N
         f"arn:aws:s3:::{config.bucket}/fleet/manager/*"])
     assert s["ListOnlyFleetPrefix"]["Condition"] == {
         "StringLike": {"s3:prefix": ["fleet/*"]}}
-    # Only describe calls take "*"; no action is a wildcard.
+    # Metrics only into the fleet's namespace: PutMetricData has no resource-level
+    # permissions, so "*" with the namespace condition is as narrow as it gets.
+    assert s["PutOnlyFleetMetrics"] == {
+        "Sid": "PutOnlyFleetMetrics", "Effect": "Allow",
+        "Action": "cloudwatch:PutMetricData", "Resource": "*",
+        "Condition": {"StringEquals": {"cloudwatch:namespace": "ImageFleet"}}}
+    put = [x for x in s.values() if "cloudwatch:PutMetricData" in _as_list(x["Action"])]
+    assert len(put) == 1
+    # Only describe calls, and that one conditioned PutMetricData, take "*"; no action
+    # is a wildcard.
     for statement in s.values():
         actions = _as_list(statement["Action"])
         assert not any(a.endswith("*") for a in actions), statement
-        if statement["Resource"] == "*":
+        if statement["Resource"] == "*" and statement["Sid"] != "PutOnlyFleetMetrics":
             assert all(":Describe" in a for a in actions), statement
     tokens = _statements(iam, role, "fleet-tokens")
     assert sorted(_as_list(tokens["ReadFleetTokens"]["Resource"])) == sorted(

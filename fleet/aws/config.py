@@ -158,6 +158,11 @@ class AwsFleetConfig:
     # (fleet/aws/load_probe.py): needs a manager that reaches the workers (inside the VPC).
     # Without it scaling on load is off and progress is the ALB's verdict only.
     poll_worker_load: StrictBool = False
+    # Publish the rolling window to CloudWatch (fleet/aws/cloudwatch.py: namespace
+    # ImageFleet, dimension Fleet=name) for AWS alarms. Off unless set: the manager in the
+    # cloud sets it; a development manager on a laptop would publish a second, rival
+    # series under the same dimension (and bill it).
+    cloudwatch_metrics: StrictBool = False
     lease_key: str = "fleet/lease.json"
     lease_ttl_s: _number(1, 3600) = 30.0
     admin_host: str = "127.0.0.1"
@@ -248,7 +253,8 @@ def _field_kinds() -> dict[str, Callable[[str, Any], str]]:
     for key in ("api_url", "token_parameter", "certificate_arn", "ca_pem",
                 "admin_token_parameter", "state_dir", "manager_security_group"):
         kinds[key] = optional
-    for key in ("poll_worker_load", "insecure_http", "admin_tls", "manage_ssh_key"):
+    for key in ("poll_worker_load", "insecure_http", "admin_tls", "manage_ssh_key",
+                "cloudwatch_metrics"):
         kinds[key] = boolean
     for f in dataclasses.fields(AwsFleetConfig):
         kinds.setdefault(f.name, text)

@@ -10,7 +10,8 @@ when the leader's lease expires. The admin API (``GET /fleet``, ``POST /fleet/sc
 ``IMAGEFLEET_ADMIN_TOKEN`` to require a bearer token. Off loopback (the manager in the
 cloud) a token is required and may come from SSM, and the API may serve HTTPS: see
 :mod:`fleet.aws.admin_access`. With ``manage_ssh_key`` the manager makes the workers' SSH key
-itself (:mod:`fleet.aws.ssh_key`).
+itself (:mod:`fleet.aws.ssh_key`). With ``cloudwatch_metrics`` the leader publishes its
+rolling window to CloudWatch (:mod:`fleet.aws.cloudwatch`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -39,6 +40,9 @@ from fleet.loop import run_every
 from fleet.manager import AdminError, FleetManager
 from fleet.model import Event, FleetSpec
 from fleet.providers.base import Provider, ProviderError
+
+if TYPE_CHECKING:
+    from fleet.window import Sample
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +179,17 @@ def build_service(config: AwsFleetConfig, *, provider: Provider | None = None,
     return AwsFleetService(provider, spec_from_config(config), lease, clock=clock)
 
 
+def leader_only(service: AwsFleetService,
+                publish: Callable[[Sample], None]) -> Callable[[Sample], None]:
+    """``publish`` for the leader's samples only: a standby runs no fleet (its window
+    counts no instances), and its samples would contradict the leader's under the same
+    ``Fleet`` dimension."""
+    def on_sample(sample: Sample) -> None:
+        if service.leading:
+            publish(sample)
+    return on_sample
+
+
 async def _upload_bundle(config: AwsFleetConfig, s3: Any) -> None:
     """For ``bootstrap: user-data``: instances fetch the bundle from the fleet bucket."""
     from fleet.aws.ssh_bootstrap import build_bundle
@@ -278,15 +293,24 @@ async def serve(config: AwsFleetConfig, stop: asyncio.Event,
                 ssm_parameter=config.token_parameter, refresh_s=300.0, region=config.region)
         except TokenSourceError as exc:
             log.warning("the metrics window reads no worker counters: %s", exc)
-    sampler = asyncio.get_running_loop().create_task(service.manager.sampler(
-        api_token.current if api_token else (lambda: None)).run(stop),
-        name="fleet sampler")
+    loop = asyncio.get_running_loop()
+    tasks = []
+    on_sample = None
+    if config.cloudwatch_metrics:
+        from fleet.aws.cloudwatch import CloudWatchPublisher, cloudwatch_client
+        publisher = CloudWatchPublisher(cloudwatch_client(config), config.name)
+        on_sample = leader_only(service, publisher.add)
+        tasks.append(loop.create_task(publisher.run(stop), name="cloudwatch publisher"))
+    tasks.append(loop.create_task(service.manager.sampler(
+        api_token.current if api_token else (lambda: None), on_sample=on_sample).run(stop),
+        name="fleet sampler"))
     try:
         await service.run(stop, config.observe_interval_s)
     finally:
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if api_token is not None:
             with contextlib.suppress(Exception):
                 api_token.close()

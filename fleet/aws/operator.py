@@ -284,7 +284,7 @@ def up(clients: Clients, options: UpOptions, report: Report) -> AwsFleetConfig:
     state_dir = options.config_out.resolve().with_name(f"{options.config_out.stem}-state")
     config = config_from_dict({
         **json.loads(manager.to_json()), "admin_host": "127.0.0.1", "admin_tls": False,
-        "poll_worker_load": False, "profile": options.profile,
+        "poll_worker_load": False, "cloudwatch_metrics": False, "profile": options.profile,
         "state_dir": str(state_dir), "key_file": str(state_dir / "workers-ssh-key"),
     }, source="fleet config")
     save_config(config, options.config_out)

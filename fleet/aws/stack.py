@@ -243,7 +243,10 @@ def manager_policy(names: Names, *, worker_sg: str, target_group_arn: str,
     for this fleet, with the worker role, in the workers' group, with the fleet's key;
     tag and terminate only instances tagged for this fleet; register and deregister only
     on the workers' target group; the lease and its own bundle/config in the bucket;
-    import and delete only the fleet's key pair. Describe calls take no resource ARNs."""
+    import and delete only the fleet's key pair; metrics only into the ImageFleet
+    namespace. Describe calls and PutMetricData take no resource ARNs."""
+    from fleet.aws.cloudwatch import NAMESPACE  # here: edits elsewhere in this file merge
+
     region, account = names.region, names.account
     ec2 = f"arn:aws:ec2:{region}:{account}"
     fleet_tag = f"aws:RequestTag/{FLEET_TAG_KEY}"
@@ -292,6 +295,10 @@ def manager_policy(names: Names, *, worker_sg: str, target_group_arn: str,
         # manager could not tell "no lease yet" from "forbidden".
         {"Sid": "ListOnlyFleetPrefix", "Effect": "Allow", "Action": "s3:ListBucket",
          "Resource": bucket, "Condition": {"StringLike": {"s3:prefix": ["fleet/*"]}}},
+        # The rolling window for AWS alarms (cloudwatch_metrics). PutMetricData has no
+        # resource-level permissions; the namespace condition is its only scope.
+        {"Sid": "PutOnlyFleetMetrics", "Effect": "Allow", "Action": "cloudwatch:PutMetricData",
+         "Resource": "*", "Condition": {"StringEquals": {"cloudwatch:namespace": NAMESPACE}}},
     )
 
 
@@ -494,7 +501,7 @@ def manager_config(*, names: Names, vpc_id: str, subnets: tuple[str, ...], ami: 
     """The fleet config the manager instance runs with (an ``AwsFleetConfig`` as a
     mapping, Refs where ids exist only after apply): listening for the ALB on all
     interfaces over TLS, the admin token from SSM, its own SSH key, polling the workers'
-    load over their private addresses."""
+    load over their private addresses, publishing its window to CloudWatch."""
     listener = "listener_https" if https else "listener_http"
     return {
         **dict(tunables or {}),
@@ -520,5 +527,5 @@ def manager_config(*, names: Names, vpc_id: str, subnets: tuple[str, ...], ami: 
         "insecure_http": not https,
         "admin_host": "0.0.0.0", "admin_port": admin_port, "admin_tls": True,
         "admin_token_parameter": names.admin_token_parameter,
-        "poll_worker_load": True, "lease_key": lease_key,
+        "poll_worker_load": True, "cloudwatch_metrics": True, "lease_key": lease_key,
     }

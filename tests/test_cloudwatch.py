@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,6 +159,51 @@ def test_published_samples_read_back_from_cloudwatch(cloudwatch: Any) -> None:
     assert (latency["SampleCount"], latency["Maximum"], latency["Unit"]) == (
         1.0, 40.0, "Milliseconds")
     assert stats("HealthyInstances")["Maximum"] == 2.0
+
+
+def test_a_stopping_manager_sends_what_is_pending_at_once(cloudwatch: Any) -> None:
+    clock = Clock()
+    publisher = CloudWatchPublisher(cloudwatch, FLEET, clock=clock)
+    minute = (int(dt.datetime.now(dt.UTC).timestamp()) // 60 - 2) * 60
+    publisher.add(_sample(minute + 10))
+    assert not asyncio.run(publisher.flush())  # the minute is not over
+    assert asyncio.run(publisher.final_flush())  # but the manager is stopping
+    assert publisher.pending == 0
+    listed = cloudwatch.list_metrics(Namespace=NAMESPACE,
+                                     Dimensions=[{"Name": "Fleet", "Value": FLEET}])
+    assert len(listed["Metrics"]) == len(METRICS)
+    assert not asyncio.run(publisher.final_flush())  # nothing left
+
+
+def test_the_final_flush_is_skipped_in_a_backoff_and_bounded_in_time() -> None:
+    clock = Clock()
+    client = Recording(_denied())
+    publisher = CloudWatchPublisher(client, FLEET, clock=clock)
+    publisher.add(_sample())
+    clock.now += 60
+    asyncio.run(publisher.flush())
+    assert len(client.calls) == 1
+    assert not asyncio.run(publisher.final_flush())  # denied a moment ago: not again
+    assert len(client.calls) == 1
+
+    gate = threading.Event()
+
+    class Hanging:
+        def put_metric_data(self, **_call: Any) -> None:
+            gate.wait(30)  # an endpoint that never answers
+
+    slow = CloudWatchPublisher(Hanging(), FLEET, clock=clock)
+    slow.add(_sample())
+    started = time.monotonic()
+
+    async def stop() -> bool:
+        try:
+            return await slow.final_flush(timeout_s=0.3)
+        finally:
+            gate.set()  # lets the worker thread end, which asyncio.run waits for
+
+    assert not asyncio.run(stop())
+    assert time.monotonic() - started < 10
 
 
 # ------------------------------------------------------------------ failures

@@ -41,6 +41,8 @@ NAMESPACE = "ImageFleet"
 MAX_ENTRIES_PER_CALL = 1000  # PutMetricData's limit on MetricData items per request
 FLUSH_INTERVAL_S = 60.0
 BACKOFF_CAP_S = 900.0
+# systemd gives a stopping service 90 s; the fleet's own shutdown needs most of the rest.
+FINAL_FLUSH_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +150,21 @@ class CloudWatchPublisher:
         self.failures = 0
         self.not_before = self._clock() + self.flush_interval_s
         return True
+
+    async def final_flush(self, timeout_s: float = FINAL_FLUSH_TIMEOUT_S) -> bool:
+        """At shutdown: send what is pending now, not at the next minute, so a stopped
+        manager loses no points; skipped while a failure's backoff lasts (the call would
+        fail again), and bounded by ``timeout_s`` so it cannot hold up the stop."""
+        if not self._pending or self.failures:
+            return False
+        self.not_before = self._clock()
+        count = self.pending
+        try:
+            return await asyncio.wait_for(self.flush(), timeout_s)
+        except TimeoutError:
+            log.warning("gave up publishing the last %d CloudWatch points at shutdown "
+                        "after %.0f s", count, timeout_s)
+            return False
 
     async def run(self, stop: asyncio.Event, tick_s: float = 5.0) -> None:
         """Flush whenever due until ``stop``; checks every ``tick_s``."""

@@ -296,6 +296,7 @@ async def serve(config: AwsFleetConfig, stop: asyncio.Event,
     loop = asyncio.get_running_loop()
     tasks = []
     on_sample = None
+    publisher = None
     if config.cloudwatch_metrics:
         from fleet.aws.cloudwatch import CloudWatchPublisher, cloudwatch_client
         publisher = CloudWatchPublisher(cloudwatch_client(config), config.name)
@@ -311,6 +312,8 @@ async def serve(config: AwsFleetConfig, stop: asyncio.Event,
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if publisher is not None:
+            await publisher.final_flush()
         if api_token is not None:
             with contextlib.suppress(Exception):
                 api_token.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+from test_journal import make_inputs
 
 from gui.journal import (
     DAY_S,
@@ -63,16 +64,6 @@ def test_the_decision_keeps_the_rows_order_and_ignores_the_kept() -> None:
 
 
 # --------------------------------------------------------------------------- a real file
-
-
-def make_inputs(folder: Path, count: int) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = folder / f"img{i:03}.png"
-        path.write_bytes(b"image %d" % i)
-        paths.append(path)
-    return paths
 
 
 def add_batch(journal: Journal, inputs: list[Path], batch_id: str, *, done: int,

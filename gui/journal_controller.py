@@ -127,22 +127,17 @@ def spec_request(spec: Mapping[str, Any]) -> ProcessRequest:
                           OutputSettings(**(spec.get("output") or {})))
 
 
-def _fact(value: int | None) -> int:
-    # NULL (an output journaled before the journal kept the facts) stays 0: unknown,
-    # shown as it was before
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
 def _info(out: OutputRecord | None) -> ProcessResult | None:
     if out is None or out.url is None:
         return None
     # Built without validation: the app's own journal, which keeps the link, its expiry
     # (None when an entry does not say), where it came from and the result's format,
-    # dimensions and size; the server's timings and tiling were not journaled and are 0.
+    # dimensions and size; the server's timings and tiling were not journaled and are 0,
+    # as are the facts of an output journaled before the journal kept them (NULL).
     return ProcessResult.model_construct(
         key=out.key or "", url=out.url, expires_at=out.expires_at,
-        instance_id=out.instance_id or "", width=_fact(out.width),
-        height=_fact(out.height), format=out.format or "png", bytes=_fact(out.bytes),
+        instance_id=out.instance_id or "", width=out.width or 0,
+        height=out.height or 0, format=out.format or "png", bytes=out.bytes or 0,
         cached=True, tiles=1, timings_ms={}, elapsed_s=0.0, attempts=1)
 
 

@@ -47,7 +47,7 @@ def test_charts_render_with_data(x_display: str, mode: str) -> None:
     import customtkinter as ctk
 
     from gui.views.fleet import FleetView
-    from server.api import FleetState
+    from server.api import FleetEvent, FleetState
 
     class Controller:
         def __init__(self) -> None:
@@ -100,6 +100,12 @@ def test_charts_render_with_data(x_display: str, mode: str) -> None:
         root.update()
         (marked,) = view.marked_event_lines()
         assert "scale_out" in marked and "launched" not in marked
+        # a refresh that brings a new event rewrites the log; the mark stays on its line
+        newer = state.model_copy(update={"events": (*state.events, FleetEvent.model_validate(
+            {"at": "2026-12-03T08:00:30Z", "kind": "launched", "instance_id": "w2",
+             "message": "2 of 3"}))})
+        view.show_state(newer, datetime(2026, 12, 3, 8, 1, tzinfo=UTC))
+        assert view.marked_event_lines() == [marked]
         view.show_metrics(window())  # a refresh with the same alerts keeps the button
         assert charts.link_buttons() == [button]
     finally:

@@ -40,6 +40,7 @@ class FleetView(ctk.CTkFrame):
         self.rowconfigure(3, weight=2)
         self._known_rows: set[str] = set()
         self._health: dict[str, str] = {}
+        self._marked: list[str] = []  # the log lines of the alert last asked about
 
         top = ctk.CTkFrame(self)
         top.grid(row=0, column=0, sticky="ew", pady=(0, 8))
@@ -158,21 +159,28 @@ class FleetView(ctk.CTkFrame):
         self.events.delete("1.0", "end")
         self.events.insert("1.0", text)
         self.events.configure(state="disabled")
+        self._mark(self._marked)  # a rewritten log keeps the alert's events marked
 
     def show_alert_events(self, events: Sequence[dict[str, Any]]) -> None:
         """Mark an alert's events in the Events log and scroll to the newest of them."""
         wanted = event_lines(FleetEvent.model_validate(e) for e in events)
+        self._marked = wanted
+        found = self._mark(wanted)
+        if found:
+            self.events.see(f"{found[0]}.0")
+        missing = len(wanted) - len(found)
+        self.show_message(f"{len(found)} event(s) marked in the log" + (
+            f"; {missing} no longer in it" if missing else ""))
+
+    def _mark(self, wanted: list[str]) -> list[int]:
+        """Tag the log's lines that are ``wanted``; their line numbers."""
         box = self.events
         box.tag_remove(ALERT_TAG, "1.0", "end")
         box.tag_config(ALERT_TAG, background=ALERT_BACKGROUND[ctk.get_appearance_mode() == "Dark"])
         found = marked_lines(box.get("1.0", "end-1c").split("\n"), wanted)
         for line in found:
             box.tag_add(ALERT_TAG, f"{line}.0", f"{line}.end")
-        if found:
-            box.see(f"{found[0]}.0")
-        missing = len(wanted) - len(found)
-        self.show_message(f"{len(found)} event(s) marked in the log" + (
-            f"; {missing} no longer in it" if missing else ""))
+        return found
 
     def marked_event_lines(self) -> list[str]:
         ranges = self.events.tag_ranges(ALERT_TAG)
